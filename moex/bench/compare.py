@@ -1,0 +1,176 @@
+"""Dense vs hard-MoE vs soft-MoE VLMs: prefill / decode throughput and memory over a grid.
+
+    moex compare                                  # small presets, batch (1, 4) x seq (128, 512)
+    moex compare --family tiny --batch 1 2 --seq 64 --out results/tiny
+
+Each grid point builds B prompts of exactly T tokens (one image's placeholders + byte text),
+times the jitted prefill (to the first sampled token) and the jitted decode step, both after a
+warm-up, over `repeats` runs, and reports medians with min/max. Memory: parameter bytes (routed
+experts / rest), KV-cache bytes, and XLA's compiled peak of the prefill call. Results: CSV, JSON
+(with hardware and versions) and a markdown table under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moex.bench.memory import compiled_peak_bytes, param_bytes, tree_bytes
+from moex.bench.timing import environment, measure
+from moex.config import get_config
+from moex.generate import GREEDY, Generator
+from moex.info import model_info
+from moex.model import build, init_params
+from moex.tokenizer import ByteTokenizer
+
+TEXT = ("Question: which option best describes the image? A. a cat B. a dog C. a bird D. a car. "
+        "Answer with the letter of the correct option. ")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+    family: str = "small"                  # presets {family}-dense / -hard / -soft
+    batch_sizes: tuple[int, ...] = (1, 4)
+    seq_lens: tuple[int, ...] = (128, 512)
+    decode_steps: int = 16
+    warmup: int = 1
+    repeats: int = 5
+    seed: int = 0
+    out: str = "results/compare"
+
+
+def make_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator):
+    """B prompts of exactly seq_len tokens: BOS, one image's placeholders, then text bytes."""
+    tok = ByteTokenizer()
+    n_img = cfg.vision.num_image_tokens
+    head = tok.encode("<image>\n", num_image_tokens=n_img)
+    if seq_len <= len(head):
+        raise ValueError(f"seq_len {seq_len} must exceed the {len(head)} tokens of the image prompt")
+    body = list(TEXT.encode()) * (seq_len // len(TEXT) + 1)
+    ids = np.asarray([head + body[:seq_len - len(head)]] * batch, np.int32)
+    images = rng.normal(size=(batch, cfg.vision.image_size, cfg.vision.image_size,
+                              cfg.vision.channels)).astype(np.float32)
+    return ids, np.ones_like(ids), jnp.asarray(images)
+
+
+def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: CompareConfig) -> dict:
+    rng = np.random.default_rng(cc.seed)
+    ids, mask, images = make_batch(cfg, batch, seq_len, rng)
+    max_len = seq_len + cc.decode_steps
+    prefill = lambda: gen.prefill(params, ids, mask, images, max_len=max_len)
+    t_pre = measure(prefill, warmup=cc.warmup, repeats=cc.repeats)
+    cache, tok, _ = prefill()
+    stop = jnp.asarray([-1], jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    state = {"cache": cache, "tok": tok, "i": 0}
+
+    def decode_step():
+        # the cache buffer is donated: keep the returned one; stay inside max_len
+        if state["i"] >= cc.decode_steps - 1:
+            state["cache"], state["tok"], _ = prefill()
+            state["i"] = 0
+        state["i"] += 1
+        state["cache"], state["tok"], _, lg = gen.step(params, state["cache"], state["tok"], done,
+                                                       state["i"], stop)
+        return lg
+
+    t_dec = measure(decode_step, warmup=cc.warmup, repeats=max(cc.repeats, cc.decode_steps - 2))
+    pb = param_bytes(params)
+    peak = compiled_peak_bytes(gen._prefill, params, jnp.asarray(ids), jnp.asarray(mask), images,
+                               max_len=max_len, sampling=GREEDY)
+    return {
+        "model": cfg.name, "batch": batch, "seq_len": seq_len,
+        "prefill_tokens_per_s": batch * seq_len / t_pre.median,
+        "prefill_s_median": t_pre.median, "prefill_s_min": t_pre.min, "prefill_s_max": t_pre.max,
+        "decode_tokens_per_s": batch / t_dec.median,
+        "decode_step_s_median": t_dec.median, "decode_step_s_min": t_dec.min,
+        "decode_step_s_max": t_dec.max,
+        "param_bytes_experts": pb["experts"], "param_bytes_rest": pb["rest"],
+        "kv_cache_bytes": tree_bytes(cache["layers"]),
+        "prefill_peak_bytes": peak if peak is not None else -1,
+    }
+
+
+def run(cc: CompareConfig, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+    presets = [f"{cc.family}-{kind}" for kind in ("dense", "hard", "soft")]
+    points = [(p, b, s) for p in presets for b in cc.batch_sizes for s in cc.seq_lens]
+    rows, bar = [], tqdm(total=len(points), disable=not progress, desc="compare")
+    for name in presets:
+        cfg = get_config(name)
+        gen, params = Generator(build(cfg)), init_params(cfg, cc.seed)
+        for b in cc.batch_sizes:
+            for s in cc.seq_lens:
+                bar.set_postfix_str(f"{name} B={b} T={s}")
+                row = run_point(gen, params, cfg, b, s, cc)
+                row["active_params_per_token"] = model_info(cfg).active_params_per_token
+                rows.append(row)
+                bar.update()
+    bar.close()
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| model | B | T | prefill tok/s | decode tok/s | experts MB | rest MB | KV MB "
+            "| prefill peak MB |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        mb = lambda x: f"{x / 1e6:.1f}" if x >= 0 else "n/a"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['seq_len']} "
+                     f"| {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} "
+                     f"| {mb(r['param_bytes_experts'])} | {mb(r['param_bytes_rest'])} "
+                     f"| {mb(r['kv_cache_bytes'])} | {mb(r['prefill_peak_bytes'])} |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[dict], cc: CompareConfig) -> pathlib.Path:
+    """CSV + JSON + markdown, written to a temp dir beside --out and renamed into place."""
+    out = pathlib.Path(cc.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    with open(tmp / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = {"config": dataclasses.asdict(cc), "environment": environment(), "rows": rows}
+    (tmp / "results.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "report.md").write_text(
+        f"# Dense vs hard-MoE vs soft-MoE ({cc.family} presets)\n\n"
+        f"Medians of {cc.repeats}+ runs after {cc.warmup} warm-up; decode = one step over the "
+        f"KV cache.\n\n{markdown_table(rows)}\n\nEnvironment: `{json.dumps(environment())}`\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = CompareConfig()
+    p.add_argument("--family", default=d.family, help="preset family: tiny or small")
+    p.add_argument("--batch", type=int, nargs="+", default=list(d.batch_sizes))
+    p.add_argument("--seq", type=int, nargs="+", default=list(d.seq_lens))
+    p.add_argument("--decode-steps", type=int, default=d.decode_steps)
+    p.add_argument("--warmup", type=int, default=d.warmup)
+    p.add_argument("--repeats", type=int, default=d.repeats)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=d.out)
+
+
+def main(args: argparse.Namespace) -> int:
+    cc = CompareConfig(args.family, tuple(args.batch), tuple(args.seq), args.decode_steps,
+                       args.warmup, args.repeats, args.seed, args.out)
+    rows = run(cc)
+    out = write_results(rows, cc)
+    print(markdown_table(rows))
+    print(f"\nwrote {out}/results.csv, results.json, report.md")
+    return 0

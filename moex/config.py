@@ -1,0 +1,423 @@
+"""Model configuration: frozen dataclasses and the one registry of named presets.
+
+A VLM is vision tower -> projector -> decoder LM (LLaVA layout). Every block whose MLP may be a
+mixture of experts carries a `MoEConfig`; `MoEConfig.kind` says which:
+  dense  a plain MLP (the MoE fields are ignored),
+  hard   router + top-k experts (Switch / Mixtral / Qwen-MoE / DeepSeek-MoE variants),
+  soft   Soft MoE (Puigcerver et al.) in non-causal blocks (vision tower, projector); in the causal
+         decoder, per-token dense soft gating (every expert runs on every token, outputs mixed by a
+         softmax over experts) -- see ARCHITECTURE.md for why this variant.
+
+LM-only presets (mixtral-8x7b, ...) are VLMConfigs whose `vision` and `projector` are None.
+
+    python -m moex.cli info mixtral-8x7b        # sizes of any preset, from shapes only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Literal
+
+MoEKind = Literal["dense", "hard", "soft"]
+Activation = Literal["swiglu", "gelu", "gelu_tanh", "quick_gelu", "relu"]
+NormKind = Literal["rms", "layer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """How the MLP of a block is computed. Shapes: E experts, K selected per token, F expert width.
+
+    Layer selection: block i is an MoE block iff kind != 'dense', i >= first_k_dense,
+    i % every_n == layer_offset, and i not in dense_layers. (Mixtral: every layer; Qwen1.5-MoE
+    `decoder_sparse_step` s: every_n=s, layer_offset=s-1; DeepSeek `first_k_dense_replace`:
+    first_k_dense; MoE-LLaVA: every_n=2, layer_offset=0.)
+    """
+
+    kind: MoEKind = "dense"
+    num_experts: int = 1
+    top_k: int = 1
+    expert_dim: int = 0                  # F: hidden width of one routed expert
+    renormalize: bool = True             # top-k weights renormalised to sum to 1 (Mixtral) or not
+    capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * S * K / E) per group
+    num_shared_experts: int = 0          # always-on experts, fused as one MLP of width n * shared_dim
+    shared_dim: int = 0
+    shared_gate: Literal["none", "sigmoid"] = "none"  # Qwen2-MoE gates the shared expert
+    first_k_dense: int = 0
+    every_n: int = 1
+    layer_offset: int = 0
+    dense_layers: tuple[int, ...] = ()
+    soft_slots: int = 1                  # p: slots per expert (Soft MoE)
+    aux_loss_weight: float = 0.01        # Switch load-balance loss
+    z_loss_weight: float = 0.001         # router z-loss
+    compute: Literal["ragged", "dense"] = "ragged"  # hard MoE: grouped matmul or one-hot einsum
+
+    def is_moe_layer(self, i: int) -> bool:
+        return (self.kind != "dense" and i >= self.first_k_dense
+                and i % self.every_n == self.layer_offset and i not in self.dense_layers)
+
+    def validate(self, where: str) -> None:
+        if self.kind == "dense":
+            return
+        if self.num_experts < 1 or self.expert_dim < 1:
+            raise ValueError(f"{where}: MoE kind {self.kind!r} needs num_experts >= 1 and "
+                             f"expert_dim >= 1, found {self.num_experts} and {self.expert_dim}")
+        if self.kind == "hard" and not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"{where}: top_k must be in [1, num_experts={self.num_experts}], "
+                             f"found {self.top_k}")
+        if self.num_shared_experts and self.shared_dim < 1:
+            raise ValueError(f"{where}: {self.num_shared_experts} shared experts need shared_dim >= 1")
+
+
+DENSE = MoEConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """ViT / CLIP / SigLIP-style encoder. N = (image_size // patch_size) ** 2 patch tokens."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    channels: int = 3
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 128
+    activation: Activation = "gelu"
+    norm_eps: float = 1e-5
+    class_token: bool = True      # CLIP prepends a class token; SigLIP does not
+    pre_norm: bool = True         # CLIP's `pre_layrnorm` after the embeddings
+    post_norm: bool = True        # final LayerNorm (applied only when feature_layer == -1)
+    feature_layer: int = -2       # which block's output feeds the projector (LLaVA: -2)
+    drop_class_token: bool = True  # LLaVA's "patch" feature select
+    patch_bias: bool = False      # CLIP's patch conv has no bias; SigLIP's has one
+    moe: MoEConfig = DENSE
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_patches + (self.class_token and not self.drop_class_token)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorConfig:
+    """Two-layer MLP from vision width to decoder width (LLaVA-1.5 `mlp2x_gelu`)."""
+
+    hidden_dim: int = 64
+    activation: Activation = "gelu"
+    moe: MoEConfig = DENSE
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Causal decoder LM (Llama / Mistral / Mixtral / Qwen-MoE / DeepSeek-MoE / Phi layouts)."""
+
+    vocab_size: int = 272
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None   # default d_model // num_heads
+    ffn_dim: int = 128
+    activation: Activation = "swiglu"
+    norm: NormKind = "rms"
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rotary_pct: float = 1.0       # Phi-2 rotates only the first 40% of each head
+    qkv_bias: bool = False        # Qwen
+    out_bias: bool = False        # Phi
+    mlp_bias: bool = False        # Phi
+    lm_head_bias: bool = False    # Phi
+    parallel_block: bool = False  # Phi: x + attn(ln(x)) + mlp(ln(x))
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+    moe: MoEConfig = DENSE
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def validate(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads}) for grouped-query attention")
+        self.moe.validate("decoder.moe")
+
+
+@dataclasses.dataclass(frozen=True)
+class VLMConfig:
+    """A full model. `vision`/`projector` None means a text-only LM."""
+
+    name: str
+    decoder: DecoderConfig
+    vision: VisionConfig | None = None
+    projector: ProjectorConfig | None = None
+    dtype: str = "float32"        # compute dtype ("float32" | "bfloat16")
+    param_dtype: str = "float32"
+    image_token_id: int = 259     # placeholder id (byte tokenizer); converted models override
+    pad_token_id: int = 256
+    eos_token_id: int = 258
+    description: str = ""
+
+    def validate(self) -> "VLMConfig":
+        self.decoder.validate()
+        if (self.vision is None) != (self.projector is None):
+            raise ValueError(f"{self.name}: vision and projector must both be set or both be None")
+        if self.vision is not None:
+            self.vision.moe.validate("vision.moe")
+            self.projector.moe.validate("projector.moe")
+            if self.vision.moe.kind == "soft" and self.vision.moe.soft_slots < 1:
+                raise ValueError("vision.moe.soft_slots must be >= 1")
+        return self
+
+    def replace(self, **changes) -> "VLMConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> "VLMConfig":
+        raw = json.loads(text)
+        return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> VLMConfig:
+    """Inverse of dataclasses.asdict for VLMConfig (tuples restored, unknown keys rejected)."""
+
+    def build(cls, d):
+        if d is None:
+            return None
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; expected a subset "
+                             f"of {sorted(names)}")
+        kw = {}
+        for k, v in d.items():
+            if k == "moe":
+                v = build(MoEConfig, v)
+            elif k == "dense_layers":
+                v = tuple(v)
+            kw[k] = v
+        return cls(**kw)
+
+    return VLMConfig(
+        name=raw["name"],
+        decoder=build(DecoderConfig, raw["decoder"]),
+        vision=build(VisionConfig, raw.get("vision")),
+        projector=build(ProjectorConfig, raw.get("projector")),
+        dtype=raw.get("dtype", "float32"),
+        param_dtype=raw.get("param_dtype", "float32"),
+        description=raw.get("description", ""),
+        **{k: raw[k] for k in ("image_token_id", "pad_token_id", "eos_token_id") if k in raw},
+    ).validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets. One registry; each entry is a function so that presets can derive from each other.
+# ----------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, callable] = {}
+
+
+def preset(name: str):
+    def register(fn):
+        PRESETS[name] = fn
+        return fn
+    return register
+
+
+def get_config(name: str) -> VLMConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]().validate()
+
+
+# --- test size: seconds on CPU ----------------------------------------------------------------
+# Active MLP parameters per token are matched across the three: dense FFN 128; hard 4 experts x 64,
+# top-2; soft decoder 4 experts x 32 all active; soft vision: n*p slots == N tokens with experts as
+# wide as the dense MLP, so each token costs one expert's MLP.
+
+_TINY_VISION = VisionConfig(image_size=32, patch_size=8, d_model=64, num_layers=2, num_heads=4,
+                            mlp_dim=128)
+_TINY_DECODER = DecoderConfig(vocab_size=272, d_model=64, num_layers=2, num_heads=4,
+                              num_kv_heads=2, ffn_dim=128, max_seq_len=1024)
+
+
+@preset("tiny-dense")
+def _tiny_dense():
+    return VLMConfig("tiny-dense", _TINY_DECODER, _TINY_VISION, ProjectorConfig(hidden_dim=64),
+                     description="test-size dense VLM")
+
+
+@preset("tiny-hard")
+def _tiny_hard():
+    moe = MoEConfig(kind="hard", num_experts=4, top_k=2, expert_dim=64)
+    vmoe = dataclasses.replace(moe, every_n=2, layer_offset=1)
+    return VLMConfig("tiny-hard", dataclasses.replace(_TINY_DECODER, moe=moe),
+                     dataclasses.replace(_TINY_VISION, moe=vmoe), ProjectorConfig(hidden_dim=64),
+                     description="test-size hard-MoE VLM (4 experts, top-2)")
+
+
+@preset("tiny-soft")
+def _tiny_soft():
+    dec = MoEConfig(kind="soft", num_experts=4, expert_dim=32)
+    # 16 patch tokens + class token = 17 per image; 4 experts x 4 slots = 16 slots.
+    vis = MoEConfig(kind="soft", num_experts=4, expert_dim=128, soft_slots=4, every_n=2,
+                    layer_offset=1)
+    return VLMConfig("tiny-soft", dataclasses.replace(_TINY_DECODER, moe=dec),
+                     dataclasses.replace(_TINY_VISION, moe=vis), ProjectorConfig(hidden_dim=64),
+                     description="test-size soft-MoE VLM")
+
+
+# --- benchmark size on CPU --------------------------------------------------------------------
+# Decoder: d 512, 8 layers, 8 heads / 4 KV heads, vocabulary 512 (byte tokenizer + specials,
+# padded). Active MLP width per token 1024 in all three: dense 1024; hard 8 experts x 512 top-2;
+# soft 8 experts x 128, all active. Vision: 64x64 images, 8x8 patches -> 64 tokens, d 256, 4 layers.
+# Soft vision: 8 experts x 8 slots = 64 slots for 65 tokens, experts as wide as the dense MLP.
+
+_SMALL_VISION = VisionConfig(image_size=64, patch_size=8, d_model=256, num_layers=4, num_heads=4,
+                             mlp_dim=1024)
+_SMALL_DECODER = DecoderConfig(vocab_size=512, d_model=512, num_layers=8, num_heads=8,
+                               num_kv_heads=4, ffn_dim=1024, max_seq_len=4096)
+_SMALL_PROJ = ProjectorConfig(hidden_dim=512)
+
+
+@preset("small-dense")
+def _small_dense():
+    return VLMConfig("small-dense", _SMALL_DECODER, _SMALL_VISION, _SMALL_PROJ,
+                     description="CPU benchmark-size dense VLM")
+
+
+@preset("small-hard")
+def _small_hard():
+    moe = MoEConfig(kind="hard", num_experts=8, top_k=2, expert_dim=512)
+    vmoe = MoEConfig(kind="hard", num_experts=8, top_k=2, expert_dim=512, every_n=2,
+                     layer_offset=1)
+    return VLMConfig("small-hard", dataclasses.replace(_SMALL_DECODER, moe=moe),
+                     dataclasses.replace(_SMALL_VISION, moe=vmoe), _SMALL_PROJ,
+                     description="CPU benchmark-size hard-MoE VLM (8 experts, top-2)")
+
+
+@preset("small-soft")
+def _small_soft():
+    dec = MoEConfig(kind="soft", num_experts=8, expert_dim=128)
+    vis = MoEConfig(kind="soft", num_experts=8, expert_dim=1024, soft_slots=8, every_n=2,
+                    layer_offset=1)
+    return VLMConfig("small-soft", dataclasses.replace(_SMALL_DECODER, moe=dec),
+                     dataclasses.replace(_SMALL_VISION, moe=vis), _SMALL_PROJ,
+                     description="CPU benchmark-size soft-MoE VLM")
+
+
+# --- published scale ---------------------------------------------------------------------------
+
+CLIP_L14_336 = VisionConfig(image_size=336, patch_size=14, d_model=1024, num_layers=24,
+                            num_heads=16, mlp_dim=4096, activation="quick_gelu", norm_eps=1e-5,
+                            class_token=True, pre_norm=True, post_norm=True, feature_layer=-2,
+                            drop_class_token=True)
+SIGLIP_SO400M_384 = VisionConfig(image_size=384, patch_size=14, d_model=1152, num_layers=27,
+                                 num_heads=16, mlp_dim=4304, activation="gelu_tanh",
+                                 norm_eps=1e-6, class_token=False, pre_norm=False, post_norm=True,
+                                 feature_layer=-1, drop_class_token=False, patch_bias=True)
+LLAMA2_7B = DecoderConfig(vocab_size=32064, d_model=4096, num_layers=32, num_heads=32,
+                          num_kv_heads=32, ffn_dim=11008, norm_eps=1e-5, max_seq_len=4096)
+
+
+@preset("llava-1.5-7b")
+def _llava_7b():
+    return VLMConfig("llava-1.5-7b", LLAMA2_7B, CLIP_L14_336,
+                     ProjectorConfig(hidden_dim=4096, activation="gelu"),
+                     dtype="bfloat16", param_dtype="bfloat16",
+                     description="LLaVA-1.5-7B: CLIP ViT-L/14-336 + 2-layer GELU MLP + Llama-2-7B")
+
+
+@preset("llava-1.5-7b-hard")
+def _llava_7b_hard():
+    # MoE-LLaVA's recipe applied to LLaVA-1.5-7B: sparse upcycling of every second decoder FFN
+    # (layers 0, 2, ..., 30) into 4 copies, top-2 with renormalisation. Active compute per token
+    # is then dense + one FFN per MoE layer; the vision tower stays dense as in MoE-LLaVA.
+    moe = MoEConfig(kind="hard", num_experts=4, top_k=2, expert_dim=11008, every_n=2,
+                    layer_offset=0)
+    base = _llava_7b()
+    return base.replace(name="llava-1.5-7b-hard", decoder=dataclasses.replace(LLAMA2_7B, moe=moe),
+                        description="hard-MoE LLaVA-1.5-7B: 4 experts top-2 every 2nd decoder layer")
+
+
+@preset("llava-1.5-7b-soft")
+def _llava_7b_soft():
+    # Soft MoE where it is defined without causality: the vision tower. Following Soft MoE-L/16,
+    # the last half of the blocks (12..23) alternate to Soft MoE (6 layers), 64 experts as wide as
+    # the CLIP MLP with 9 slots each: 576 slots for 577 tokens, so compute per image matches the
+    # dense tower while parameters grow 64x in those MLPs. The decoder keeps the dense FFN budget
+    # split into 4 soft-gated experts of 2752 (every 2nd layer), so decoder active params match
+    # the dense model.
+    vis = MoEConfig(kind="soft", num_experts=64, expert_dim=4096, soft_slots=9, first_k_dense=12,
+                    every_n=2, layer_offset=1)
+    dec = MoEConfig(kind="soft", num_experts=4, expert_dim=2752, every_n=2, layer_offset=0)
+    base = _llava_7b()
+    return base.replace(name="llava-1.5-7b-soft",
+                        vision=dataclasses.replace(CLIP_L14_336, moe=vis),
+                        decoder=dataclasses.replace(LLAMA2_7B, moe=dec),
+                        description="soft-MoE LLaVA-1.5-7B: Soft MoE vision tower, soft-gated decoder")
+
+
+@preset("moe-llava-phi2-4e")
+def _moe_llava_phi2():
+    moe = MoEConfig(kind="hard", num_experts=4, top_k=2, expert_dim=10240, every_n=2,
+                    layer_offset=0)
+    phi2 = DecoderConfig(vocab_size=51200, d_model=2560, num_layers=32, num_heads=32,
+                         num_kv_heads=32, ffn_dim=10240, activation="gelu_tanh", norm="layer",
+                         norm_eps=1e-5, rotary_pct=0.4, qkv_bias=True, out_bias=True,
+                         mlp_bias=True, lm_head_bias=True, parallel_block=True,
+                         max_seq_len=2048, moe=moe)
+    return VLMConfig("moe-llava-phi2-4e", phi2, CLIP_L14_336,
+                     ProjectorConfig(hidden_dim=2560, activation="gelu"),
+                     dtype="bfloat16", param_dtype="bfloat16",
+                     description="MoE-LLaVA-Phi2-2.7B-4e: CLIP-L/14-336 + Phi-2 with 4 experts top-2")
+
+
+@preset("deepseek-vl2-tiny")
+def _deepseek_vl2_tiny():
+    moe = MoEConfig(kind="hard", num_experts=64, top_k=6, expert_dim=896, renormalize=False,
+                    num_shared_experts=2, shared_dim=896, first_k_dense=1)
+    lm = DecoderConfig(vocab_size=129280, d_model=1280, num_layers=12, num_heads=10,
+                       num_kv_heads=10, ffn_dim=6848, norm_eps=1e-6, max_seq_len=4096, moe=moe)
+    return VLMConfig("deepseek-vl2-tiny", lm, SIGLIP_SO400M_384,
+                     ProjectorConfig(hidden_dim=1280, activation="gelu"),
+                     dtype="bfloat16", param_dtype="bfloat16",
+                     description="DeepSeek-VL2-Tiny (approximate: SigLIP-SO400M-384, no tiling / "
+                                 "pixel-shuffle; 64+2 experts top-6, MHA)")
+
+
+@preset("mixtral-8x7b")
+def _mixtral():
+    moe = MoEConfig(kind="hard", num_experts=8, top_k=2, expert_dim=14336)
+    lm = DecoderConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+                       ffn_dim=14336, norm_eps=1e-5, rope_theta=1e6, max_seq_len=32768, moe=moe)
+    return VLMConfig("mixtral-8x7b", lm, dtype="bfloat16", param_dtype="bfloat16",
+                     description="Mixtral-8x7B: 8 experts top-2, renormalised")
+
+
+@preset("qwen1.5-moe-a2.7b")
+def _qwen_moe():
+    moe = MoEConfig(kind="hard", num_experts=60, top_k=4, expert_dim=1408, renormalize=False,
+                    num_shared_experts=1, shared_dim=5632, shared_gate="sigmoid")
+    lm = DecoderConfig(vocab_size=151936, d_model=2048, num_layers=24, num_heads=16,
+                       num_kv_heads=16, ffn_dim=5632, norm_eps=1e-6, rope_theta=1e6,
+                       qkv_bias=True, max_seq_len=8192, moe=moe)
+    return VLMConfig("qwen1.5-moe-a2.7b", lm, dtype="bfloat16", param_dtype="bfloat16",
+                     description="Qwen1.5-MoE-A2.7B: 60 experts top-4 + sigmoid-gated shared expert")
+
+
+@preset("deepseek-moe-16b")
+def _deepseek_moe():
+    moe = MoEConfig(kind="hard", num_experts=64, top_k=6, expert_dim=1408, renormalize=False,
+                    num_shared_experts=2, shared_dim=1408, first_k_dense=1)
+    lm = DecoderConfig(vocab_size=102400, d_model=2048, num_layers=28, num_heads=16,
+                       num_kv_heads=16, ffn_dim=10944, norm_eps=1e-6, max_seq_len=4096, moe=moe)
+    return VLMConfig("deepseek-moe-16b", lm, dtype="bfloat16", param_dtype="bfloat16",
+                     description="DeepSeek-MoE-16B: 64 routed + 2 shared experts, top-6, first layer dense")

@@ -1,0 +1,53 @@
+"""Build, initialise and run a model from its config. Params are a plain pytree (`{'params': ...}`
+is added only inside `apply`).
+
+    cfg = get_config("tiny-hard"); model = build(cfg); params = init_params(cfg, seed=0)
+    logits, cache, aux = forward(model, params, tokens, mask, images)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from moex.config import VLMConfig, get_config
+from moex.nn.vlm import VLM
+
+
+def build(cfg: VLMConfig | str) -> VLM:
+    return VLM(get_config(cfg) if isinstance(cfg, str) else cfg)
+
+
+def _init(model: VLM, rng):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+
+
+def init_params(cfg: VLMConfig | str, seed: int = 0):
+    model = build(cfg)
+    return jax.jit(functools.partial(_init, model))(jax.random.key(seed))
+
+
+def abstract_params(cfg: VLMConfig | str):
+    """Shapes and dtypes of every param (jax.ShapeDtypeStruct), without allocating any."""
+    model = build(cfg)
+    return jax.eval_shape(functools.partial(_init, model), jax.random.key(0))
+
+
+def forward(model: VLM, params, tokens, token_mask, images=None, cache=None,
+            last_only: bool = False):
+    return model.apply({"params": params}, tokens, token_mask, images, cache, last_only)
+
+
+def aux_loss(aux: dict, cfg: VLMConfig):
+    """Weighted sum of the load-balance and z losses over all MoE blocks."""
+    total = jnp.zeros((), jnp.float32)
+    parts = [(a, cfg.decoder.moe) for a in aux["decoder"]]
+    if cfg.vision is not None:
+        parts += [(a, cfg.vision.moe) for a in aux["vision"]]
+    for a, moe in parts:
+        if a:
+            total = total + moe.aux_loss_weight * a["load_balance"] + moe.z_loss_weight * a["z_loss"]
+    return total

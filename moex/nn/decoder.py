@@ -1,0 +1,119 @@
+"""Causal decoder LM with a KV cache.
+
+Shape letters: B batch, T new tokens, S_max cache length, D width, V vocabulary.
+
+Padding is on the left. A token's RoPE position counts only the valid tokens before it, so a
+left-padded row computes exactly what it would compute unpadded.
+
+The cache is a plain dict:
+  index  ()           int32  cache slots filled so far (same for every row)
+  valid  (B, S_max)   bool   which slots hold a real token
+  pos    (B,)         int32  next RoPE position of each row
+  layers tuple of {'k','v'}: (B, S_max, K, Dh), one per layer
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moex.config import DecoderConfig
+from moex.nn.attention import Attention, cached_causal_mask, causal_mask
+from moex.nn.layers import Dense, make_norm
+from moex.nn.moe import make_ffn
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    return {
+        "index": jnp.zeros((), jnp.int32),
+        "valid": jnp.zeros((batch, max_len), bool),
+        "pos": jnp.zeros((batch,), jnp.int32),
+        "layers": tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+                        for _ in range(cfg.num_layers)),
+    }
+
+
+def kv_bytes_per_token(cfg: DecoderConfig, bytes_per_value: int = 2) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * bytes_per_value
+
+
+class DecoderLayer(nn.Module):
+    cfg: DecoderConfig
+    layer: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, positions, token_mask, cache=None, cache_index=None):
+        c = self.cfg
+        norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
+        attn = Attention(c.num_heads, c.num_kv_heads, c.dim_per_head, c.rope_theta, c.rotary_pct,
+                         c.qkv_bias, c.out_bias, self.dtype, self.param_dtype, name="attn")
+        ffn = make_ffn(c.moe, self.layer, c.ffn_dim, c.activation, c.mlp_bias, self.dtype,
+                       self.param_dtype, causal=True)
+        h = norm("attn_norm")(x)
+        a, cache = attn(h, mask, positions, cache, cache_index)
+        if c.parallel_block:                       # Phi: one norm feeds attention and MLP
+            f, aux = ffn(h, token_mask)
+            return x + a + f, cache, aux
+        x = x + a
+        f, aux = ffn(norm("ffn_norm")(x), token_mask)
+        return x + f, cache, aux
+
+
+class Decoder(nn.Module):
+    cfg: DecoderConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        c = self.cfg
+        self.embedding = self.param("embed", nn.initializers.normal(0.02),
+                                    (c.vocab_size, c.d_model), self.param_dtype)
+        self.layers = [DecoderLayer(c, i, self.dtype, self.param_dtype, name=f"layer_{i}")
+                       for i in range(c.num_layers)]
+        self.final_norm = make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")
+        if not c.tie_embeddings:
+            self.lm_head = Dense(c.vocab_size, c.lm_head_bias, self.dtype, self.param_dtype)
+
+    def embed(self, tokens):
+        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+    def __call__(self, x, token_mask, cache=None, last_only: bool = False):
+        """x (B, T, D) embedded inputs; token_mask (B, T) 1 for real tokens.
+
+        Returns (logits (B, T, V) or (B, 1, V) if last_only, new cache or None, aux per layer).
+        """
+        b, t, _ = x.shape
+        valid = token_mask.astype(bool)
+        rank = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1   # index among the row's real tokens
+        if cache is None:
+            positions = jnp.maximum(rank, 0)
+            mask = causal_mask(valid)
+            layer_caches, index = [None] * len(self.layers), None
+        else:
+            index = cache["index"]
+            positions = jnp.maximum(cache["pos"][:, None] + rank, 0)
+            cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+            mask = cached_causal_mask(cache_valid, index, t)
+            layer_caches = cache["layers"]
+        aux, new_layers = [], []
+        for layer, lc in zip(self.layers, layer_caches):
+            x, lc, a = layer(x, mask, positions, valid, lc, index)
+            new_layers.append(lc)
+            aux.append(a)
+        if last_only:
+            x = x[:, -1:]
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
+        else:
+            logits = self.lm_head(x)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"index": index + t, "valid": cache_valid,
+                         "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32),
+                         "layers": tuple(new_layers)}
+        return logits.astype(jnp.float32), new_cache, aux

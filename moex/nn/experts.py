@@ -1,0 +1,147 @@
+"""Expert computation for hard routing: three paths that must agree.
+
+Shape letters: G groups, S tokens per group, D model width, E experts, F expert width, K choices per
+token, C capacity, N = G*S*K token-expert pairs.
+
+Expert params are a plain dict, stacked over experts:
+  w_up (E, D, F), w_gate (E, D, F) [swiglu only], w_down (E, F, D), and with biases
+  b_up (E, F), b_gate (E, F), b_down (E, D).
+
+  ragged  sort the N pairs by expert, one grouped matmul per weight (`jax.lax.ragged_dot`),
+          unsort, weighted sum over K. Dropless and FLOP-exact; the fast path.
+  dense   GShard one-hot einsum: dispatch (G, S, E, C) -> expert buffers (E, G, C, D) -> combine.
+          The reference path; C = capacity (S when dropless).
+  loop    a plain Python loop over experts on host arrays. Tests only.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moex.nn.layers import activation_fn
+from moex.nn.routing import Routing
+
+
+def _hidden(params, activation, up, gate=None):
+    """Expert hidden activations from the pre-activation projections."""
+    if activation == "swiglu":
+        return jax.nn.silu(gate) * up
+    return activation_fn(activation)(up)
+
+
+def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32):
+    """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot."""
+    g, s, d = x.shape
+    k = routing.expert_ids.shape[-1]
+    e = params["w_up"].shape[0]
+    xf = x.reshape(g * s, d).astype(dtype)
+    ids = routing.expert_ids.reshape(-1)
+    keep = routing.kept.reshape(-1)
+    key = jnp.where(keep, ids, e)                        # dropped pairs sort last, outside groups
+    order = jnp.argsort(key, stable=True)                # (N,)
+    sorted_ids = jnp.minimum(key[order], e - 1)
+    xs = xf[order // k]                                  # pair n belongs to token n // K
+    group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+
+    def mm(a, w, b=None):
+        y = jax.lax.ragged_dot(a, params[w].astype(dtype), group_sizes)
+        return y if b is None else y + params[b].astype(dtype)[sorted_ids]
+
+    bias = "b_up" in params
+    up = mm(xs, "w_up", "b_up" if bias else None)
+    gate = mm(xs, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
+    ys = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
+    ys = jnp.where(keep[order][:, None], ys, 0)
+    pairs = jnp.zeros_like(ys).at[order].set(ys).reshape(g * s, k, ys.shape[-1])
+    w = routing.weights.reshape(g * s, k, 1).astype(dtype)
+    return jnp.sum(pairs * w, axis=1).reshape(g, s, ys.shape[-1])
+
+
+def dispatch_combine(routing: Routing):
+    """One-hot dispatch (G, S, E, C) and weighted combine (G, S, E, C) tensors."""
+    e, c = routing.num_experts, routing.capacity
+    expert = jax.nn.one_hot(routing.expert_ids, e, dtype=jnp.float32)       # (G, S, K, E)
+    slot = jax.nn.one_hot(routing.position, c, dtype=jnp.float32)           # (G, S, K, C)
+    kept = routing.kept.astype(jnp.float32)[..., None, None]
+    pair = expert[..., :, None] * slot[..., None, :] * kept                  # (G, S, K, E, C)
+    dispatch = jnp.sum(pair, axis=2)
+    combine = jnp.sum(pair * routing.weights[..., None, None], axis=2)
+    return dispatch, combine
+
+
+def experts_dense(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32):
+    """x (G, S, D) -> (G, S, D) via GShard dispatch / combine einsums."""
+    dispatch, combine = dispatch_combine(routing)
+    xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+
+    def mm(a, w, b=None):
+        y = jnp.einsum("egcd,edf->egcf", a, params[w].astype(dtype))
+        return y if b is None else y + params[b].astype(dtype)[:, None, None, :]
+
+    bias = "b_up" in params
+    up = mm(xe, "w_up", "b_up" if bias else None)
+    gate = mm(xe, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
+    ye = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
+    return jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), ye)
+
+
+def experts_loop(params: dict, x, routing: Routing, activation: str):
+    """Reference: for each expert, run its kept tokens through it and add weight * output."""
+    p = {k: np.asarray(v, np.float32) for k, v in params.items()}
+    x = np.asarray(x, np.float32)
+    ids, kept = np.asarray(routing.expert_ids), np.asarray(routing.kept)
+    weights = np.asarray(routing.weights, np.float32)
+    act = lambda a: np.asarray(activation_fn("swiglu" if activation == "swiglu" else activation)(a))
+    out = np.zeros(x.shape[:-1] + (p["w_down"].shape[-1],), np.float32)
+    for e in range(p["w_up"].shape[0]):
+        gi, si, ki = np.nonzero((ids == e) & kept)
+        if len(gi) == 0:
+            continue
+        xt = x[gi, si]
+        up = xt @ p["w_up"][e] + (p["b_up"][e] if "b_up" in p else 0)
+        if activation == "swiglu":
+            gate = xt @ p["w_gate"][e] + (p["b_gate"][e] if "b_gate" in p else 0)
+            h = act(gate) * up
+        else:
+            h = act(up)
+        y = h @ p["w_down"][e] + (p["b_down"][e] if "b_down" in p else 0)
+        np.add.at(out, (gi, si), y * weights[gi, si, ki][:, None])
+    return out
+
+
+def experts_all(params: dict, x, activation: str, dtype=jnp.float32, shared_input: bool = False):
+    """Every expert on its own rows: x (E, N, D) -> (E, N, D); shared_input: x (N, D) for all E.
+
+    Used by Soft MoE (each expert on its slots) and the causal soft decoder (all experts, every token).
+    """
+    spec = "nd,edf->enf" if shared_input else "end,edf->enf"
+    x = x.astype(dtype)
+
+    def mm(a, w, b, s):
+        y = jnp.einsum(s, a, params[w].astype(dtype))
+        return y if b not in params else y + params[b].astype(dtype)[:, None, :]
+
+    up = mm(x, "w_up", "b_up", spec)
+    gate = mm(x, "w_gate", "b_gate", spec) if activation == "swiglu" else None
+    return mm(_hidden(params, activation, up, gate), "w_down", "b_down", "enf,efd->end")
+
+
+def init_expert_params(module, num_experts: int, d: int, f: int, activation: str,
+                       use_bias: bool, param_dtype, out_dim: int | None = None) -> dict:
+    """Declare stacked expert params on a flax module (called inside its compact __call__)."""
+    out = out_dim or d
+    import flax.linen as nn
+    init_in = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+    params = {"w_up": module.param("w_up", init_in, (num_experts, d, f), param_dtype)}
+    if activation == "swiglu":
+        params["w_gate"] = module.param("w_gate", init_in, (num_experts, d, f), param_dtype)
+    params["w_down"] = module.param("w_down", init_in, (num_experts, f, out), param_dtype)
+    if use_bias:
+        z = nn.initializers.zeros
+        params["b_up"] = module.param("b_up", z, (num_experts, f), param_dtype)
+        if activation == "swiglu":
+            params["b_gate"] = module.param("b_gate", z, (num_experts, f), param_dtype)
+        params["b_down"] = module.param("b_down", z, (num_experts, out), param_dtype)
+    return params

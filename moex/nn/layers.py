@@ -1,0 +1,119 @@
+"""Basic layers: norms, rotary embedding, dense MLPs, activations.
+
+Shape letters: B batch, T query length, S key length, D model width, F MLP width,
+H heads, K kv heads, Dh head width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moex.config import Activation
+
+DType = jnp.dtype
+
+
+def activation_fn(name: Activation):
+    """Elementwise activation for non-gated MLPs (swiglu uses silu on its gate)."""
+    return {
+        "swiglu": jax.nn.silu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+    }[name]
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, dtype, param_dtype, name: str | None = None):
+    cls = RMSNorm if kind == "rms" else LayerNorm
+    return cls(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def apply_rope(x, positions, theta: float, rotary_dim: int):
+    """Rotary embedding (HF "rotate_half" convention) on the first `rotary_dim` of Dh.
+
+    x: (B, T, H, Dh); positions: (B, T) int.
+    """
+    if rotary_dim == 0:
+        return x
+    half = rotary_dim // 2
+    freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / rotary_dim))
+    angle = positions.astype(jnp.float32)[..., None] * freq          # (B, T, half)
+    cos = jnp.cos(angle)[:, :, None, :]
+    sin = jnp.sin(angle)[:, :, None, :]
+    xr, xp = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
+    x1, x2 = xr[..., :half], xr[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), xp], axis=-1)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias); kernel (D_in, D_out)."""
+
+    features: int
+    use_bias: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class MLP(nn.Module):
+    """Dense MLP. swiglu: down(silu(gate(x)) * up(x)); otherwise: down(act(up(x)))."""
+
+    hidden: int
+    activation: Activation = "swiglu"
+    use_bias: bool = False
+    dtype: DType = jnp.float32
+    param_dtype: DType = jnp.float32
+    out_dim: int | None = None    # default: the input width
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        d = self.out_dim or x.shape[-1]
+        if self.activation == "swiglu":
+            h = jax.nn.silu(Dense(self.hidden, name="gate", **kw)(x)) * Dense(self.hidden, name="up", **kw)(x)
+        else:
+            h = activation_fn(self.activation)(Dense(self.hidden, name="up", **kw)(x))
+        return Dense(d, name="down", **kw)(h)

@@ -1,0 +1,185 @@
+"""Mixture-of-experts feed-forward blocks: hard (routed), soft (Soft MoE) and causal soft.
+
+Shape letters: G groups (a sequence or an image), S (or M) tokens per group, D width, E experts,
+P slots per expert, F expert width.
+
+Every block maps (x (G, S, D), token_mask (G, S)) -> (y (G, S, D), aux) where aux is a dict of
+values: the losses ('load_balance', 'z_loss') and, for routed blocks, the routing decision
+('expert_ids' (G, S, K), 'weights' (G, S, K)), so traces can be recorded from any forward.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from moex.config import MoEConfig
+from moex.nn.experts import (experts_all, experts_dense, experts_ragged, init_expert_params)
+from moex.nn.layers import MLP, Dense
+from moex.nn.routing import Router, load_balance_loss, router_z_loss
+
+NEG_INF = -1e30
+
+
+class ExpertParams(nn.Module):
+    """Holds the stacked weights of E experts; returns them as a dict (see moex.nn.experts)."""
+
+    num_experts: int
+    dim: int
+    activation: str
+    use_bias: bool = False
+    param_dtype: jnp.dtype = jnp.float32
+    out_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, d: int) -> dict:
+        return init_expert_params(self, self.num_experts, d, self.dim, self.activation,
+                                  self.use_bias, self.param_dtype, self.out_dim)
+
+
+class DenseFFN(nn.Module):
+    """The plain MLP behind the same (y, aux) interface."""
+
+    hidden: int
+    activation: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x, token_mask=None):
+        return MLP(self.hidden, self.activation, self.use_bias, self.dtype, self.param_dtype,
+                   self.out_dim, name="mlp")(x), {}
+
+
+class HardMoE(nn.Module):
+    cfg: MoEConfig
+    activation: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x, token_mask=None):
+        c = self.cfg
+        routing = Router(c.num_experts, c.top_k, c.renormalize, c.capacity_factor,
+                         self.param_dtype, name="router")(x, token_mask)
+        params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
+                              self.param_dtype, self.out_dim, name="experts")(x.shape[-1])
+        compute = experts_ragged if c.compute == "ragged" else experts_dense
+        y = compute(params, x, routing, self.activation, self.dtype)
+        if c.num_shared_experts:
+            shared = MLP(c.num_shared_experts * c.shared_dim, self.activation, self.use_bias,
+                         self.dtype, self.param_dtype, self.out_dim, name="shared_experts")(x)
+            if c.shared_gate == "sigmoid":
+                gate = Dense(1, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="shared_gate")(x)
+                shared = jax.nn.sigmoid(gate) * shared
+            y = y + shared
+        aux = {"load_balance": load_balance_loss(routing, token_mask),
+               "z_loss": router_z_loss(routing, token_mask),
+               "expert_ids": routing.expert_ids, "weights": routing.weights}
+        return y.astype(self.dtype), aux
+
+
+def l2_normalize(x, axis, eps=1e-6):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=axis, keepdims=True) + eps)
+
+
+def soft_moe_weights(x, mu, scale, token_mask=None):
+    """Soft MoE dispatch and combine weights, both (G, M, E, P).
+
+    logits = einsum('gmd,dnp->gmnp', l2norm(x), scale * l2norm(mu)); dispatch = softmax over the
+    tokens M (each slot a convex mix of tokens); combine = softmax over all slots (E, P) (each
+    token a convex mix of slot outputs). Masked tokens get no dispatch weight.
+    """
+    g, m, _ = x.shape
+    _, e, p = mu.shape
+    logits = jnp.einsum("gmd,dnp->gmnp", l2_normalize(x, -1),
+                        scale.astype(jnp.float32) * l2_normalize(mu, 0))
+    if token_mask is not None:
+        logits_d = jnp.where(token_mask[:, :, None, None], logits, NEG_INF)
+    else:
+        logits_d = logits
+    dispatch = jax.nn.softmax(logits_d, axis=1)
+    combine = jax.nn.softmax(logits.reshape(g, m, e * p), axis=-1).reshape(g, m, e, p)
+    return dispatch, combine
+
+
+class SoftMoE(nn.Module):
+    """Soft MoE (Puigcerver et al., ICLR'24) for non-causal blocks (vision tower, projector)."""
+
+    cfg: MoEConfig
+    activation: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x, token_mask=None):
+        c = self.cfg
+        g, m, d = x.shape
+        mu = self.param("slots", nn.initializers.normal(d ** -0.5),
+                        (d, c.num_experts, c.soft_slots), self.param_dtype)
+        scale = self.param("scale", nn.initializers.ones, (), self.param_dtype)
+        params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
+                              self.param_dtype, self.out_dim, name="experts")(d)
+        dispatch, combine = soft_moe_weights(x, mu, scale, token_mask)
+        slots = jnp.einsum("gmnp,gmd->ngpd", dispatch.astype(self.dtype), x.astype(self.dtype))
+        out = experts_all(params, slots.reshape(c.num_experts, g * c.soft_slots, d),
+                          self.activation, self.dtype)
+        out = out.reshape(c.num_experts, g, c.soft_slots, -1)
+        y = jnp.einsum("gmnp,ngpd->gmd", combine.astype(self.dtype), out)
+        zero = jnp.zeros((), jnp.float32)
+        return y, {"load_balance": zero, "z_loss": zero}
+
+
+class CausalSoftMoE(nn.Module):
+    """Causal soft variant for the decoder: per-token dense soft gating.
+
+    y_t = sum_e softmax(x_t W)_e * expert_e(x_t). Every expert runs on every token, so the block
+    is causal by construction and stateless (KV-cache decoding is unchanged).
+    """
+
+    cfg: MoEConfig
+    activation: str
+    use_bias: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    out_dim: int | None = None
+
+    @nn.compact
+    def __call__(self, x, token_mask=None):
+        c = self.cfg
+        g, s, d = x.shape
+        kernel = self.param("router", nn.initializers.normal(0.02), (d, c.num_experts),
+                            self.param_dtype)
+        logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
+        gates = jax.nn.softmax(logits, axis=-1)
+        params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
+                              self.param_dtype, self.out_dim, name="experts")(d)
+        out = experts_all(params, x.reshape(g * s, d), self.activation, self.dtype,
+                          shared_input=True)                                  # (E, N, D)
+        y = jnp.einsum("ne,end->nd", gates.reshape(g * s, -1).astype(self.dtype), out)
+        valid = jnp.ones((g, s), bool) if token_mask is None else token_mask
+        z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, -1)) * valid) / jnp.maximum(valid.sum(), 1)
+        return y.reshape(g, s, -1), {"load_balance": jnp.zeros((), jnp.float32), "z_loss": z,
+                                    "gates": gates}
+
+
+def make_ffn(cfg: MoEConfig, layer: int, dense_dim: int, activation: str, use_bias: bool,
+             dtype, param_dtype, *, causal: bool, name: str = "ffn",
+             out_dim: int | None = None) -> nn.Module:
+    """The feed-forward block of layer `layer`: dense, hard MoE, Soft MoE or causal soft."""
+    kw = dict(activation=activation, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+              name=name, out_dim=out_dim)
+    if not cfg.is_moe_layer(layer):
+        return DenseFFN(dense_dim, **kw)
+    if cfg.kind == "hard":
+        return HardMoE(cfg, **kw)
+    return CausalSoftMoE(cfg, **kw) if causal else SoftMoE(cfg, **kw)
