@@ -51,6 +51,7 @@ class MoEConfig:
     aux_loss_weight: float = 0.01        # Switch load-balance loss
     z_loss_weight: float = 0.001         # router z-loss
     compute: Literal["ragged", "dense"] = "ragged"  # hard MoE: grouped matmul or one-hot einsum
+    grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"  # see moex.nn.grouped
 
     def is_moe_layer(self, i: int) -> bool:
         return (self.kind != "dense" and i >= self.first_k_dense

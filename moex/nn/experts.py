@@ -7,8 +7,9 @@ Expert params are a plain dict, stacked over experts:
   w_up (E, D, F), w_gate (E, D, F) [swiglu only], w_down (E, F, D), and with biases
   b_up (E, F), b_gate (E, F), b_down (E, D).
 
-  ragged  sort the N pairs by expert, one grouped matmul per weight (`jax.lax.ragged_dot`),
-          unsort, weighted sum over K. Dropless and FLOP-exact; the fast path.
+  ragged  sort the N pairs by expert, one grouped matmul per weight (`jax.lax.ragged_dot`
+          semantics; see moex.nn.grouped for its CPU implementation), unsort, weighted sum over
+          K. Dropless, FLOPs of the chosen pairs only; the fast path.
   dense   GShard one-hot einsum: dispatch (G, S, E, C) -> expert buffers (E, G, C, D) -> combine.
           The reference path; C = capacity (S when dropless).
   loop    a plain Python loop over experts on host arrays. Tests only.
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moex.nn.grouped import grouped_matmul
 from moex.nn.layers import activation_fn
 from moex.nn.routing import Routing
 
@@ -31,7 +33,8 @@ def _hidden(params, activation, up, gate=None):
     return activation_fn(activation)(up)
 
 
-def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32):
+def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
+                   impl: str = "auto"):
     """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot."""
     g, s, d = x.shape
     k = routing.expert_ids.shape[-1]
@@ -46,7 +49,7 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
 
     def mm(a, w, b=None):
-        y = jax.lax.ragged_dot(a, params[w].astype(dtype), group_sizes)
+        y = grouped_matmul(a, params[w].astype(dtype), group_sizes, impl)
         return y if b is None else y + params[b].astype(dtype)[sorted_ids]
 
     bias = "b_up" in params

@@ -69,8 +69,10 @@ class HardMoE(nn.Module):
                          self.param_dtype, name="router")(x, token_mask)
         params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                               self.param_dtype, self.out_dim, name="experts")(x.shape[-1])
-        compute = experts_ragged if c.compute == "ragged" else experts_dense
-        y = compute(params, x, routing, self.activation, self.dtype)
+        if c.compute == "ragged":
+            y = experts_ragged(params, x, routing, self.activation, self.dtype, c.grouped_matmul)
+        else:
+            y = experts_dense(params, x, routing, self.activation, self.dtype)
         if c.num_shared_experts:
             shared = MLP(c.num_shared_experts * c.shared_dim, self.activation, self.use_bias,
                          self.dtype, self.param_dtype, self.out_dim, name="shared_experts")(x)

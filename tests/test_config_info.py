@@ -1,0 +1,70 @@
+"""Presets, config serialisation, and `moex info` against published totals."""
+
+import json
+
+import pytest
+
+from moex.cli import main
+from moex.config import PRESETS, VLMConfig, get_config
+from moex.info import model_info
+
+PUBLISHED = {"mixtral-8x7b": 46.7e9, "qwen1.5-moe-a2.7b": 14.3e9, "deepseek-moe-16b": 16.4e9,
+             "llava-1.5-7b": 7.06e9}
+
+
+@pytest.mark.parametrize("name,total", sorted(PUBLISHED.items()))
+def test_info_totals_match_published(name, total):
+    assert model_info(name).total_params == pytest.approx(total, rel=0.02)
+
+
+def test_active_params_published_and_matched_across_small_presets():
+    assert model_info("mixtral-8x7b").active_params_per_token == pytest.approx(12.9e9, rel=0.02)
+    assert model_info("qwen1.5-moe-a2.7b").active_params_per_token == pytest.approx(2.7e9, rel=0.02)
+    assert model_info("deepseek-moe-16b").active_params_per_token == pytest.approx(2.8e9, rel=0.03)
+    for family in ("tiny", "small"):
+        infos = [model_info(f"{family}-{k}") for k in ("dense", "hard", "soft")]
+        base = infos[0]
+        for i in infos[1:]:
+            assert i.active_params_per_token == pytest.approx(base.active_params_per_token, rel=0.01)
+            assert i.vision_active_params_per_token == pytest.approx(
+                base.vision_active_params_per_token, rel=0.02)
+            assert i.total_params > base.total_params
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_round_trips_json(name):
+    cfg = get_config(name)
+    assert VLMConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(KeyError, match="tiny-dense"):
+        get_config("no-such-model")
+
+
+def test_config_errors_name_the_field():
+    cfg = get_config("tiny-dense")
+    bad = json.loads(cfg.to_json())
+    bad["decoder"]["hidden"] = 3
+    with pytest.raises(ValueError, match="unknown keys.*hidden"):
+        VLMConfig.from_json(json.dumps(bad))
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        cfg.replace(decoder=cfg.decoder.__class__(num_heads=4, num_kv_heads=3)).validate()
+
+
+def test_moe_layer_selection():
+    qwen = get_config("qwen1.5-moe-a2.7b").decoder.moe
+    assert all(qwen.is_moe_layer(i) for i in range(24))
+    ds = get_config("deepseek-moe-16b").decoder.moe
+    assert not ds.is_moe_layer(0) and ds.is_moe_layer(1)
+    phi = get_config("moe-llava-phi2-4e").decoder.moe
+    assert [i for i in range(6) if phi.is_moe_layer(i)] == [0, 2, 4]
+
+
+def test_info_cli_json(capsys):
+    assert main(["info", "mixtral-8x7b", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["total_params"] == model_info("mixtral-8x7b").total_params
+    assert out["bytes_bf16"] == 2 * out["total_params"]
+    assert out["kv_bytes_per_token_bf16"] == 2 * 32 * 8 * 128 * 2
+    assert main(["info", "nope"]) == 2
