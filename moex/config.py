@@ -50,6 +50,9 @@ class MoEConfig:
     soft_slots: int = 1                  # p: slots per expert (Soft MoE)
     aux_loss_weight: float = 0.01        # Switch load-balance loss
     z_loss_weight: float = 0.001         # router z-loss
+    routed_scaling: float = 1.0          # DeepSeek-V2 `routed_scaling_factor` on routed weights
+    num_groups: int = 1                  # DeepSeek-V2 group-limited greedy: experts in G groups,
+    topk_groups: int = 1                 # only the top `topk_groups` groups (by max score) eligible
     compute: Literal["ragged", "dense"] = "ragged"  # hard MoE: grouped matmul or one-hot einsum
     grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"  # see moex.nn.grouped
 
@@ -66,6 +69,10 @@ class MoEConfig:
         if self.kind == "hard" and not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"{where}: top_k must be in [1, num_experts={self.num_experts}], "
                              f"found {self.top_k}")
+        if self.num_experts % self.num_groups or not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(f"{where}: num_experts ({self.num_experts}) must split into "
+                             f"num_groups ({self.num_groups}) with 1 <= topk_groups "
+                             f"({self.topk_groups}) <= num_groups")
         if self.num_shared_experts and self.shared_dim < 1:
             raise ValueError(f"{where}: {self.num_shared_experts} shared experts need shared_dim >= 1")
 
@@ -133,6 +140,16 @@ class DecoderConfig:
     mlp_bias: bool = False        # Phi
     lm_head_bias: bool = False    # Phi
     parallel_block: bool = False  # Phi: x + attn(ln(x)) + mlp(ln(x))
+    qk_norm: Literal["none", "head", "full"] = "none"  # RMSNorm on q, k: per head (Qwen3) or
+                                                       # over all heads (OLMoE)
+    sliding_window: int | None = None  # Mistral: attend to the last W positions only
+    rope_interleaved: bool = False     # rotate (x0, x1) pairs (DeepSeek-V2) instead of halves
+    attention: Literal["gqa", "mla"] = "gqa"  # mla: DeepSeek-V2 multi-head latent attention
+    q_lora_rank: int | None = None     # MLA: low-rank query (None: full q projection)
+    kv_lora_rank: int = 0              # MLA: latent width cached per token
+    qk_rope_head_dim: int = 0          # MLA: rotary part of q/k heads (shared k across heads)
+    qk_nope_head_dim: int = 0          # MLA: non-rotary part of q/k heads
+    v_head_dim: int = 0                # MLA: value head width
     tie_embeddings: bool = False
     max_seq_len: int = 4096
     moe: MoEConfig = DENSE
@@ -142,6 +159,10 @@ class DecoderConfig:
         return self.head_dim or self.d_model // self.num_heads
 
     def validate(self) -> None:
+        if self.attention == "mla" and min(self.kv_lora_rank, self.qk_rope_head_dim,
+                                           self.qk_nope_head_dim, self.v_head_dim) < 1:
+            raise ValueError("attention='mla' needs kv_lora_rank, qk_rope_head_dim, "
+                             "qk_nope_head_dim and v_head_dim >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads}) for grouped-query attention")

@@ -13,23 +13,55 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from moex.nn.layers import apply_rope
+from moex.nn.layers import RMSNorm, apply_rope
 
 NEG_INF = -1e30  # finite, so fully-masked rows (left padding) stay finite instead of NaN
 
 
-def causal_mask(valid):
-    """(B, T) bool validity -> (B, T, T): key valid and not in the future."""
-    t = valid.shape[1]
-    future = jnp.arange(t)[None, :] > jnp.arange(t)[:, None]
-    return valid[:, None, :] & ~future[None]
+def _allowed(q_slot, k_slot, window):
+    """(T,) query slots, (S,) key slots -> (T, S): not in the future, inside the window."""
+    delta = q_slot[:, None] - k_slot[None, :]
+    ok = delta >= 0
+    return ok if window is None else ok & (delta < window)
 
 
-def cached_causal_mask(cache_valid, index, t):
+def causal_mask(valid, window: int | None = None):
+    """(B, T) bool validity -> (B, T, T): key valid, not in the future (and within `window`).
+
+    Left padding keeps a row's real tokens in consecutive slots, so slot distance is position
+    distance for every pair of real tokens."""
+    t = jnp.arange(valid.shape[1])
+    return valid[:, None, :] & _allowed(t, t, window)[None]
+
+
+def cached_causal_mask(cache_valid, index, t, window: int | None = None):
     """Mask for T new queries at cache slots [index, index+T) over all S_max cache slots."""
     s_max = cache_valid.shape[1]
-    q_slot = index + jnp.arange(t)
-    return cache_valid[:, None, :] & (jnp.arange(s_max)[None, :] <= q_slot[:, None])[None]
+    return cache_valid[:, None, :] & _allowed(index + jnp.arange(t), jnp.arange(s_max), window)[None]
+
+
+def qk_normalize(q, k, kind: str, eps: float, dtype, param_dtype):
+    """RMSNorm on q (B, T, H, Dh) and k: per head ('head', Qwen3) or over all heads ('full',
+    OLMoE). Call inside a compact module; creates q_norm / k_norm params."""
+    if kind == "none":
+        return q, k
+    out = []
+    for name, x in (("q_norm", q), ("k_norm", k)):
+        norm = RMSNorm(eps, dtype, param_dtype, name=name)
+        out.append(norm(x) if kind == "head" else norm(x.reshape(x.shape[:2] + (-1,))).reshape(x.shape))
+    return tuple(out)
+
+
+def attend(q, k, v, mask, scale):
+    """q (B, T, H, Dk), k (B, S, K, Dk), v (B, S, K, Dv), mask (B, T, S) -> (B, T, H, Dv) fp32."""
+    b, t, h, dk = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, dk)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(jnp.float32))
+    return out.reshape(b, t, h, v.shape[-1])
 
 
 class Attention(nn.Module):
@@ -42,6 +74,9 @@ class Attention(nn.Module):
     out_bias: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    qk_norm: str = "none"
+    norm_eps: float = 1e-6
+    rope_interleaved: bool = False
 
     def _proj(self, name, x, heads, use_bias):
         d = x.shape[-1]
@@ -66,25 +101,19 @@ class Attention(nn.Module):
         q = self._proj("q", x, h, self.qkv_bias)
         k = self._proj("k", x, kv, self.qkv_bias)
         v = self._proj("v", x, kv, self.qkv_bias)
+        q, k = qk_normalize(q, k, self.qk_norm, self.norm_eps, self.dtype, self.param_dtype)
         if self.rope_theta is not None:
             rot = int(dh * self.rotary_pct)
             rot -= rot % 2
-            q = apply_rope(q, positions, self.rope_theta, rot)
-            k = apply_rope(k, positions, self.rope_theta, rot)
+            q = apply_rope(q, positions, self.rope_theta, rot, self.rope_interleaved)
+            k = apply_rope(k, positions, self.rope_theta, rot, self.rope_interleaved)
         if cache is not None:
             k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
                                              (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
                                              (0, cache_index, 0, 0))
             cache = {"k": k, "v": v}
-        g = h // kv
-        q = q.reshape(b, t, kv, g, dh)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
-        scores = scores / jnp.sqrt(jnp.float32(dh))
-        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(jnp.float32))
-        out = out.reshape(b, t, h, dh).astype(self.dtype)
+        out = attend(q, k, v, mask, dh ** -0.5).astype(self.dtype)
         init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         wo = self.param("o", init, (h, dh, d), self.param_dtype)
         y = jnp.einsum("bthe,hed->btd", out, wo.astype(self.dtype))

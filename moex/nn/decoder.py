@@ -21,22 +21,33 @@ import flax.linen as nn
 from moex.config import DecoderConfig
 from moex.nn.attention import Attention, cached_causal_mask, causal_mask
 from moex.nn.layers import Dense, make_norm
+from moex.nn.mla import LatentAttention
 from moex.nn.moe import make_ffn
 
 
+def cache_entry_shapes(cfg: DecoderConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Per-token (heads, width) of the cached 'k' and 'v' of one layer. MLA caches its latent
+    (1, R) as 'k' and the shared rotary key (1, Dr) as 'v'."""
+    if cfg.attention == "mla":
+        return (1, cfg.kv_lora_rank), (1, cfg.qk_rope_head_dim)
+    return (cfg.num_kv_heads, cfg.dim_per_head), (cfg.num_kv_heads, cfg.dim_per_head)
+
+
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+    (kh, kd), (vh, vd) = cache_entry_shapes(cfg)
     return {
         "index": jnp.zeros((), jnp.int32),
         "valid": jnp.zeros((batch, max_len), bool),
         "pos": jnp.zeros((batch,), jnp.int32),
-        "layers": tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        "layers": tuple({"k": jnp.zeros((batch, max_len, kh, kd), dtype),
+                         "v": jnp.zeros((batch, max_len, vh, vd), dtype)}
                         for _ in range(cfg.num_layers)),
     }
 
 
 def kv_bytes_per_token(cfg: DecoderConfig, bytes_per_value: int = 2) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.dim_per_head * bytes_per_value
+    (kh, kd), (vh, vd) = cache_entry_shapes(cfg)
+    return cfg.num_layers * (kh * kd + vh * vd) * bytes_per_value
 
 
 class DecoderLayer(nn.Module):
@@ -49,8 +60,12 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, mask, positions, token_mask, cache=None, cache_index=None):
         c = self.cfg
         norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
-        attn = Attention(c.num_heads, c.num_kv_heads, c.dim_per_head, c.rope_theta, c.rotary_pct,
-                         c.qkv_bias, c.out_bias, self.dtype, self.param_dtype, name="attn")
+        if c.attention == "mla":
+            attn = LatentAttention(c, self.dtype, self.param_dtype, name="attn")
+        else:
+            attn = Attention(c.num_heads, c.num_kv_heads, c.dim_per_head, c.rope_theta,
+                             c.rotary_pct, c.qkv_bias, c.out_bias, self.dtype, self.param_dtype,
+                             c.qk_norm, c.norm_eps, c.rope_interleaved, name="attn")
         ffn = make_ffn(c.moe, self.layer, c.ffn_dim, c.activation, c.mlp_bias, self.dtype,
                        self.param_dtype, causal=True)
         h = norm("attn_norm")(x)
@@ -91,13 +106,13 @@ class Decoder(nn.Module):
         rank = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1   # index among the row's real tokens
         if cache is None:
             positions = jnp.maximum(rank, 0)
-            mask = causal_mask(valid)
+            mask = causal_mask(valid, self.cfg.sliding_window)
             layer_caches, index = [None] * len(self.layers), None
         else:
             index = cache["index"]
             positions = jnp.maximum(cache["pos"][:, None] + rank, 0)
             cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-            mask = cached_causal_mask(cache_valid, index, t)
+            mask = cached_causal_mask(cache_valid, index, t, self.cfg.sliding_window)
             layer_caches = cache["layers"]
         aux, new_layers = [], []
         for layer, lc in zip(self.layers, layer_caches):

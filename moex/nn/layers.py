@@ -61,10 +61,11 @@ def make_norm(kind: str, eps: float, dtype, param_dtype, name: str | None = None
     return cls(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def apply_rope(x, positions, theta: float, rotary_dim: int):
-    """Rotary embedding (HF "rotate_half" convention) on the first `rotary_dim` of Dh.
+def apply_rope(x, positions, theta: float, rotary_dim: int, interleaved: bool = False):
+    """Rotary embedding on the first `rotary_dim` of Dh.
 
-    x: (B, T, H, Dh); positions: (B, T) int.
+    x: (B, T, H, Dh); positions: (B, T) int. Frequency i rotates the pair (x_i, x_{i+half})
+    (HF "rotate_half", Llama layout) or, interleaved, the pair (x_{2i}, x_{2i+1}) (DeepSeek-V2).
     """
     if rotary_dim == 0:
         return x
@@ -74,8 +75,13 @@ def apply_rope(x, positions, theta: float, rotary_dim: int):
     cos = jnp.cos(angle)[:, :, None, :]
     sin = jnp.sin(angle)[:, :, None, :]
     xr, xp = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]
-    x1, x2 = xr[..., :half], xr[..., half:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        rotated = rotated.reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., :half], xr[..., half:]
+        rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return jnp.concatenate([rotated.astype(x.dtype), xp], axis=-1)
 
 

@@ -66,7 +66,8 @@ class HardMoE(nn.Module):
     def __call__(self, x, token_mask=None):
         c = self.cfg
         routing = Router(c.num_experts, c.top_k, c.renormalize, c.capacity_factor,
-                         self.param_dtype, name="router")(x, token_mask)
+                         self.param_dtype, c.num_groups, c.topk_groups, c.routed_scaling,
+                         name="router")(x, token_mask)
         params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                               self.param_dtype, self.out_dim, name="experts")(x.shape[-1])
         if c.compute == "ragged":

@@ -7,6 +7,7 @@ Variants real checkpoints need, all from one `route` function:
   softmax -> top-k -> renormalise            Mixtral, OLMoE, Qwen3-MoE  (renormalize=True)
   softmax -> top-k, no renormalisation       Qwen1.5-MoE, DeepSeek-MoE  (renormalize=False)
   top-1 with capacity and token dropping     Switch (top_k=1, capacity_factor=1.25, renormalize=False)
+  group-limited greedy, scaled weights       DeepSeek-V2 (num_groups, topk_groups, routed_scaling)
 
 Capacity priority is k-major, then token order (GShard / Switch): every token's first choice is
 placed before any second choice. Dropped pairs and padding tokens get `kept=False` and weight 0.
@@ -46,14 +47,23 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int,
 
 
 def route(logits, *, top_k: int, renormalize: bool, capacity_factor: float | None = None,
-          token_mask=None) -> Routing:
+          token_mask=None, num_groups: int = 1, topk_groups: int = 1,
+          scaling: float = 1.0) -> Routing:
     """logits (G, S, E) -> Routing. token_mask (G, S) bool marks real (non-padding) tokens."""
     g, s, e = logits.shape
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
-    top_p, ids = jax.lax.top_k(probs, top_k)
+    scores = probs
+    if num_groups > 1 and topk_groups < num_groups:
+        best = jnp.max(probs.reshape(g, s, num_groups, e // num_groups), axis=-1)
+        _, groups = jax.lax.top_k(best, topk_groups)
+        allowed = jnp.sum(jax.nn.one_hot(groups, num_groups, dtype=bool), axis=2) > 0
+        scores = jnp.where(jnp.repeat(allowed, e // num_groups, axis=-1), probs, 0.0)
+    top_p, ids = jax.lax.top_k(scores, top_k)
     if renormalize:
         top_p = top_p / jnp.sum(top_p, axis=-1, keepdims=True)
+    if scaling != 1.0:
+        top_p = top_p * scaling
     valid = jnp.ones((g, s), bool) if token_mask is None else token_mask.astype(bool)
     onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32) * valid[:, :, None, None]   # (G, S, K, E)
     # k-major order: (G, K, S, E) flattened over (K, S), running count per expert.
@@ -75,6 +85,9 @@ class Router(nn.Module):
     renormalize: bool = True
     capacity_factor: float | None = None
     param_dtype: jnp.dtype = jnp.float32
+    num_groups: int = 1
+    topk_groups: int = 1
+    scaling: float = 1.0
 
     @nn.compact
     def __call__(self, x, token_mask=None) -> Routing:
@@ -82,7 +95,9 @@ class Router(nn.Module):
                             (x.shape[-1], self.num_experts), self.param_dtype)
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
         return route(logits, top_k=self.top_k, renormalize=self.renormalize,
-                     capacity_factor=self.capacity_factor, token_mask=token_mask)
+                     capacity_factor=self.capacity_factor, token_mask=token_mask,
+                     num_groups=self.num_groups, topk_groups=self.topk_groups,
+                     scaling=self.scaling)
 
 
 # --- auxiliary losses: pure functions, returned as values -----------------------------------------
