@@ -1,0 +1,88 @@
+"""moex checkpoint -> HF folder (safetensors + config.json) that `transformers` loads.
+
+    python -m checkpoints_convert --to-hf MOEX_DIR OUT
+
+Uses the same rule tables as the import, inverted; experts are written in the per-expert hub
+layout that `save_pretrained` writes. A checkpoint converted from HF keeps its original
+config.json (in moex.json) as the base, so HF -> moex -> HF gives back the same tensors and keys.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+
+from moex import checkpoint
+from moex.config import VLMConfig
+
+from checkpoints_convert.archs import ARCHITECTURES
+from checkpoints_convert.convert import flat_shapes
+from checkpoints_convert.reader import CheckpointError
+
+
+def infer_architecture(cfg: VLMConfig) -> str:
+    """The HF architecture that can express a moex config (for moex-native checkpoints)."""
+    d, m = cfg.decoder, cfg.decoder.moe
+    problems = []
+    if m.kind == "soft" or (cfg.vision is not None and (cfg.vision.moe.kind != "dense"
+                                                        or cfg.projector.moe.kind != "dense")):
+        problems.append("soft or vision/projector MoE blocks have no HF counterpart")
+    if d.activation != "swiglu" or d.norm != "rms" or d.parallel_block or d.rotary_pct != 1.0:
+        problems.append("the decoder must be Llama-style (swiglu, RMSNorm, full RoPE)")
+    if problems:
+        raise CheckpointError(f"{cfg.name} cannot be exported to a HF architecture: "
+                              + "; ".join(problems))
+    if cfg.vision is not None:
+        return "LlavaForConditionalGeneration"
+    if d.attention == "mla" or m.num_groups > 1 or m.routed_scaling != 1.0:
+        return "DeepseekV2ForCausalLM"
+    if m.kind == "dense":
+        return "MistralForCausalLM" if d.sliding_window else "LlamaForCausalLM"
+    if m.shared_gate == "sigmoid":
+        return "Qwen2MoeForCausalLM"
+    if m.num_shared_experts:
+        return "DeepseekV2ForCausalLM"
+    if d.qk_norm == "head":
+        return "Qwen3MoeForCausalLM"
+    if d.qk_norm == "full":
+        return "OlmoeForCausalLM"
+    return "MixtralForCausalLM"
+
+
+def hf_tensors(cfg: VLMConfig, params, arch_name: str) -> dict[str, np.ndarray]:
+    arch = ARCHITECTURES[arch_name]
+    flat = flat_shapes(params)
+    tensors = {}
+    for rule in arch.rules(cfg):
+        arrays = rule.transform.to_hf([np.asarray(flat[p]) for p in rule.moex])
+        tensors.update(zip(rule.hf, arrays))
+    return tensors
+
+
+def to_hf(moex_dir, out) -> pathlib.Path:
+    from safetensors.numpy import save_file
+    moex_dir, out = pathlib.Path(moex_dir), pathlib.Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another output path")
+    cfg, params, _ = checkpoint.load(moex_dir, as_numpy=True)
+    meta = checkpoint.metadata(moex_dir) if (moex_dir / "moex.json").is_file() else {}
+    arch_name = meta.get("architecture") or infer_architecture(cfg)
+    hf_config = ARCHITECTURES[arch_name].to_hf(cfg, meta.get("hf_config", {}))
+    hf_config["dtype"] = cfg.param_dtype
+    hf_config.pop("torch_dtype", None)
+    tensors = hf_tensors(cfg, params, arch_name)
+    tmp = checkpoint.staging_dir(out)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        for name in checkpoint.TOKENIZER_FILES:
+            if (moex_dir / name).is_file():
+                shutil.copy2(moex_dir / name, tmp / name)
+        checkpoint.publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,93 @@
+"""moex checkpoints on disk: an orbax params tree plus the moex config, written atomically.
+
+    OUT/
+      config.json      moex VLMConfig (dataclasses as JSON)
+      params/          orbax checkpoint of the params pytree
+      moex.json        metadata: source architecture, original HF config, dtype
+      tokenizer.json   ... (copied from the source, if it had them)
+
+    cfg, params, tokenizer = load(OUT)     # tokenizer: tokenizers.Tokenizer or None
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+
+from moex.config import VLMConfig
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
+                   "chat_template.json", "preprocessor_config.json", "processor_config.json")
+
+
+def staging_dir(out: pathlib.Path) -> pathlib.Path:
+    """A temp dir beside OUT (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def write(tmp: pathlib.Path, cfg: VLMConfig, params, metadata: dict | None = None,
+          copy_from: pathlib.Path | None = None) -> None:
+    """Write a checkpoint into an (empty) staging dir."""
+    import orbax.checkpoint as ocp
+    (tmp / "config.json").write_text(cfg.to_json())
+    (tmp / "moex.json").write_text(json.dumps(metadata or {}, indent=2))
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save((tmp / "params").absolute(), params)
+    ckpt.wait_until_finished()
+    if copy_from is not None:
+        for name in TOKENIZER_FILES:
+            if (copy_from / name).is_file():
+                shutil.copy2(copy_from / name, tmp / name)
+
+
+def publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another output path")
+    os.replace(tmp, out)
+
+
+def save(out, cfg: VLMConfig, params, metadata: dict | None = None, copy_from=None) -> pathlib.Path:
+    out = pathlib.Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another output path")
+    tmp = staging_dir(out)
+    try:
+        write(tmp, cfg, params, metadata, copy_from and pathlib.Path(copy_from))
+        publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_config(path) -> VLMConfig:
+    path = pathlib.Path(path)
+    if not (path / "config.json").is_file() or not (path / "params").is_dir():
+        raise FileNotFoundError(f"{path}: not a moex checkpoint (expected config.json and params/)")
+    return VLMConfig.from_json((path / "config.json").read_text())
+
+
+def load(path, as_numpy: bool = False):
+    """(cfg, params, tokenizer or None). Params come back as numpy (as_numpy) or jax arrays."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path)
+    cfg = load_config(path)
+    params = ocp.StandardCheckpointer().restore((path / "params").absolute())
+    params = jax.tree.map(np.asarray, params) if as_numpy else jax.tree.map(jax.numpy.asarray, params)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    return cfg, params, tokenizer
+
+
+def metadata(path) -> dict:
+    return json.loads((pathlib.Path(path) / "moex.json").read_text())
