@@ -329,6 +329,11 @@ def decoder_to_hf(c: DecoderConfig, arch: str, base: dict) -> dict:
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         hf["sliding_window"] = c.sliding_window
     m = c.moe
+    if arch in ("MixtralForCausalLM", "OlmoeForCausalLM"):   # every layer MoE, experts F wide
+        if any(not m.is_moe_layer(i) for i in range(c.num_layers)):
+            raise CheckpointError(f"{arch} has an MoE block in every layer; this config has "
+                                  "dense layers")
+        hf["intermediate_size"] = m.expert_dim
     if arch == "MixtralForCausalLM":
         hf.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k)
     if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"):

@@ -4,6 +4,7 @@
     moex presets                       list the presets
     moex generate PRESET --prompt ...  generate from a randomly initialised (or --seed) preset
     moex compare [...]                 dense vs hard-MoE vs soft-MoE throughput and memory
+    moex compare-hf SRC [--prompts F]  a converted HF checkpoint against transformers
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def _generate(args) -> int:
     return 0
 
 
+def _compare_hf(args) -> int:
+    from checkpoints_convert.compare import main as compare_main
+    return compare_main(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moex", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,6 +85,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("compare", help="dense vs hard-MoE vs soft-MoE throughput and memory")
     compare.add_arguments(p)
     p.set_defaults(fn=compare.main)
+    p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
+    p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_compare_hf)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -81,6 +81,7 @@ def grouped_matmul(x, w, group_sizes, impl: str = "auto"):
         raise ValueError(f"grouped matmul impl must be one of {IMPLS}, found {impl!r}")
     if impl == "auto":
         impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    w = jnp.asarray(w, x.dtype)
     if impl == "ragged_dot":
-        return jax.lax.ragged_dot(x, w.astype(x.dtype), group_sizes.astype(jnp.int32))
-    return blocked_grouped_matmul(x, w.astype(x.dtype), group_sizes)
+        return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
+    return blocked_grouped_matmul(x, w, group_sizes)

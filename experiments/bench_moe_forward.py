@@ -1,0 +1,228 @@
+"""Forward tokens/s of a Mixtral-shaped decoder LM on CPU: moex (ragged / dense experts) vs
+transformers' MixtralForCausalLM (torch), same shapes, same weights, same tokens, one run.
+
+    python experiments/bench_moe_forward.py
+    python experiments/bench_moe_forward.py --batch 1 --seq 128 --repeats 3 --out results/quick
+
+Model: d 512, 8 layers, 8 heads / 4 KV heads (head_dim 64), 8 experts top-2 (renormalised),
+expert FFN 1024, vocabulary 512, fp32, full causal forward (no KV cache), logits for all tokens.
+
+The torch model is built first (seed 0) and its weights are copied into the moex param tree, so
+all three implementations run identical weights and therefore identical routing. moex: one
+jax.jit forward per expert path, compiled ahead of the timing (compile time recorded apart),
+timed with moex.bench.timing.measure. torch: eval mode, torch.inference_mode, default threads
+and default attention / experts implementations of transformers (recorded). A parity check
+(max |logit difference| against transformers on the first batch size) is printed, not asserted.
+Results: a markdown table on stdout, results.csv and results.json (with environment) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from tqdm import tqdm
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from moex.bench.timing import Timing, environment, measure
+from moex.config import DecoderConfig, MoEConfig, VLMConfig
+from moex.model import build, forward, init_params
+
+SHAPE = dict(vocab=512, d=512, layers=8, heads=8, kv_heads=4, head_dim=64, experts=8, top_k=2,
+             expert_dim=1024)
+EPS, THETA = 1e-6, 10000.0
+MOEX_IMPLS = ("ragged", "dense")
+
+
+def moex_config(compute: str) -> VLMConfig:
+    s = SHAPE
+    moe = MoEConfig(kind="hard", num_experts=s["experts"], top_k=s["top_k"],
+                    expert_dim=s["expert_dim"], compute=compute)
+    dec = DecoderConfig(vocab_size=s["vocab"], d_model=s["d"], num_layers=s["layers"],
+                        num_heads=s["heads"], num_kv_heads=s["kv_heads"], head_dim=s["head_dim"],
+                        ffn_dim=s["expert_dim"], norm_eps=EPS, rope_theta=THETA, moe=moe,
+                        max_seq_len=4096)
+    return VLMConfig(f"bench-mixtral-{compute}", dec).validate()
+
+
+def hf_model(attn: str) -> MixtralForCausalLM:
+    s = SHAPE
+    cfg = MixtralConfig(vocab_size=s["vocab"], hidden_size=s["d"], intermediate_size=s["expert_dim"],
+                        num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                        num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
+                        num_local_experts=s["experts"], num_experts_per_tok=s["top_k"],
+                        rms_norm_eps=EPS, rope_theta=THETA, router_jitter_noise=0.0,
+                        attention_dropout=0.0, tie_word_embeddings=False,
+                        max_position_embeddings=4096, attn_implementation=attn)
+    torch.manual_seed(0)
+    return MixtralForCausalLM(cfg).eval()
+
+
+def params_from_hf(model: MixtralForCausalLM, params) -> dict:
+    """The moex param tree (same structure as `params`) filled with the torch model's weights."""
+    s, sd = SHAPE, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    d, h, kv, dh, f = s["d"], s["heads"], s["kv_heads"], s["head_dim"], s["expert_dim"]
+    dec = {"embed": sd["model.embed_tokens.weight"], "final_norm": {"scale": sd["model.norm.weight"]},
+           "lm_head": {"kernel": sd["lm_head.weight"].T}}
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        if p + "mlp.experts.gate_up_proj" in sd:           # transformers 5: fused (E, 2F, D)
+            gate_up = sd[p + "mlp.experts.gate_up_proj"]
+            w_gate, w_up = gate_up[:, :f].transpose(0, 2, 1), gate_up[:, f:].transpose(0, 2, 1)
+            w_down = sd[p + "mlp.experts.down_proj"].transpose(0, 2, 1)
+            router = sd[p + "mlp.gate.weight"]
+        else:                                                # transformers 4: per-expert w1/w2/w3
+            e = f"{p}block_sparse_moe.experts."
+            n = s["experts"]
+            w_gate = np.stack([sd[f"{e}{j}.w1.weight"].T for j in range(n)])
+            w_up = np.stack([sd[f"{e}{j}.w3.weight"].T for j in range(n)])
+            w_down = np.stack([sd[f"{e}{j}.w2.weight"].T for j in range(n)])
+            router = sd[p + "block_sparse_moe.gate.weight"]
+        a = p + "self_attn."
+        dec[f"layer_{i}"] = {
+            "attn": {"q": sd[a + "q_proj.weight"].T.reshape(d, h, dh),
+                     "k": sd[a + "k_proj.weight"].T.reshape(d, kv, dh),
+                     "v": sd[a + "v_proj.weight"].T.reshape(d, kv, dh),
+                     "o": sd[a + "o_proj.weight"].T.reshape(h, dh, d)},
+            "attn_norm": {"scale": sd[p + "input_layernorm.weight"]},
+            "ffn_norm": {"scale": sd[p + "post_attention_layernorm.weight"]},
+            "ffn": {"router": {"kernel": router.T},
+                    "experts": {"w_gate": w_gate, "w_up": w_up, "w_down": w_down}}}
+    new = {"decoder": dec}
+    ref = jax.tree_util.tree_structure(params)
+    if jax.tree_util.tree_structure(new) != ref:
+        raise ValueError(f"converted tree {jax.tree_util.tree_structure(new)} != moex tree {ref}")
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params)):
+        if a.shape != b.shape:
+            raise ValueError(f"converted shape {a.shape} != moex shape {b.shape}")
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new)
+
+
+def torch_measure(fn, *, warmup: int, repeats: int) -> Timing:
+    """moex.bench.timing.measure for torch on CPU (synchronous, nothing to block on)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), repeats)
+
+
+def row(impl: str, b: int, t: int, timing: Timing, compile_s: float | None) -> dict:
+    n = b * t
+    return {"implementation": impl, "batch": b, "seq": t,
+            "tokens_per_s_median": n / timing.median, "tokens_per_s_min": n / timing.max,
+            "tokens_per_s_max": n / timing.min, "s_median": timing.median, "s_min": timing.min,
+            "s_max": timing.max, "repeats": timing.repeats, "compile_s": compile_s}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| implementation | batch | seq | median tok/s | min / max tok/s | vs transformers |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['implementation']} | {r['batch']} | {r['seq']} "
+                     f"| {r['tokens_per_s_median']:.0f} | {r['tokens_per_s_min']:.0f} / "
+                     f"{r['tokens_per_s_max']:.0f} | {r['ratio_vs_transformers']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    start = time.perf_counter()
+    hf = hf_model(args.attn)
+    cfgs = {c: moex_config(c) for c in MOEX_IMPLS}
+    models = {c: build(cfg) for c, cfg in cfgs.items()}
+    params = params_from_hf(hf, init_params(cfgs["ragged"], seed=0))   # one tree for both paths
+    fwds = {c: jax.jit(lambda p, t, m, model=m_: forward(model, p, t, m)[0])
+            for c, m_ in models.items()}
+    torch_info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                  "transformers": transformers.__version__,
+                  "attn_implementation": hf.config._attn_implementation,
+                  "experts_implementation": getattr(hf.config, "_experts_implementation", None)}
+    print(f"torch {torch_info}", flush=True)
+
+    rng = np.random.default_rng(0)
+    rows, parity = [], {}
+    bar = tqdm(total=len(args.batch) * (len(MOEX_IMPLS) + 1), desc="bench", unit="point")
+    for bi, b in enumerate(args.batch):
+        tokens = rng.integers(0, SHAPE["vocab"], size=(b, args.seq), dtype=np.int32)
+        tok_j, mask_j = jnp.asarray(tokens), jnp.ones((b, args.seq), jnp.int32)
+        tok_t = torch.from_numpy(tokens.astype(np.int64))
+
+        def run_torch():
+            with torch.inference_mode():
+                return hf(input_ids=tok_t, use_cache=False).logits
+
+        bar.set_postfix_str(f"transformers B={b}")
+        t_hf = torch_measure(run_torch, warmup=args.warmup, repeats=args.repeats)
+        ref = row("transformers", b, args.seq, t_hf, None)
+        bar.update()
+        logits = {"transformers": run_torch().numpy()} if bi == 0 else {}
+        for c in MOEX_IMPLS:
+            bar.set_postfix_str(f"moex-{c} B={b}")
+            t0 = time.perf_counter()
+            compiled = fwds[c].lower(params, tok_j, mask_j).compile()
+            compile_s = time.perf_counter() - t0
+            timing = measure(lambda: compiled(params, tok_j, mask_j), warmup=args.warmup,
+                             repeats=args.repeats)
+            rows.append(row(f"moex-{c}", b, args.seq, timing, compile_s))
+            if bi == 0:
+                logits[f"moex-{c}"] = np.asarray(compiled(params, tok_j, mask_j))
+            bar.update()
+        rows.append(ref)
+        if bi == 0:
+            parity = {f"{c} vs transformers": float(np.max(np.abs(logits[c] - logits["transformers"])))
+                      for c in logits if c != "transformers"}
+            parity["moex-ragged vs moex-dense"] = float(np.max(np.abs(
+                logits["moex-ragged"] - logits["moex-dense"])))
+            parity["batch"], parity["max |logit| transformers"] = b, float(
+                np.max(np.abs(logits["transformers"])))
+    bar.close()
+    for r in rows:
+        base = next(x for x in rows if x["implementation"] == "transformers"
+                    and x["batch"] == r["batch"])
+        r["ratio_vs_transformers"] = r["tokens_per_s_median"] / base["tokens_per_s_median"]
+
+    print(markdown(rows))
+    print(f"\nparity (max abs logit diff, batch {parity['batch']}, seq {args.seq}):")
+    for k, v in parity.items():
+        if k != "batch":
+            print(f"  {k}: {v:.3e}")
+    total = time.perf_counter() - start
+    print(f"\ntotal {total:.1f} s; torch threads {torch_info['torch_threads']}, attention "
+          f"{torch_info['attn_implementation']}, experts {torch_info['experts_implementation']}")
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    meta = {"args": vars(args), "shape": SHAPE, "norm_eps": EPS, "rope_theta": THETA,
+            "environment": {**environment(), **torch_info}, "parity": parity,
+            "total_s": total, "rows": rows}
+    (out / "results.json").write_text(json.dumps(meta, indent=2))
+    print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attn", default="sdpa", choices=("sdpa", "eager"),
+                        help="transformers attention implementation")
+    parser.add_argument("--out", default="results/bench_moe_forward")
+    main(parser.parse_args())

@@ -1,0 +1,73 @@
+"""Tiny random transformers models, one per supported architecture, saved with save_pretrained.
+
+Weights use initializer_range 0.2 (instead of 0.02) so logits and routing are far from uniform and a
+parity failure cannot hide in near-zero numbers.
+"""
+
+import pathlib
+
+COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+              initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def configs():
+    import transformers as T
+    return {
+        # GQA + tied embeddings
+        "llama": T.LlamaConfig(**COMMON, tie_word_embeddings=True),
+        # sliding window shorter than the test sequences
+        "mistral": T.MistralConfig(**COMMON, sliding_window=5, head_dim=8),
+        "mixtral": T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                   router_jitter_noise=0.0),
+        # sigmoid-gated shared expert, a dense layer among MoE layers, no renormalisation
+        "qwen2_moe": T.Qwen2MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2,
+                                      moe_intermediate_size=16,
+                                      shared_expert_intermediate_size=24,
+                                      decoder_sparse_step=1, mlp_only_layers=[1],
+                                      norm_topk_prob=False),
+        # top-1, per-head q/k norm, head_dim != hidden / heads
+        "qwen3_moe": T.Qwen3MoeConfig(**COMMON, num_experts=4, num_experts_per_tok=1,
+                                      moe_intermediate_size=16, head_dim=16, norm_topk_prob=True),
+        "olmoe": T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2),
+        # MLA with low-rank q, group-limited routing, scaled weights, first layer dense
+        "deepseek_v2": T.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4},
+                                          n_routed_experts=4, num_experts_per_tok=2,
+                                          moe_intermediate_size=16, n_shared_experts=1,
+                                          first_k_dense_replace=1, kv_lora_rank=16,
+                                          q_lora_rank=12, qk_rope_head_dim=8,
+                                          qk_nope_head_dim=8, v_head_dim=8,
+                                          topk_method="group_limited_greedy", n_group=2,
+                                          topk_group=1, routed_scaling_factor=2.0),
+        "llava": _llava(T, T.LlamaConfig(**COMMON)),
+        "llava_mixtral": _llava(T, T.MixtralConfig(**COMMON, num_local_experts=4,
+                                                   num_experts_per_tok=2)),
+    }
+
+
+def _llava(T, text):
+    vision = T.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                num_attention_heads=4, image_size=16, patch_size=4,
+                                projection_dim=16, initializer_range=0.2)
+    return T.LlavaConfig(vision_config=vision, text_config=text, image_token_index=95,
+                         image_seq_length=16)
+
+
+ARCHS = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
+         "llava", "llava_mixtral")
+
+
+def model_class(name):
+    import transformers as T
+    return T.LlavaForConditionalGeneration if name.startswith("llava") else T.AutoModelForCausalLM
+
+
+def save(name, path: pathlib.Path, **save_kw) -> pathlib.Path:
+    """save_pretrained folder of the tiny model `name` (seed 0, so every call gives the same)."""
+    import torch
+    torch.manual_seed(0)
+    cfg = configs()[name]
+    cls = model_class(name)
+    model = cls(cfg) if name.startswith("llava") else cls.from_config(cfg)
+    model.save_pretrained(path, **save_kw)
+    return path
