@@ -80,14 +80,14 @@ class CheckpointReader:
 
     # -- file handles -----------------------------------------------------------------------------
     def _safetensors(self, path: pathlib.Path):
-        if path not in self._open:
-            from safetensors import safe_open
-            try:
-                self._open[path] = safe_open(str(path), framework="np")
-            except Exception as e:  # truncated or corrupt header
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file "
-                                      "may be truncated or corrupt -- download it again") from e
-        return self._open[path]
+        """A fresh memory map of the file. Not cached: dropping it after each tensor unmaps the
+        pages read, so the source does not stay resident next to the output."""
+        from safetensors import safe_open
+        try:
+            return safe_open(str(path), framework="np")
+        except Exception as e:  # truncated or corrupt header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file "
+                                  "may be truncated or corrupt -- download it again") from e
 
     def _torch(self, path: pathlib.Path):
         if path not in self._open:
@@ -116,8 +116,9 @@ class CheckpointReader:
             raise CheckpointError(f"missing tensor {key!r}: not in {where} (in {self.src})")
         path, raw = self._file_of[key], self._raw_key[key]
         if path.suffix == ".safetensors":
+            handle = self._safetensors(path)
             try:
-                return self._safetensors(path).get_tensor(raw)
+                return handle.get_tensor(raw)
             except CheckpointError:
                 raise
             except Exception as e:

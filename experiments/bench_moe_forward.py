@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -138,7 +139,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(args) -> None:
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()
     hf = hf_model(args.attn)
     cfgs = {c: moex_config(c) for c in MOEX_IMPLS}
     models = {c: build(cfg) for c, cfg in cfgs.items()}
@@ -199,7 +200,9 @@ def main(args) -> None:
         if k != "batch":
             print(f"  {k}: {v:.3e}")
     total = time.perf_counter() - start
-    print(f"\ntotal {total:.1f} s; torch threads {torch_info['torch_threads']}, attention "
+    load = {"before": load_before, "after": os.getloadavg()}   # other CPU users skew timings
+    print(f"\nload average (1/5/15 min) before {load['before']}, after {load['after']}")
+    print(f"total {total:.1f} s; torch threads {torch_info['torch_threads']}, attention "
           f"{torch_info['attn_implementation']}, experts {torch_info['experts_implementation']}")
 
     out = pathlib.Path(args.out)
@@ -210,7 +213,7 @@ def main(args) -> None:
         w.writerows(rows)
     meta = {"args": vars(args), "shape": SHAPE, "norm_eps": EPS, "rope_theta": THETA,
             "environment": {**environment(), **torch_info}, "parity": parity,
-            "total_s": total, "rows": rows}
+            "load_average": load, "total_s": total, "rows": rows}
     (out / "results.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
 

@@ -2,7 +2,10 @@
 
     OUT/
       config.json      moex VLMConfig (dataclasses as JSON)
-      params/          orbax checkpoint of the params pytree
+      params/          the params pytree as orbax checkpoints, one per second-level subtree
+                       (decoder/layer_0, decoder/embed, vision/..., listed in params/index.json):
+                       saved one after another, so saving never holds a second copy of the
+                       whole tree
       moex.json        metadata: source architecture, original HF config, dtype
       tokenizer.json   ... (copied from the source, if it had them)
 
@@ -39,9 +42,17 @@ def write(tmp: pathlib.Path, cfg: VLMConfig, params, metadata: dict | None = Non
     import orbax.checkpoint as ocp
     (tmp / "config.json").write_text(cfg.to_json())
     (tmp / "moex.json").write_text(json.dumps(metadata or {}, indent=2))
+    root = (tmp / "params").absolute()
+    root.mkdir()
+    chunks = []
     ckpt = ocp.StandardCheckpointer()
-    ckpt.save((tmp / "params").absolute(), params)
-    ckpt.wait_until_finished()
+    for top, sub in params.items():
+        for name, leaf in (sub.items() if isinstance(sub, dict) else [("", sub)]):
+            chunk = f"{top}.{name}" if name else top
+            ckpt.save(root / chunk, {"value": leaf})
+            ckpt.wait_until_finished()
+            chunks.append(chunk)
+    (root / "index.json").write_text(json.dumps({"format": "moex-params-v1", "chunks": chunks}))
     if copy_from is not None:
         for name in TOKENIZER_FILES:
             if (copy_from / name).is_file():
@@ -80,7 +91,16 @@ def load(path, as_numpy: bool = False):
     import orbax.checkpoint as ocp
     path = pathlib.Path(path)
     cfg = load_config(path)
-    params = ocp.StandardCheckpointer().restore((path / "params").absolute())
+    root = (path / "params").absolute()
+    index = json.loads((root / "index.json").read_text())
+    ckpt, params = ocp.StandardCheckpointer(), {}
+    for chunk in index["chunks"]:
+        value = ckpt.restore(root / chunk)["value"]
+        top, _, name = chunk.partition(".")
+        if name:
+            params.setdefault(top, {})[name] = value
+        else:
+            params[top] = value
     params = jax.tree.map(np.asarray, params) if as_numpy else jax.tree.map(jax.numpy.asarray, params)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
