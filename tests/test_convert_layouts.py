@@ -143,3 +143,18 @@ def test_moex_native_lm_exports_to_transformers(preset, arch, tmp_path):
         ref = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
     ours = np.asarray(forward(build(cfg), params, ids, np.ones_like(ids))[0])
     assert np.abs(ours - ref).max() <= 1e-4
+
+
+def test_tokenizer_files_travel_and_load(hf_model, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    src = tmp_path / "src"
+    shutil.copytree(hf_model("llama"), src)
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "hello", "world", "moe"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(src / "tokenizer.json"))
+    out = convert(src, tmp_path / "out", "fp32", progress=False)
+    cfg, params, loaded = checkpoint.load(out)
+    assert (out / "tokenizer.json").is_file()
+    assert loaded.encode("hello moe world").ids == [3, 5, 4]
+    assert cfg.decoder.tie_embeddings                      # the llama test model ties them
