@@ -42,6 +42,7 @@ def configs():
         "llava": _llava(T, T.LlamaConfig(**COMMON)),
         "llava_mixtral": _llava(T, T.MixtralConfig(**COMMON, num_local_experts=4,
                                                    num_experts_per_tok=2)),
+        "llava_mistral": _llava(T, T.MistralConfig(**COMMON, sliding_window=8)),
     }
 
 
@@ -54,7 +55,7 @@ def _llava(T, text):
 
 
 ARCHS = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-         "llava", "llava_mixtral")
+         "llava", "llava_mixtral", "llava_mistral")
 
 
 def model_class(name):

@@ -68,17 +68,21 @@ def test_fp32_logits_and_greedy_match_transformers(name, hf_model, converted):
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v2", "llava"])
 def test_bf16_within_stated_tolerance(name, hf_model, converted):
-    # bf16 keeps 8 significant bits: each weight and activation carries a relative rounding
-    # error up to 2^-9 (~0.2%). Through 2 layers with residual sums, the logit error grows to a
-    # few tenths of a percent of the logit scale times sqrt(#ops along a path); we allow 4% of
-    # the largest reference logit, and require the argmax to agree on 90% of positions.
+    # bf16 keeps 8 significant bits: every weight, activation and matmul input carries a relative
+    # rounding error up to 2^-9 (~0.2%), and a block (norm, attention, MLP, residual) compounds
+    # several of them; measured here, ~0.5-0.7% of the logit scale per block. We allow 2% of the
+    # largest reference logit per block on the path (vision blocks + projector + decoder
+    # blocks), and require the argmax to agree on 90% of positions.
     cfg, params, _ = checkpoint.load(converted(name, "bf16"))
     assert cfg.dtype == "bfloat16" and params["decoder"]["embed"].dtype == jnp.bfloat16
     ids, mask, images, extra = inputs(cfg)
     ref, _ = hf_logits(hf_model(name), name, ids, mask, extra)
     ours = np.asarray(forward(build(cfg), params, ids, mask, images)[0])
     valid = mask.astype(bool)
-    assert np.abs(ours - ref)[valid].max() <= 0.04 * np.abs(ref[valid]).max()
+    err, scale = np.abs(ours - ref)[valid].max(), np.abs(ref[valid]).max()
+    blocks = cfg.decoder.num_layers + (cfg.vision.num_layers + 1 if cfg.vision else 0)
+    print(f"bf16 {name}: max abs diff {err:.4f}, max |logit| {scale:.3f}, ratio {err / scale:.4f}")
+    assert err <= 0.02 * blocks * scale
     assert (ours.argmax(-1) == ref.argmax(-1))[valid].mean() >= 0.9
 
 
