@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moex.nn.grouped import grouped_matmul
+from moex.nn.grouped import blocked_map, grouped_matmul, resolve
 from moex.nn.layers import activation_fn
 from moex.nn.routing import Routing
 
@@ -48,18 +48,35 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     xs = xf[order // k]                                  # pair n belongs to token n // K
     group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
 
-    def mm(a, w, b=None):
-        y = grouped_matmul(a, params[w].astype(dtype), group_sizes, impl)
-        return y if b is None else y + params[b].astype(dtype)[sorted_ids]
+    if resolve(impl) == "blocked":
+        # one loop over experts, each window of rows through the expert's whole MLP
+        p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        ys = blocked_map(xs, group_sizes, lambda e: _expert_fn(p, e, activation),
+                         p["w_down"].shape[-1], e)
+    else:
+        def mm(a, w, b=None):
+            y = grouped_matmul(a, params[w].astype(dtype), group_sizes, impl)
+            return y if b is None else y + params[b].astype(dtype)[sorted_ids]
 
-    bias = "b_up" in params
-    up = mm(xs, "w_up", "b_up" if bias else None)
-    gate = mm(xs, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
-    ys = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
+        bias = "b_up" in params
+        up = mm(xs, "w_up", "b_up" if bias else None)
+        gate = mm(xs, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
+        ys = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
     ys = jnp.where(keep[order][:, None], ys, 0)
     pairs = jnp.zeros_like(ys).at[order].set(ys).reshape(g * s, k, ys.shape[-1])
     w = routing.weights.reshape(g * s, k, 1).astype(dtype)
     return jnp.sum(pairs * w, axis=1).reshape(g, s, ys.shape[-1])
+
+
+def _expert_fn(p: dict, e, activation: str):
+    """The MLP of expert e as a function of a window of rows (weights sliced once)."""
+    w = {k: v[e] for k, v in p.items()}
+
+    def mlp(xb):
+        up = xb @ w["w_up"] + w.get("b_up", 0)
+        gate = xb @ w["w_gate"] + w.get("b_gate", 0) if activation == "swiglu" else None
+        return _hidden(p, activation, up, gate) @ w["w_down"] + w.get("b_down", 0)
+    return mlp
 
 
 def dispatch_combine(routing: Routing):

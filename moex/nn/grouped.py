@@ -24,8 +24,8 @@ import jax.numpy as jnp
 IMPLS = ("auto", "ragged_dot", "blocked")
 
 
-def _windows(y, x, we, lo, hi, c: int, cover_all: bool):
-    """y[r] = x[r] @ we for rows r in [lo, hi), in windows of c rows starting at lo.
+def _windows(y, x, fn, lo, hi, c: int, cover_all: bool):
+    """y[r] = fn(x[r]) for rows r in [lo, hi), in windows of c rows starting at lo.
 
     cover_all False: only the whole windows that fit (floor); True: enough windows to cover
     [lo, hi) (ceil). Window rows outside [lo, hi) keep their old y. Returns (y, first row not done).
@@ -35,8 +35,7 @@ def _windows(y, x, we, lo, hi, c: int, cover_all: bool):
 
     def body(i, y):
         s = jnp.minimum(lo + i * c, m - c)
-        yb = jnp.dot(jax.lax.dynamic_slice_in_dim(x, s, c), we,
-                     preferred_element_type=jnp.float32).astype(y.dtype)
+        yb = fn(jax.lax.dynamic_slice_in_dim(x, s, c)).astype(y.dtype)
         rows = s + jnp.arange(c)
         keep = ((rows >= lo) & (rows < hi))[:, None]
         old = jax.lax.dynamic_slice_in_dim(y, s, c)
@@ -54,33 +53,47 @@ def window_rows(m: int, big: int = 128, small: int = 8) -> tuple[int, ...]:
     return tuple(sizes) + (min(small, m),)
 
 
-def blocked_grouped_matmul(x, w, group_sizes):
-    m, _ = x.shape
-    g, _, n = w.shape
+def blocked_map(x, group_sizes, group_fn, n_out: int, num_groups: int):
+    """y[r] = group_fn(g)(x[r]) for the rows r of group g, rows sorted by group; rows past
+    sum(group_sizes) give 0. group_fn(g) is called once per non-empty group (inside the loop) and
+    returns a function of a (c, K) window of rows."""
+    m = x.shape[0]
     levels = window_rows(m)
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
 
     def per_group(e, y):
-        we = w[e]
+        fn = group_fn(e)
         lo = starts[e]
         for i, c in enumerate(levels):        # 128-row windows, then at most one of 64 .. 16,
-            y, lo = _windows(y, x, we, lo, ends[e], c, cover_all=i == len(levels) - 1)
+            y, lo = _windows(y, x, fn, lo, ends[e], c, cover_all=i == len(levels) - 1)
         return y                              # then 8-row windows cover the rest
 
     def maybe(e, y):
         return jax.lax.cond(sizes[e] > 0, per_group, lambda e, y: y, e, y)
 
-    return jax.lax.fori_loop(0, g, maybe, jnp.zeros((m, n), x.dtype))
+    return jax.lax.fori_loop(0, num_groups, maybe, jnp.zeros((m, n_out), x.dtype))
+
+
+def blocked_grouped_matmul(x, w, group_sizes):
+    def group_fn(e):
+        we = w[e]
+        return lambda xb: jnp.dot(xb, we, preferred_element_type=jnp.float32)
+    return blocked_map(x, group_sizes, group_fn, w.shape[2], w.shape[0])
+
+
+def resolve(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"grouped matmul impl must be one of {IMPLS}, found {impl!r}")
+    if impl == "auto":
+        return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    return impl
 
 
 def grouped_matmul(x, w, group_sizes, impl: str = "auto"):
     """x (M, K) sorted by group; w (G, K, N); group_sizes (G,) int32 -> (M, N)."""
-    if impl not in IMPLS:
-        raise ValueError(f"grouped matmul impl must be one of {IMPLS}, found {impl!r}")
-    if impl == "auto":
-        impl = "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+    impl = resolve(impl)
     w = jnp.asarray(w, x.dtype)
     if impl == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
