@@ -53,15 +53,22 @@ def qk_normalize(q, k, kind: str, eps: float, dtype, param_dtype):
 
 
 def attend(q, k, v, mask, scale):
-    """q (B, T, H, Dk), k (B, S, K, Dk), v (B, S, K, Dv), mask (B, T, S) -> (B, T, H, Dv) fp32."""
+    """q (B, T, H, Dk), k (B, S, K, Dk), v (B, S, K, Dv), mask (B, T, S) -> (B, T, H, Dv) fp32.
+
+    Heads are moved in front of the sequence axes first ((B, K, G, T, D) and (B, K, S, D)), so
+    both einsums are plain batched matmuls; on the CPU backend this is ~2x faster than letting
+    XLA contract the (B, T, K, G, D) layout directly.
+    """
     b, t, h, dk = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, dk)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    q = q.astype(jnp.float32).reshape(b, t, kv, h // kv, dk).transpose(0, 2, 3, 1, 4)
+    k = k.astype(jnp.float32).transpose(0, 2, 1, 3)
+    v = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(jnp.float32))
-    return out.reshape(b, t, h, v.shape[-1])
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
 
 
 class Attention(nn.Module):
