@@ -40,6 +40,16 @@ def cached_causal_mask(cache_valid, index, t, window: int | None = None):
     return cache_valid[:, None, :] & _allowed(index + jnp.arange(t), jnp.arange(s_max), window)[None]
 
 
+def write_cache(cache, k, v, index):
+    """Write new entries k, v (B, T, ., .) at slot `index` of the layer cache {'k', 'v'}.
+    Returns (all cached k, all cached v, the new cache); with cache None, (k, v, None)."""
+    if cache is None:
+        return k, v, None
+    k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, index, 0, 0))
+    v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, index, 0, 0))
+    return k, v, {"k": k, "v": v}
+
+
 def qk_normalize(q, k, kind: str, eps: float, dtype, param_dtype):
     """RMSNorm on q (B, T, H, Dh) and k: per head ('head', Qwen3) or over all heads ('full',
     OLMoE). Call inside a compact module; creates q_norm / k_norm params."""
@@ -114,12 +124,7 @@ class Attention(nn.Module):
             rot -= rot % 2
             q = apply_rope(q, positions, self.rope_theta, rot, self.rope_interleaved)
             k = apply_rope(k, positions, self.rope_theta, rot, self.rope_interleaved)
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype),
-                                             (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype),
-                                             (0, cache_index, 0, 0))
-            cache = {"k": k, "v": v}
+        k, v, cache = write_cache(cache, k, v, cache_index)
         out = attend(q, k, v, mask, dh ** -0.5).astype(self.dtype)
         init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
         wo = self.param("o", init, (h, dh, d), self.param_dtype)

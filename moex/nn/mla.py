@@ -10,12 +10,11 @@ k = [c @ W_kb_nope ; k_pe], v = c @ W_kb_v (the reference formulation, not the a
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
 from moex.config import DecoderConfig
-from moex.nn.attention import attend
+from moex.nn.attention import attend, write_cache
 from moex.nn.layers import Dense, RMSNorm, apply_rope
 
 
@@ -49,12 +48,7 @@ class LatentAttention(nn.Module):
         k_pe = kv_a[..., None, r:]                                             # (B, T, 1, Dr)
         q_pe = apply_rope(q_pe, positions, c.rope_theta, dr, c.rope_interleaved)
         k_pe = apply_rope(k_pe, positions, c.rope_theta, dr, c.rope_interleaved)
-        if cache is not None:
-            latent = jax.lax.dynamic_update_slice(cache["k"], latent.astype(cache["k"].dtype),
-                                                  (0, cache_index, 0, 0))
-            k_pe = jax.lax.dynamic_update_slice(cache["v"], k_pe.astype(cache["v"].dtype),
-                                                (0, cache_index, 0, 0))
-            cache = {"k": latent, "v": k_pe}
+        latent, k_pe, cache = write_cache(cache, latent, k_pe, cache_index)
         kv = jnp.einsum("bsr,rhe->bshe", latent[:, :, 0].astype(self.dtype),
                         self._w("kv_b", (r, h, dn + dv), 0))
         s = kv.shape[1]
