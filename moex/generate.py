@@ -80,7 +80,8 @@ class Generator:
         self.traces["prefill"] += 1
         cfg = self.model.cfg
         cache = init_cache(cfg.decoder, tokens.shape[0], max_len, jnp.dtype(cfg.dtype))
-        logits, cache, _ = self.model.apply({"params": params}, tokens, mask, images, cache, True)
+        logits, cache, _ = self.model.apply({"params": params}, tokens, mask, images, cache,
+                                            last_only=True, fresh_cache=True)
         logits = logits[:, 0]
         return cache, sample(logits, sampling, 0), logits
 

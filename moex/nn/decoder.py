@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, positions, token_mask, cache=None, cache_index=None):
+    def __call__(self, x, mask, positions, token_mask, cache=None, cache_index=None,
+                 causal_from_zero: bool = False):
         c = self.cfg
         norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
         if c.attention == "mla":
@@ -69,7 +70,7 @@ class DecoderLayer(nn.Module):
         ffn = make_ffn(c.moe, self.layer, c.ffn_dim, c.activation, c.mlp_bias, self.dtype,
                        self.param_dtype, causal=True)
         h = norm("attn_norm")(x)
-        a, cache = attn(h, mask, positions, cache, cache_index)
+        a, cache = attn(h, mask, positions, cache, cache_index, causal_from_zero)
         if c.parallel_block:                       # Phi: one norm feeds attention and MLP
             f, aux = ffn(h, token_mask)
             return x + a + f, cache, aux
@@ -96,8 +97,12 @@ class Decoder(nn.Module):
     def embed(self, tokens):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
-    def __call__(self, x, token_mask, cache=None, last_only: bool = False):
+    def __call__(self, x, token_mask, cache=None, last_only: bool = False,
+                 fresh_cache: bool = False):
         """x (B, T, D) embedded inputs; token_mask (B, T) 1 for real tokens.
+
+        fresh_cache (static): the cache is empty (index 0), as in a prefill; attention can then
+        skip the key blocks that causality masks anyway.
 
         Returns (logits (B, T, V) or (B, 1, V) if last_only, new cache or None, aux per layer).
         """
@@ -115,8 +120,9 @@ class Decoder(nn.Module):
             mask = cached_causal_mask(cache_valid, index, t, self.cfg.sliding_window)
             layer_caches = cache["layers"]
         aux, new_layers = [], []
+        from_zero = cache is None or fresh_cache
         for layer, lc in zip(self.layers, layer_caches):
-            x, lc, a = layer(x, mask, positions, valid, lc, index)
+            x, lc, a = layer(x, mask, positions, valid, lc, index, from_zero)
             new_layers.append(lc)
             aux.append(a)
         if last_only:

@@ -29,7 +29,8 @@ class LatentAttention(nn.Module):
         return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
 
     @nn.compact
-    def __call__(self, x, mask, positions, cache=None, cache_index=None):
+    def __call__(self, x, mask, positions, cache=None, cache_index=None,
+                 causal_from_zero: bool = False):
         c = self.cfg
         b, t, d = x.shape
         h, dn, dr, dv, r = (c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
@@ -54,7 +55,8 @@ class LatentAttention(nn.Module):
         s = kv.shape[1]
         k = jnp.concatenate([kv[..., :dn], jnp.broadcast_to(k_pe.astype(self.dtype), (b, s, h, dr))], -1)
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
-        out = attend(q, k, kv[..., dn:], mask, (dn + dr) ** -0.5).astype(self.dtype)
+        out = attend(q, k, kv[..., dn:], mask, (dn + dr) ** -0.5, causal_from_zero)
+        out = out.astype(self.dtype)
         y = jnp.einsum("bthe,hed->btd", out, self._w("o", (h, dv, d), (0, 1)))
         if c.out_bias:
             y = y + self.param("o_bias", nn.initializers.zeros, (d,), self.param_dtype).astype(self.dtype)

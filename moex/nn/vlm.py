@@ -55,7 +55,8 @@ class VLM(nn.Module):
         tokens, aux_p = self.projector(feats)
         return tokens, aux_v + aux_p
 
-    def __call__(self, tokens, token_mask, images=None, cache=None, last_only: bool = False):
+    def __call__(self, tokens, token_mask, images=None, cache=None, last_only: bool = False,
+                 fresh_cache: bool = False):
         """tokens (B, T) int; token_mask (B, T); images (B, H, W, C) or None.
 
         Returns (logits, new cache, aux) where aux = {'decoder': [...], 'vision': [...]}.
@@ -70,5 +71,5 @@ class VLM(nn.Module):
         elif self.is_initializing() and self.cfg.vision is not None:
             c = self.cfg.vision
             self.encode_images(jnp.zeros((1, c.image_size, c.image_size, c.channels)))
-        logits, cache, aux = self.decoder(x, token_mask, cache, last_only)
+        logits, cache, aux = self.decoder(x, token_mask, cache, last_only, fresh_cache)
         return logits, cache, {"decoder": aux, "vision": aux_vision}
