@@ -63,7 +63,9 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
         gate = mm(xs, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
         ys = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
     ys = jnp.where(keep[order][:, None], ys, 0)
-    pairs = jnp.zeros_like(ys).at[order].set(ys).reshape(g * s, k, ys.shape[-1])
+    # unsort by gathering with the inverse permutation (a float scatter is slow on CPU)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    pairs = ys[inverse].reshape(g * s, k, ys.shape[-1])
     w = routing.weights.reshape(g * s, k, 1).astype(dtype)
     return jnp.sum(pairs * w, axis=1).reshape(g, s, ys.shape[-1])
 
