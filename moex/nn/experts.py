@@ -34,11 +34,15 @@ def _hidden(params, activation, up, gate=None):
 
 
 def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
-                   impl: str = "auto"):
-    """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot."""
+                   impl: str = "auto", slot_of=None):
+    """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot.
+
+    slot_of: optional (E,) int32; expert e's weights are then params[w][slot_of[e]] (a slot pool,
+    moex.offload). Every expert that receives tokens must have a slot.
+    """
     g, s, d = x.shape
     k = routing.expert_ids.shape[-1]
-    e = params["w_up"].shape[0]
+    e = routing.num_experts
     xf = x.reshape(g * s, d).astype(dtype)
     ids = routing.expert_ids.reshape(-1)
     keep = routing.kept.reshape(-1)
@@ -51,9 +55,12 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     if resolve(impl) == "blocked":
         # one loop over experts, each window of rows through the expert's whole MLP
         p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
-        ys = blocked_map(xs, group_sizes, lambda e: _expert_fn(p, e, activation),
+        index = (lambda i: i) if slot_of is None else (lambda i: slot_of[i])
+        ys = blocked_map(xs, group_sizes, lambda i: _expert_fn(p, index(i), activation),
                          p["w_down"].shape[-1], e)
     else:
+        if slot_of is not None:
+            params = {k: v[slot_of] for k, v in params.items()}
         def mm(a, w, b=None):
             y = grouped_matmul(a, params[w].astype(dtype), group_sizes, impl)
             return y if b is None else y + params[b].astype(dtype)[sorted_ids]
