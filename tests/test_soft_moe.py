@@ -69,3 +69,20 @@ def test_causal_soft_is_per_token_mixture():
     for t in range(5):
         yt, _ = module.apply({"params": params}, x[:, t:t + 1])
         np.testing.assert_allclose(yt[0, 0], y[0, t], atol=1e-5)
+
+
+def test_soft_gated_fast_path_equals_reference():
+    from moex.nn.experts import experts_all, experts_soft_gated
+    rng = np.random.default_rng(3)
+    for activation, bias in (("swiglu", False), ("gelu", True)):
+        e, d, f = 3, 6, 5
+        p = {"w_up": rng.normal(size=(e, d, f)), "w_down": rng.normal(size=(e, f, 4))}
+        if activation == "swiglu":
+            p["w_gate"] = rng.normal(size=(e, d, f))
+        if bias:
+            p.update(b_up=rng.normal(size=(e, f)), b_down=rng.normal(size=(e, 4)))
+        p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+        x = jnp.asarray(rng.normal(size=(7, d)), jnp.float32)
+        g = jax.nn.softmax(jnp.asarray(rng.normal(size=(7, e)), jnp.float32))
+        ref = jnp.einsum("ne,end->nd", g, experts_all(p, x, activation, shared_input=True))
+        np.testing.assert_allclose(experts_soft_gated(p, x, g, activation), ref, atol=1e-5)

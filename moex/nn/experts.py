@@ -157,6 +157,30 @@ def experts_all(params: dict, x, activation: str, dtype=jnp.float32, shared_inpu
     return mm(_hidden(params, activation, up, gate), "w_down", "b_down", "enf,efd->end")
 
 
+def experts_soft_gated(params: dict, x, gates, activation: str, dtype=jnp.float32):
+    """sum_e gates[n, e] * expert_e(x[n]) for x (N, D), gates (N, E) -> (N, Dout).
+
+    Fast path of the causal soft block: all experts as one (D, E*F) matmul, gates folded into the
+    hidden activations, then one (E*F, Dout) matmul. Reference: `experts_all` + a weighted sum.
+    """
+    n, d = x.shape
+    e, _, f = params["w_up"].shape
+    x = x.astype(dtype)
+
+    def up_proj(w, b):
+        y = x @ params[w].astype(dtype).transpose(1, 0, 2).reshape(d, e * f)
+        if b in params:
+            y = y + params[b].astype(dtype).reshape(e * f)
+        return y.reshape(n, e, f)
+
+    gate = up_proj("w_gate", "b_gate") if activation == "swiglu" else None
+    h = _hidden(params, activation, up_proj("w_up", "b_up"), gate) * gates.astype(dtype)[:, :, None]
+    y = h.reshape(n, e * f) @ params["w_down"].astype(dtype).reshape(e * f, -1)
+    if "b_down" in params:
+        y = y + gates.astype(dtype) @ params["b_down"].astype(dtype)
+    return y
+
+
 def init_expert_params(module, num_experts: int, d: int, f: int, activation: str,
                        use_bias: bool, param_dtype, out_dim: int | None = None) -> dict:
     """Declare stacked expert params on a flax module (called inside its compact __call__)."""

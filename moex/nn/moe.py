@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moex.config import MoEConfig
-from moex.nn.experts import (experts_all, experts_dense, experts_ragged, init_expert_params)
+from moex.nn.experts import (experts_all, experts_dense, experts_ragged, experts_soft_gated,
+                             init_expert_params)
 from moex.nn.layers import MLP, Dense
 from moex.nn.routing import Router, load_balance_loss, router_z_loss
 
@@ -166,9 +167,8 @@ class CausalSoftMoE(nn.Module):
         gates = jax.nn.softmax(logits, axis=-1)
         params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                               self.param_dtype, self.out_dim, name="experts")(d)
-        out = experts_all(params, x.reshape(g * s, d), self.activation, self.dtype,
-                          shared_input=True)                                  # (E, N, D)
-        y = jnp.einsum("ne,end->nd", gates.reshape(g * s, -1).astype(self.dtype), out)
+        y = experts_soft_gated(params, x.reshape(g * s, d), gates.reshape(g * s, -1),
+                               self.activation, self.dtype)
         valid = jnp.ones((g, s), bool) if token_mask is None else token_mask
         z = jnp.sum(jnp.square(jax.nn.logsumexp(logits, -1)) * valid) / jnp.maximum(valid.sum(), 1)
         return y.reshape(g, s, -1), {"load_balance": jnp.zeros((), jnp.float32), "z_loss": z,
