@@ -42,7 +42,7 @@ class CompareConfig:
     family: str = "small"                  # presets {family}-dense / -hard / -soft
     batch_sizes: tuple[int, ...] = (1, 4)
     seq_lens: tuple[int, ...] = (128, 512)
-    decode_steps: int = 16
+    decode_steps: int = 16                 # timed decode steps (at least `repeats`)
     warmup: int = 1
     repeats: int = 5
     seed: int = 0
@@ -66,7 +66,8 @@ def make_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator):
 def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: CompareConfig) -> dict:
     rng = np.random.default_rng(cc.seed)
     ids, mask, images = make_batch(cfg, batch, seq_len, rng)
-    max_len = seq_len + cc.decode_steps
+    steps = cc.warmup + max(cc.repeats, cc.decode_steps)   # decode steps run after one prefill
+    max_len = seq_len + steps + 1
     prefill = lambda: gen.prefill(params, ids, mask, images, max_len=max_len)
     t_pre = measure(prefill, warmup=cc.warmup, repeats=cc.repeats)
     cache, tok, _ = prefill()
@@ -75,16 +76,13 @@ def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: Compare
     state = {"cache": cache, "tok": tok, "i": 0}
 
     def decode_step():
-        # the cache buffer is donated: keep the returned one; stay inside max_len
-        if state["i"] >= cc.decode_steps - 1:
-            state["cache"], state["tok"], _ = prefill()
-            state["i"] = 0
+        # the cache buffer is donated: keep the returned one (the cache has room for every step)
         state["i"] += 1
         state["cache"], state["tok"], _, lg = gen.step(params, state["cache"], state["tok"], done,
                                                        state["i"], stop)
         return lg
 
-    t_dec = measure(decode_step, warmup=cc.warmup, repeats=max(cc.repeats, cc.decode_steps - 2))
+    t_dec = measure(decode_step, warmup=cc.warmup, repeats=steps - cc.warmup)
     pb = param_bytes(params)
     peak = compiled_peak_bytes(gen._prefill, params, jnp.asarray(ids), jnp.asarray(mask), images,
                                max_len=max_len, sampling=GREEDY)
