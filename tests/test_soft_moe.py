@@ -76,13 +76,14 @@ def test_soft_gated_fast_path_equals_reference():
     rng = np.random.default_rng(3)
     for activation, bias in (("swiglu", False), ("gelu", True)):
         e, d, f = 3, 6, 5
-        p = {"w_up": rng.normal(size=(e, d, f)), "w_down": rng.normal(size=(e, f, 4))}
+        p = {"w_up": rng.normal(size=(d, e, f)), "w_down": rng.normal(size=(e, f, 4))}
         if activation == "swiglu":
-            p["w_gate"] = rng.normal(size=(e, d, f))
+            p["w_gate"] = rng.normal(size=(d, e, f))
         if bias:
             p.update(b_up=rng.normal(size=(e, f)), b_down=rng.normal(size=(e, 4)))
         p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
         x = jnp.asarray(rng.normal(size=(7, d)), jnp.float32)
         g = jax.nn.softmax(jnp.asarray(rng.normal(size=(7, e)), jnp.float32))
-        ref = jnp.einsum("ne,end->nd", g, experts_all(p, x, activation, shared_input=True))
+        stacked = {k: v.transpose(1, 0, 2) if k in ("w_up", "w_gate") else v for k, v in p.items()}
+        ref = jnp.einsum("ne,end->nd", g, experts_all(stacked, x, activation, shared_input=True))
         np.testing.assert_allclose(experts_soft_gated(p, x, g, activation), ref, atol=1e-5)

@@ -35,7 +35,8 @@ def _hidden(params, activation, up, gate=None):
 
 def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
                    impl: str = "auto", slot_of=None):
-    """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot.
+    """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot (on CPU, the blocked
+    loop; with at most E/2 pairs, as in decode, a gather of each pair's weights).
 
     slot_of: optional (E,) int32; expert e's weights are then params[w][slot_of[e]] (a slot pool,
     moex.offload). Every expert that receives tokens must have a slot.
@@ -46,21 +47,40 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     xf = x.reshape(g * s, d).astype(dtype)
     ids = routing.expert_ids.reshape(-1)
     keep = routing.kept.reshape(-1)
+    blocked = resolve(impl) == "blocked"
+    if blocked and 2 * ids.shape[0] <= e:
+        # decode-sized batches (at most E/2 pairs): gather each pair's weights
+        # (exactly the weights needed) instead of sorting
+        p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
+        slots = ids if slot_of is None else slot_of[ids]
+        rows = xf[jnp.arange(ids.shape[0]) // k]         # pair n belongs to token n // K
+        ys = jax.vmap(lambda xr, i: _expert_fn(p, i, activation)(xr[None])[0])(rows, slots)
+        pairs = jnp.where(keep[:, None], ys, 0).reshape(g * s, k, ys.shape[-1])
+    else:
+        pairs = _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
+        pairs = pairs.reshape(g * s, k, pairs.shape[-1])
+    w = routing.weights.reshape(g * s, k, 1).astype(dtype)
+    return jnp.sum(pairs * w, axis=1).reshape(g, s, pairs.shape[-1])
+
+
+def _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of):
+    """Expert outputs of every token-expert pair (N, Dout), in pair order, computed on pairs
+    sorted by expert (grouped matmul)."""
     key = jnp.where(keep, ids, e)                        # dropped pairs sort last, outside groups
     order = jnp.argsort(key, stable=True)                # (N,)
     sorted_ids = jnp.minimum(key[order], e - 1)
     xs = xf[order // k]                                  # pair n belongs to token n // K
     group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
-
     if resolve(impl) == "blocked":
         # one loop over experts, each window of rows through the expert's whole MLP
-        p = {k: jnp.asarray(v, dtype) for k, v in params.items()}
+        p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
         index = (lambda i: i) if slot_of is None else (lambda i: slot_of[i])
         ys = blocked_map(xs, group_sizes, lambda i: _expert_fn(p, index(i), activation),
                          p["w_down"].shape[-1], e)
     else:
         if slot_of is not None:
-            params = {k: v[slot_of] for k, v in params.items()}
+            params = {n: v[slot_of] for n, v in params.items()}
+
         def mm(a, w, b=None):
             y = grouped_matmul(a, params[w].astype(dtype), group_sizes, impl)
             return y if b is None else y + params[b].astype(dtype)[sorted_ids]
@@ -72,9 +92,7 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     ys = jnp.where(keep[order][:, None], ys, 0)
     # unsort by gathering with the inverse permutation (a float scatter is slow on CPU)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    pairs = ys[inverse].reshape(g * s, k, ys.shape[-1])
-    w = routing.weights.reshape(g * s, k, 1).astype(dtype)
-    return jnp.sum(pairs * w, axis=1).reshape(g, s, ys.shape[-1])
+    return ys[inverse]
 
 
 def _expert_fn(p: dict, e, activation: str):
@@ -160,15 +178,17 @@ def experts_all(params: dict, x, activation: str, dtype=jnp.float32, shared_inpu
 def experts_soft_gated(params: dict, x, gates, activation: str, dtype=jnp.float32):
     """sum_e gates[n, e] * expert_e(x[n]) for x (N, D), gates (N, E) -> (N, Dout).
 
-    Fast path of the causal soft block: all experts as one (D, E*F) matmul, gates folded into the
-    hidden activations, then one (E*F, Dout) matmul. Reference: `experts_all` + a weighted sum.
+    Params in the expert-inner layout of the causal soft block: w_up / w_gate (D, E, F),
+    w_down (E, F, Dout), so all experts run as one (D, E*F) matmul, the gates fold into the hidden
+    activations, and one (E*F, Dout) matmul sums over experts -- no weight is copied per call.
+    Reference: `experts_all` on the (E, D, F) transpose + a weighted sum.
     """
     n, d = x.shape
-    e, _, f = params["w_up"].shape
+    _, e, f = params["w_up"].shape
     x = x.astype(dtype)
 
     def up_proj(w, b):
-        y = x @ params[w].astype(dtype).transpose(1, 0, 2).reshape(d, e * f)
+        y = x @ params[w].astype(dtype).reshape(d, e * f)
         if b in params:
             y = y + params[b].astype(dtype).reshape(e * f)
         return y.reshape(n, e, f)
@@ -179,6 +199,26 @@ def experts_soft_gated(params: dict, x, gates, activation: str, dtype=jnp.float3
     if "b_down" in params:
         y = y + gates.astype(dtype) @ params["b_down"].astype(dtype)
     return y
+
+
+def init_soft_gated_params(module, num_experts: int, d: int, f: int, activation: str,
+                           use_bias: bool, param_dtype, out_dim: int | None = None) -> dict:
+    """Params of `experts_soft_gated`: w_up / w_gate (D, E, F), w_down (E, F, Dout)."""
+    import flax.linen as nn
+    out = out_dim or d
+    init_in = nn.initializers.lecun_normal(in_axis=0, out_axis=2, batch_axis=1)
+    init_out = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+    params = {"w_up": module.param("w_up", init_in, (d, num_experts, f), param_dtype)}
+    if activation == "swiglu":
+        params["w_gate"] = module.param("w_gate", init_in, (d, num_experts, f), param_dtype)
+    params["w_down"] = module.param("w_down", init_out, (num_experts, f, out), param_dtype)
+    if use_bias:
+        z = nn.initializers.zeros
+        params["b_up"] = module.param("b_up", z, (num_experts, f), param_dtype)
+        if activation == "swiglu":
+            params["b_gate"] = module.param("b_gate", z, (num_experts, f), param_dtype)
+        params["b_down"] = module.param("b_down", z, (num_experts, out), param_dtype)
+    return params
 
 
 def init_expert_params(module, num_experts: int, d: int, f: int, activation: str,

@@ -16,7 +16,7 @@ import flax.linen as nn
 
 from moex.config import MoEConfig
 from moex.nn.experts import (experts_all, experts_dense, experts_ragged, experts_soft_gated,
-                             init_expert_params)
+                             init_expert_params, init_soft_gated_params)
 from moex.nn.layers import MLP, Dense
 from moex.nn.routing import Router, load_balance_loss, router_z_loss
 
@@ -37,6 +37,15 @@ class ExpertParams(nn.Module):
     def __call__(self, d: int) -> dict:
         return init_expert_params(self, self.num_experts, d, self.dim, self.activation,
                                   self.use_bias, self.param_dtype, self.out_dim)
+
+
+class SoftGatedParams(ExpertParams):
+    """Expert weights of the causal soft block, expert-inner layout (see experts_soft_gated)."""
+
+    @nn.compact
+    def __call__(self, d: int) -> dict:
+        return init_soft_gated_params(self, self.num_experts, d, self.dim, self.activation,
+                                      self.use_bias, self.param_dtype, self.out_dim)
 
 
 class DenseFFN(nn.Module):
@@ -165,7 +174,7 @@ class CausalSoftMoE(nn.Module):
                             self.param_dtype)
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
         gates = jax.nn.softmax(logits, axis=-1)
-        params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
+        params = SoftGatedParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                               self.param_dtype, self.out_dim, name="experts")(d)
         y = experts_soft_gated(params, x.reshape(g * s, d), gates.reshape(g * s, -1),
                                self.activation, self.dtype)
