@@ -5,7 +5,8 @@ P slots per expert, F expert width.
 
 Every block maps (x (G, S, D), token_mask (G, S)) -> (y (G, S, D), aux) where aux is a dict of
 values: the losses ('load_balance', 'z_loss') and, for routed blocks, the routing decision
-('expert_ids' (G, S, K), 'weights' (G, S, K)), so traces can be recorded from any forward.
+('expert_ids' (G, S, K), 'weights' (G, S, K), 'probs' (G, S, E)), so traces can be recorded
+from any forward.
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class HardMoE(nn.Module):
             y = y + shared
         aux = {"load_balance": load_balance_loss(routing, token_mask),
                "z_loss": router_z_loss(routing, token_mask),
-               "expert_ids": routing.expert_ids, "weights": routing.weights}
+               "expert_ids": routing.expert_ids, "weights": routing.weights,
+               "probs": routing.probs}
         return y.astype(self.dtype), aux
 
 
