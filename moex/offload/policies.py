@@ -21,6 +21,7 @@ policies (pre-gated, predictive) count the hits their prefetches serve separatel
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections import defaultdict
 
@@ -41,8 +42,8 @@ class CacheStats:
         return self.hits / total if total else 1.0
 
 
-class Policy:
-    """Chooses victims; sees every visit. Subclasses override `victims` (and `observe`)."""
+class Policy(abc.ABC):
+    """Chooses victims; sees every visit. Subclasses implement `victims` (and `observe`)."""
 
     name = "policy"
     per_layer = False
@@ -53,9 +54,9 @@ class Policy:
     def observe(self, t: int, layer: int, needed: frozenset) -> None:
         """Visit t of the stream happened (after its loads)."""
 
+    @abc.abstractmethod
     def victims(self, t: int, candidates: list[Key], count: int) -> list[Key]:
         """`count` of `candidates` (resident, not needed now, in the same partition) to evict."""
-        raise NotImplementedError
 
 
 class AllResident(Policy):
