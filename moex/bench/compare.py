@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moex.bench.memory import compiled_peak_bytes, param_bytes, tree_bytes
+from moex.bench.memory import compiled_peak_bytes, device_peak_bytes, param_bytes, tree_bytes
 from moex.bench.timing import environment, measure
 from moex.config import get_config
 from moex.generate import GREEDY, Generator
@@ -96,6 +96,7 @@ def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: Compare
         "param_bytes_experts": pb["experts"], "param_bytes_rest": pb["rest"],
         "kv_cache_bytes": tree_bytes(cache["layers"]),
         "prefill_peak_bytes": peak if peak is not None else -1,
+        "device_peak_bytes": device_peak_bytes() or -1,     # allocator peak (GPU/TPU); -1 on CPU
     }
 
 
