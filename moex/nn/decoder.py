@@ -50,6 +50,29 @@ def kv_bytes_per_token(cfg: DecoderConfig, bytes_per_value: int = 2) -> int:
     return cfg.num_layers * (kh * kd + vh * vd) * bytes_per_value
 
 
+def attention_inputs(cfg: DecoderConfig, token_mask, cache=None):
+    """(valid (B, T) bool, RoPE positions (B, T), attention mask (B, T, S), cache write index)
+    for T new tokens, with or without a cache."""
+    valid = token_mask.astype(bool)
+    rank = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1      # index among the row's real tokens
+    if cache is None:
+        return valid, jnp.maximum(rank, 0), causal_mask(valid, cfg.sliding_window), None
+    index = cache["index"]
+    positions = jnp.maximum(cache["pos"][:, None] + rank, 0)
+    cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
+    mask = cached_causal_mask(cache_valid, index, valid.shape[1], cfg.sliding_window)
+    return valid, positions, mask, index
+
+
+def advance_cache(cache: dict, valid, new_layers) -> dict:
+    """The cache after T new tokens (valid (B, T)) were written by every layer."""
+    index, t = cache["index"], valid.shape[1]
+    return {"index": index + t,
+            "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index)),
+            "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32),
+            "layers": tuple(new_layers)}
+
+
 class DecoderLayer(nn.Module):
     cfg: DecoderConfig
     layer: int
@@ -106,19 +129,8 @@ class Decoder(nn.Module):
 
         Returns (logits (B, T, V) or (B, 1, V) if last_only, new cache or None, aux per layer).
         """
-        b, t, _ = x.shape
-        valid = token_mask.astype(bool)
-        rank = jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1   # index among the row's real tokens
-        if cache is None:
-            positions = jnp.maximum(rank, 0)
-            mask = causal_mask(valid, self.cfg.sliding_window)
-            layer_caches, index = [None] * len(self.layers), None
-        else:
-            index = cache["index"]
-            positions = jnp.maximum(cache["pos"][:, None] + rank, 0)
-            cache_valid = jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index))
-            mask = cached_causal_mask(cache_valid, index, t, self.cfg.sliding_window)
-            layer_caches = cache["layers"]
+        valid, positions, mask, index = attention_inputs(self.cfg, token_mask, cache)
+        layer_caches = [None] * len(self.layers) if cache is None else cache["layers"]
         aux, new_layers = [], []
         from_zero = cache is None or fresh_cache
         for layer, lc in zip(self.layers, layer_caches):
@@ -132,9 +144,5 @@ class Decoder(nn.Module):
             logits = jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
         else:
             logits = self.lm_head(x)
-        new_cache = None
-        if cache is not None:
-            new_cache = {"index": index + t, "valid": cache_valid,
-                         "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32),
-                         "layers": tuple(new_layers)}
+        new_cache = None if cache is None else advance_cache(cache, valid, new_layers)
         return logits.astype(jnp.float32), new_cache, aux

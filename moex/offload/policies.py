@@ -180,6 +180,12 @@ class CacheCore:
 
     def visit(self, t: int, layer: int, needed: frozenset) -> None:
         part = self._part(layer)
+        if len(needed) > self.capacity[part]:
+            share = " per layer" if self.policy.per_layer else ""
+            minimum = len(needed) * (len(self.layers) if self.policy.per_layer else 1)
+            raise ValueError(f"layer {layer} needs {len(needed)} experts at once but policy "
+                             f"{self.policy.name} has {self.capacity[part]} slots{share}; the "
+                             f"minimum budget for this batch is {minimum} expert slots")
         resident = self.resident[part]
         if isinstance(self.policy, OnDemand):          # keeps nothing from earlier visits
             self.stats.evictions += len(resident)
