@@ -201,36 +201,25 @@ def experts_soft_gated(params: dict, x, gates, activation: str, dtype=jnp.float3
     return y
 
 
-def init_soft_gated_params(module, num_experts: int, d: int, f: int, activation: str,
-                           use_bias: bool, param_dtype, out_dim: int | None = None) -> dict:
-    """Params of `experts_soft_gated`: w_up / w_gate (D, E, F), w_down (E, F, Dout)."""
-    import flax.linen as nn
-    out = out_dim or d
-    init_in = nn.initializers.lecun_normal(in_axis=0, out_axis=2, batch_axis=1)
-    init_out = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
-    params = {"w_up": module.param("w_up", init_in, (d, num_experts, f), param_dtype)}
-    if activation == "swiglu":
-        params["w_gate"] = module.param("w_gate", init_in, (d, num_experts, f), param_dtype)
-    params["w_down"] = module.param("w_down", init_out, (num_experts, f, out), param_dtype)
-    if use_bias:
-        z = nn.initializers.zeros
-        params["b_up"] = module.param("b_up", z, (num_experts, f), param_dtype)
-        if activation == "swiglu":
-            params["b_gate"] = module.param("b_gate", z, (num_experts, f), param_dtype)
-        params["b_down"] = module.param("b_down", z, (num_experts, out), param_dtype)
-    return params
-
-
 def init_expert_params(module, num_experts: int, d: int, f: int, activation: str,
-                       use_bias: bool, param_dtype, out_dim: int | None = None) -> dict:
-    """Declare stacked expert params on a flax module (called inside its compact __call__)."""
-    out = out_dim or d
+                       use_bias: bool, param_dtype, out_dim: int | None = None,
+                       expert_inner: bool = False) -> dict:
+    """Declare stacked expert params on a flax module (called inside its compact __call__).
+
+    w_up / w_gate are (E, D, F), or (D, E, F) with expert_inner (the layout of
+    `experts_soft_gated`); w_down is (E, F, Dout) in both."""
     import flax.linen as nn
-    init_in = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
-    params = {"w_up": module.param("w_up", init_in, (num_experts, d, f), param_dtype)}
+    out = out_dim or d
+    init_out = nn.initializers.lecun_normal(in_axis=1, out_axis=2, batch_axis=0)
+    if expert_inner:
+        init_in, in_shape = (nn.initializers.lecun_normal(in_axis=0, out_axis=2, batch_axis=1),
+                             (d, num_experts, f))
+    else:
+        init_in, in_shape = init_out, (num_experts, d, f)
+    params = {"w_up": module.param("w_up", init_in, in_shape, param_dtype)}
     if activation == "swiglu":
-        params["w_gate"] = module.param("w_gate", init_in, (num_experts, d, f), param_dtype)
-    params["w_down"] = module.param("w_down", init_in, (num_experts, f, out), param_dtype)
+        params["w_gate"] = module.param("w_gate", init_in, in_shape, param_dtype)
+    params["w_down"] = module.param("w_down", init_out, (num_experts, f, out), param_dtype)
     if use_bias:
         z = nn.initializers.zeros
         params["b_up"] = module.param("b_up", z, (num_experts, f), param_dtype)

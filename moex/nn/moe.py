@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from moex.config import MoEConfig
 from moex.nn.experts import (experts_all, experts_dense, experts_ragged, experts_soft_gated,
-                             init_expert_params, init_soft_gated_params)
+                             init_expert_params)
 from moex.nn.layers import MLP, Dense
 from moex.nn.routing import Router, load_balance_loss, router_z_loss
 
@@ -45,8 +45,9 @@ class SoftGatedParams(ExpertParams):
 
     @nn.compact
     def __call__(self, d: int) -> dict:
-        return init_soft_gated_params(self, self.num_experts, d, self.dim, self.activation,
-                                      self.use_bias, self.param_dtype, self.out_dim)
+        return init_expert_params(self, self.num_experts, d, self.dim, self.activation,
+                                  self.use_bias, self.param_dtype, self.out_dim,
+                                  expert_inner=True)
 
 
 class DenseFFN(nn.Module):
