@@ -1,12 +1,12 @@
-"""Cache policies: LRU / LFU against brute-force references, Belady bounds every demand policy,
-budget minimum, and streams from recorded traces."""
+"""Cache policies: LRU / LFU against brute-force references, Belady bounds every policy's loads,
+prefetch accounting, PLEC quotas, rounds, budget minimum, and streams from recorded traces."""
 
-from collections import defaultdict
-
+import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moex.offload.policies import CacheCore, POLICIES, make_policy, stream_from_trace
+from moex.offload.cache import CacheCore, Visit, stream_from_trace
+from moex.offload.policies import POLICIES, Predictive, make_policy
 
 LAYERS = [0, 2]
 
@@ -18,9 +18,22 @@ def streams(max_experts=6, max_need=3):
         lambda fwd: [(l, needed) for step in fwd for l, needed in zip(LAYERS, step)])
 
 
-def run(name, stream, slots, experts=6):
-    core = CacheCore(make_policy(name), slots, LAYERS, experts)
+def run(name, stream, slots, experts=6, rounds=True):
+    core = CacheCore(make_policy(name), slots, LAYERS, experts, rounds)
     return core.run(stream)
+
+
+def with_hints(stream, seed, experts=6):
+    """The stream with random pre-gate hints and a random forecast at each forward's start."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for t, (layer, needed) in enumerate(stream):
+        first = layer == LAYERS[0]
+        out.append(Visit(layer, needed, t // len(LAYERS),
+                         frozenset(rng.choice(experts, 2, replace=False).tolist()),
+                         rng.random((len(LAYERS), experts)) * (rng.random() < 0.9) if first
+                         else None))
+    return out
 
 
 def lru_brute_force(stream, slots):
@@ -57,17 +70,95 @@ def lfu_brute_force(stream, slots):
 
 
 @settings(max_examples=150, deadline=None)
-@given(stream=streams(), extra=st.integers(0, 6))
-def test_lru_lfu_match_brute_force_and_belady_bounds_all(stream, extra):
+@given(stream=streams(), extra=st.integers(0, 6), seed=st.integers(0, 10**6))
+def test_lru_lfu_match_brute_force_and_belady_bounds_all(stream, extra, seed):
     need = max(len(n) for _, n in stream)
     slots = need * len(LAYERS) + extra                  # enough for every per-layer share
     lru, lfu = run("lru", stream, slots), run("lfu", stream, slots)
     assert lru.hits == lru_brute_force(stream, slots)
     assert lfu.hits == lfu_brute_force(stream, slots)
-    best = run("belady", stream, slots)
-    for name in ("on-demand", "lru", "lfu"):
-        assert best.hits >= run(name, stream, slots).hits, name
+    hinted = with_hints(stream, seed)
+    best = run("belady", hinted, slots)
+    for name in ("on-demand", "lru", "lfu", "pregated", "predictive"):
+        stats = run(name, hinted, slots)
+        assert stats.extra_rounds == 0
+        assert best.misses <= stats.loads, name           # Belady loads least ...
+        assert best.hit_rate >= stats.reuse_rate, name    # ... so its hit rate bounds reuse
+        assert stats.prefetch_used + stats.prefetch_wasted == stats.prefetches, name
+        if not make_policy(name).uses_pregate and not make_policy(name).uses_forecast:
+            assert stats.prefetches == 0 and stats.hit_rate == stats.reuse_rate
     assert run("on-demand", stream, slots).hits == 0
+
+
+def test_pregated_prefetch_used_and_wasted():
+    # forward 0: layer 0 predicts {1, 2} for layer 2, which needs {1, 3}
+    stream = [Visit(0, frozenset({0}), 0, frozenset({1, 2})), Visit(2, frozenset({1, 3}), 0),
+              Visit(0, frozenset({0}), 1, frozenset({3})), Visit(2, frozenset({3}), 1)]
+    stats = run("pregated", stream, 4)
+    # t0: miss 0, prefetch (2,1) (2,2). t1: hit 1 (used), 2 wasted (stale), miss 3
+    # t2: hit 0, (2,3) resident already -> no prefetch. t3: hit 3.
+    assert (stats.hits, stats.misses, stats.prefetches) == (3, 2, 2)
+    assert (stats.prefetch_used, stats.prefetch_wasted) == (1, 1)
+    assert stats.per_layer[2] == [2, 1, 2, 1, 1]
+
+
+def test_stale_prefetches_are_evicted_first():
+    # 3 slots. t0 prefetches (2,1), (2,2); t1 needs only 1, so (2,2) turns stale; t2 (layer 0,
+    # needs {4, 5}) must evict: the stale (2,2) goes first though (0,0) was used less recently
+    stream = [Visit(0, frozenset({0}), 0, frozenset({1, 2})), Visit(2, frozenset({1}), 0),
+              Visit(0, frozenset({0, 5}), 1)]
+    core = CacheCore(make_policy("pregated"), 3, LAYERS, 6)
+    core.run(stream)
+    assert core.loads[-1].key == (0, 5) and core.loads[-1].victim == (2, 2)
+
+
+def test_plec_quotas_follow_predicted_demand():
+    p = Predictive()
+    p.start([], 6, LAYERS)
+    forecast = np.array([[0.9, 0.9, 0.9, 0.9, 0.1, 0.0],     # demand 3.7
+                         [1.0, 0.8, 0.0, 0.0, 0.0, 0.0]])    # demand 1.8, two experts possible
+    assert p.quotas(forecast).tolist() == [4, 2]
+    plan = p.admit(0, Visit(0, frozenset(), 0, None, forecast))
+    assert plan == [(0, 0), (0, 1), (0, 2), (0, 3), (2, 0), (2, 1)]
+    assert p.quotas(np.zeros((2, 6))).tolist() == [0, 0]
+    with pytest.raises(ValueError, match=r"forecast has shape \(3, 6\), expected \(2, E\)"):
+        p.admit(0, Visit(0, frozenset(), 0, None, np.zeros((3, 6))))
+    with pytest.raises(ValueError, match="predictive needs a forecast"):
+        run("predictive", [Visit(0, frozenset({1}))], 4)
+
+
+def test_plec_recycles_finished_layers_and_keeps_planned_ones():
+    forecast = np.array([[1.0, 0, 0, 0, 0, 0], [0, 1.0, 0, 0, 0, 0]])
+    # 2 slots: admission prefetches (0,0) and (2,1); both used
+    stream = [Visit(0, frozenset({0}), 0, None, forecast), Visit(2, frozenset({1}), 0)]
+    stats = run("predictive", stream, 2)
+    assert (stats.hits, stats.misses, stats.prefetch_used) == (2, 0, 2)
+    # 1 slot: (0,0) is admitted; (2,1) waits until layer 0 is done, then recycles its slot
+    core = CacheCore(make_policy("predictive"), 1, LAYERS, 6)
+    stats = core.run(stream)
+    assert (stats.hits, stats.misses, stats.prefetches) == (2, 0, 2)
+    assert [(l.key, l.victim, l.round) for l in core.loads] == [((0, 0), None, -1),
+                                                                ((2, 1), (0, 0), 0)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(stream=streams(max_need=5), slots=st.integers(2, 5),
+       name=st.sampled_from(["on-demand", "lru", "lfu", "pregated", "belady"]))
+def test_rounds_serve_any_budget_of_one_slot_per_partition(stream, slots, name):
+    """A visit needing more experts than its partition holds runs in rounds: each round fits,
+    rounds partition the needed experts, and the resident set never exceeds the partition."""
+    stream = [Visit(*v) for v in stream]
+    core = CacheCore(make_policy(name), slots, LAYERS, 6)
+    core.policy.start(stream, slots, LAYERS)
+    for t, v in enumerate(stream):
+        plan = core.visit(t, Visit(*v))
+        part = core._part(v[0])
+        cap = core.capacity[part]
+        assert all(len(r.experts) <= cap for r in plan.rounds)
+        assert frozenset().union(*(r.experts for r in plan.rounds)) == v[1]
+        assert sum(len(r.experts) for r in plan.rounds) == len(v[1])
+        assert len(plan.rounds) == 1 or len(v[1]) > cap
+        assert len(core.resident[part]) <= cap
 
 
 def test_all_resident_hits_everything_after_first_use():
@@ -81,9 +172,12 @@ def test_all_resident_hits_everything_after_first_use():
 def test_budget_below_minimum_states_it():
     stream = [(0, frozenset({1, 2, 3})), (2, frozenset({0}))]
     with pytest.raises(ValueError, match="below the minimum of 6 for policy lru"):
-        run("lru", stream, 5)
+        run("lru", stream, 5, rounds=False)
     with pytest.raises(ValueError, match="below the minimum of 3 for policy belady"):
-        run("belady", stream, 2)
+        run("belady", stream, 2, rounds=False)
+    with pytest.raises(ValueError, match=r"below the minimum of 2 for policy lfu .*one slot per"):
+        run("lfu", stream, 1)
+    assert run("lru", stream, 2).extra_rounds == 2       # 3 experts through 1 slot: 3 rounds
     with pytest.raises(ValueError, match="unknown policy 'fifo'"):
         make_policy("fifo")
 
@@ -101,9 +195,10 @@ def test_stream_from_recorded_trace(tmp_path):
     rec.add(aux, mask, [0, 1], np.maximum(np.cumsum(mask, 1) - 1, 0), 0)
     trace = rec.trace()
     stream = stream_from_trace(trace, batch=4)
-    assert len(stream) == 2 * -(-len(trace) // 4) and [l for l, _ in stream[:2]] == [0, 1]
+    assert len(stream) == 2 * -(-len(trace) // 4) and [v.layer for v in stream[:2]] == [0, 1]
     first = set(trace.experts[:4, 0].ravel().tolist())
-    assert stream[0][1] == frozenset(first)
+    assert stream[0].needed == frozenset(first) and stream[0].tokens == 4
+    assert len(stream_from_trace(trace)) == 2                   # as recorded: one forward
     stats = {n: CacheCore(make_policy(n), 8, trace.moe_layers, 4).run(stream).hits
-             for n in POLICIES}
+             for n in POLICIES if n not in ("pregated", "predictive")}
     assert stats["belady"] >= max(stats["lru"], stats["lfu"], stats["on-demand"])

@@ -29,6 +29,7 @@ def test_round_trip_and_contents(tmp_path):
     assert t.experts.shape == (n, 2, 2) and t.probs.shape == (n, 2, 4)
     assert t.request.tolist() == [7] * int(mask[0].sum()) + [8] * int(mask[1].sum())
     assert t.position[:3].tolist() == [0, 1, 2] and (t.phase == 0).all()
+    assert (t.forward == 0).all() and t.pregate is None      # one forward, no pre-gate
     want = np.asarray(aux["decoder"][1]["expert_ids"])[np.asarray(mask, bool)]
     np.testing.assert_array_equal(t.experts[:, 1], want)
     np.testing.assert_allclose(t.probs.astype(np.float32).sum(-1), 1.0, atol=2e-3)

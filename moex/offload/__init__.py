@@ -1,13 +1,19 @@
-"""Host offloading of experts: the host expert store and the device slot pool (store.py), and
-routing traces (trace.py), demand cache policies and the cache core that counts hits and misses
-(policies.py), the trace-replay simulator (simulator.py), and the live engine that runs the
-decoder layer by layer with experts from the slot pool (engine.py).
+"""Host offloading of experts.
 
-Prefetching policies (pre-gated, predictive), images in the engine and the CLI are still to come
-(offload issue)."""
+  store.py      the host expert store and the device slot pool
+  trace.py      routing traces (file format, recorder)
+  cache.py      the cache core: executes a policy's decisions, counts hits / misses / prefetches
+  policies.py   all-resident, on-demand, lru, lfu, pregated, predictive, belady
+  forecast.py   forecasters for the predictive policy (oracle, frequency prior)
+  simulator.py  trace replay with a transfer and a compute model
+  engine.py     the live engine: the decoder layer by layer, experts from the slot pool
+  bench.py      `moex bench offload`: policies x budgets x batch sizes
+"""
 
 from moex.offload.store import ExpertStore, SlotPool, host_memory_kind, moe_layers  # noqa: F401
 from moex.offload.trace import Trace, TraceRecorder  # noqa: F401
-from moex.offload.policies import CacheCore, make_policy, stream_from_trace  # noqa: F401
+from moex.offload.cache import CacheCore, Visit, stream_from_trace  # noqa: F401
+from moex.offload.policies import POLICIES, make_policy  # noqa: F401
+from moex.offload.forecast import OracleForecast, PriorForecast  # noqa: F401
 from moex.offload.simulator import ComputeModel, TransferModel, simulate  # noqa: F401
 from moex.offload.engine import OffloadEngine  # noqa: F401

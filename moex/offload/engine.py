@@ -1,57 +1,93 @@
 """Live offload engine: the decoder runs layer by layer; hard-MoE experts come from the slot pool.
 
-Shape letters: B batch, T new tokens, D width, E experts.
+Shape letters: B batch, T new tokens, D width, K choices per token, E experts, L_moe MoE layers.
 
-For each MoE layer of a forward (prefill or decode step): a jitted piece runs attention and the
-router; the engine reads which experts the layer's tokens picked (one device -> host sync), lets
-the policy's `CacheCore` decide residency (misses loaded before the layer computes), syncs the
-`SlotPool`, and a second jitted piece runs the experts through the expert->slot table. Dense
-layers run whole. Every policy runs the same compiled pieces on the same weights, so logits are
-bitwise identical across policies and budgets; `stream` records the visits for replay.
+A forward (prefill or decode step):
+  1. admission: a `predictive` policy gets the forecaster's (L_moe, E) forecast and its
+     prefetches are issued (async `device_put`) before anything computes;
+  2. embeddings (and, with images, the vision tower + projector, spliced at the placeholders);
+  3. per decoder layer: dense layers run whole. For a MoE layer a jitted piece runs attention,
+     the router and the pre-gate (the next MoE layer's router on this layer's hidden state); the
+     engine reads the routing (one device -> host sync), the `CacheCore` turns it into rounds of
+     demand loads (misses first) and a list of prefetches; per round the engine loads the missing
+     experts, waits for the copies of the experts the round needs (that wait is the *stall*) and
+     runs the round's experts through the expert->slot table; after the layer's compute is
+     dispatched it issues the prefetches, which overlap that compute and the next attention.
+Expert outputs are kept per token-expert pair, each round filling its experts' pairs, and
+combined once, so rounds, budgets and policies all run the same compiled pieces on the same
+weights: logits are bitwise identical across them. `stream` records the visits (with their
+hints) for exact replay, and `trace()` the routing in the trace format.
 
-Scope today: text decoders with sequential blocks and GQA attention; demand policies
-(all-resident, on-demand, lru, lfu). Prefetching policies and images come with the rest of the
-offload issue.
+Text decoders with sequential blocks and GQA attention (the offloaded layers); `belady` needs
+the future and runs in the replay simulator only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moex.config import VLMConfig
+from moex.generate import GREEDY, GenerationResult, Sampling, sample
+from moex.model import build
 from moex.nn.attention import Attention
 from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_cache
-from moex.nn.experts import experts_ragged
+from moex.nn.experts import _expert_fn, _sorted_pairs
+from moex.nn.grouped import resolve
 from moex.nn.layers import MLP, Dense, make_norm
 from moex.nn.routing import Router
-from moex.offload.policies import Belady, CacheCore, make_policy
+from moex.nn.vlm import check_placeholders, splice_image_tokens
+from moex.offload.cache import CacheCore, Visit
+from moex.offload.policies import make_policy
 from moex.offload.store import ExpertStore, SlotPool
+from moex.offload.trace import TraceRecorder
 
 
-class OffloadEngine:
-    def __init__(self, cfg: VLMConfig, params, policy: str, budget_bytes: int, device=None):
-        d = cfg.decoder
-        if d.parallel_block or d.attention != "gqa":
-            raise ValueError(f"{cfg.name}: the offload engine runs sequential GQA blocks only")
+@dataclasses.dataclass
+class EngineStats:
+    """Time and bytes of the engine's copies (counts are in `core.stats`)."""
+    stall_s: float = 0.0                     # waiting for copies before a round computes
+    copy_s_per_expert: float = 0.0           # calibrated host -> device copy of one expert
+    stall_per_layer: dict = dataclasses.field(default_factory=dict)
+
+
+def expert_pairs(pool, h, routing, active, slot_of, activation, dtype, impl):
+    """Outputs (B*T, K, D) of the token-expert pairs whose expert is active (others 0).
+
+    Inactive pairs are dropped before sorting, so the active experts' rows go through the same
+    row windows as when every expert is active: a pair's output does not depend on the round.
+    """
+    b, t, d = h.shape
+    k = routing.expert_ids.shape[-1]
+    e = routing.num_experts
+    xf = h.reshape(b * t, d).astype(dtype)
+    ids = routing.expert_ids.reshape(-1)
+    keep = routing.kept.reshape(-1) & active[ids]
+    if resolve(impl) == "blocked" and 2 * ids.shape[0] <= e:
+        p = {n: jnp.asarray(v, dtype) for n, v in pool.items()}
+        rows = xf[jnp.arange(ids.shape[0]) // k]
+        ys = jax.vmap(lambda xr, i: _expert_fn(p, i, activation)(xr[None])[0])(rows, slot_of[ids])
+        pairs = jnp.where(keep[:, None], ys, 0)
+    else:
+        pairs = _sorted_pairs(pool, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
+    return pairs.reshape(b * t, k, -1)
+
+
+class Pieces:
+    """The engine's compiled pieces for one config, shared by every engine of that config (so
+    policies and budgets never recompile). `pieces_for(cfg)` caches them."""
+
+    def __init__(self, cfg: VLMConfig):
         self.cfg = cfg
-        self.store = ExpertStore.from_params(cfg, params, device)
-        self.pool = SlotPool(self.store, budget_bytes, device)
-        self.policy = make_policy(policy)
-        if isinstance(self.policy, Belady):
-            raise ValueError("belady needs the future trace: replay it with "
-                             "moex.offload.simulator.simulate")
-        self.core = CacheCore(self.policy, self.pool.num_slots, self.store.layers,
-                              d.moe.num_experts)
-        self.params = self.store.dense_params["decoder"]
-        self.stream: list = []
         self.dtype = jnp.dtype(cfg.dtype)
 
-    # -- compiled pieces --------------------------------------------------------------------------
-    def _modules(self):
+    def modules(self):
         d, dt, pdt = self.cfg.decoder, self.dtype, jnp.dtype(self.cfg.param_dtype)
         attn = Attention(d.num_heads, d.num_kv_heads, d.dim_per_head, d.rope_theta, d.rotary_pct,
                          d.qkv_bias, d.out_bias, dt, pdt, d.qk_norm, d.norm_eps,
@@ -63,26 +99,44 @@ class OffloadEngine:
         return attn, norm, router
 
     @functools.cached_property
-    def _attend_route(self):
-        attn, norm, router = self._modules()
+    def attend_route(self):
+        attn, norm, router = self.modules()
 
-        def run(p, x, mask, positions, valid, cache, index, from_zero):
+        def run(p, p_next, x, mask, positions, valid, cache, index, from_zero):
             a, cache = attn.apply({"params": p["attn"]}, norm.apply({"params": p["attn_norm"]}, x),
                                   mask, positions, cache, index, from_zero)
             x = x + a
             h = norm.apply({"params": p["ffn_norm"]}, x)
             routing = router.apply({"params": p["ffn"]["router"]}, h, valid)
-            return x, h, routing, cache
-        return jax.jit(run, static_argnums=(7,))
+            pregate = None
+            if p_next is not None:       # the next MoE layer's router on this hidden state
+                h_next = norm.apply({"params": p_next["ffn_norm"]}, x)
+                pregate = router.apply({"params": p_next["ffn"]["router"]}, h_next,
+                                       valid).expert_ids
+            return x, h, routing, pregate, cache
+        return jax.jit(run, static_argnums=(8,))
 
     @functools.cached_property
-    def _experts(self):
+    def pairs(self):
+        d = self.cfg.decoder
+
+        def run(pool, slot_of, active, acc, h, routing):
+            pairs = expert_pairs(pool, h, routing, active, slot_of, d.activation, self.dtype,
+                                 d.moe.grouped_matmul)
+            mine = active[routing.expert_ids.reshape(acc.shape[:2])]
+            return jnp.where(mine[..., None], pairs, acc)
+        return jax.jit(run, donate_argnums=(3,))
+
+    @functools.cached_property
+    def combine(self):
         d = self.cfg.decoder
         m = d.moe
 
-        def run(p_ffn, pool, slot_of, x, h, routing):
-            y = experts_ragged(pool, h, routing, d.activation, self.dtype, m.grouped_matmul,
-                               slot_of)
+        def run(p_ffn, x, h, pairs, routing):
+            b, t, _ = h.shape
+            k = pairs.shape[1]
+            w = routing.weights.reshape(b * t, k, 1).astype(self.dtype)
+            y = jnp.sum(pairs * w, axis=1).reshape(b, t, -1)
             if m.num_shared_experts:
                 shared = MLP(m.num_shared_experts * m.shared_dim, d.activation, d.mlp_bias,
                              self.dtype).apply({"params": p_ffn["shared_experts"]}, h)
@@ -94,7 +148,7 @@ class OffloadEngine:
         return jax.jit(run)
 
     @functools.lru_cache(maxsize=None)
-    def _dense_layer(self, i: int):
+    def dense_layer(self, i: int):
         layer = DecoderLayer(self.cfg.decoder, i, self.dtype, jnp.dtype(self.cfg.param_dtype))
 
         def run(p, x, mask, positions, valid, cache, index, from_zero):
@@ -104,7 +158,20 @@ class OffloadEngine:
         return jax.jit(run, static_argnums=(7,))
 
     @functools.cached_property
-    def _head(self):
+    def embed(self):
+        model, image_id = build(self.cfg), self.cfg.image_token_id
+
+        def run(params, tokens, images):
+            x = jnp.take(params["decoder"]["embed"], tokens, axis=0).astype(self.dtype)
+            if images is not None:
+                image_tokens, _ = model.apply({"params": params}, images,
+                                              method=type(model).encode_images)
+                x = splice_image_tokens(x, tokens == image_id, image_tokens)
+            return x
+        return jax.jit(run)
+
+    @functools.cached_property
+    def head(self):
         d = self.cfg.decoder
         norm = make_norm(d.norm, d.norm_eps, self.dtype, jnp.dtype(self.cfg.param_dtype))
 
@@ -115,57 +182,221 @@ class OffloadEngine:
             return x @ p["lm_head"]["kernel"].astype(self.dtype)
         return jax.jit(run)
 
-    # -- residency ----------------------------------------------------------------------------------
-    def _make_resident(self, layer: int, needed: frozenset) -> None:
-        t = len(self.stream)
-        self.stream.append((layer, needed))
-        self.core.visit(t, layer, needed)
-        want = {k for part in self.core.resident.values() for k in part}
-        for slot, owner in enumerate(self.pool.owner):
-            if owner is not None and owner not in want:
-                self.pool.owner[slot] = None
-                del self.pool.slot_of[owner]
-        free = [s for s, o in enumerate(self.pool.owner) if o is None]
-        for key in sorted(want - set(self.pool.slot_of)):
-            self.pool.load(key, free.pop(0))
 
-    # -- forward --------------------------------------------------------------------------------------
-    def forward(self, tokens, token_mask, cache=None, fresh_cache: bool = False):
-        """Logits (B, T, V) float32 and the new cache, like the model's forward."""
-        p = self.params
-        x = jnp.take(p["embed"], jnp.asarray(tokens), axis=0).astype(self.dtype)
-        valid, positions, mask, index = attention_inputs(self.cfg.decoder, jnp.asarray(token_mask),
-                                                         cache)
-        from_zero = cache is None or fresh_cache
-        caches = [None] * self.cfg.decoder.num_layers if cache is None else cache["layers"]
-        new_layers = []
-        for i, lc in enumerate(caches):
-            pl = p[f"layer_{i}"]
-            if i not in self.store.layers:
-                x, lc = self._dense_layer(i)(pl, x, mask, positions, valid, lc, index, from_zero)
-            else:
-                x, h, routing, lc = self._attend_route(pl, x, mask, positions, valid, lc, index,
-                                                       from_zero)
-                chosen = np.asarray(routing.expert_ids)[np.asarray(routing.kept)]
-                self._make_resident(i, frozenset(int(e) for e in chosen))
-                x = self._experts(pl["ffn"], self.pool.arrays,
-                                  jnp.asarray(self.pool.slot_table(i)), x, h, routing)
-            new_layers.append(lc)
-        logits = self._head(p, x).astype(jnp.float32)
-        return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
 
-    def greedy(self, tokens, token_mask, max_new_tokens: int):
-        """Greedy continuation (B, N) through prefill + decode steps over a KV cache."""
+@functools.lru_cache(maxsize=8)
+def pieces_for(cfg: VLMConfig) -> Pieces:
+    return Pieces(cfg)
+
+
+class OffloadEngine:
+    def __init__(self, cfg: VLMConfig, params, policy: str, budget_bytes: int, device=None,
+                 forecaster=None, rounds: bool = True):
+        d = cfg.decoder
+        if d.parallel_block or d.attention != "gqa":
+            raise ValueError(f"{cfg.name}: the offload engine runs sequential GQA blocks only")
+        self.cfg = cfg
+        if forecaster is not None:
+            forecaster.check_model(cfg)
+        self.store = ExpertStore.from_params(cfg, params, device)
+        self.pool = SlotPool(self.store, budget_bytes, device)
+        self.policy = make_policy(policy)
+        if self.policy.needs_future:
+            raise ValueError(f"{policy} needs the future trace: replay it with "
+                             "moex.offload.simulator.simulate")
+        if self.policy.uses_forecast and forecaster is None:
+            raise ValueError(f"{policy} needs a forecaster (moex.offload.forecast)")
+        self.forecaster = forecaster
+        self.core = CacheCore(self.policy, self.pool.num_slots, self.store.layers,
+                              d.moe.num_experts, rounds)
+        self.params = self.store.dense_params
+        self.stream: list[Visit] = []
+        self.recorder = TraceRecorder(cfg)
+        self.stats = EngineStats()
+        self.dtype = jnp.dtype(cfg.dtype)
+        self._inflight: dict = {}                 # key -> staged device arrays of its copy
+        self.pieces = pieces_for(cfg)
+        self._forward = 0
+
+    # -- copies -----------------------------------------------------------------------------------
+    def _free(self, key) -> None:
+        self.pool.owner[self.pool.slot_of.pop(key)] = None
+        self._inflight.pop(key, None)
+
+    def _execute(self, loads) -> None:
+        """Issue loads (async): evictions free slots, then each key is copied into a free slot."""
+        for load in loads:
+            if load.victim is not None:
+                self._free(load.victim)
+            slot = self.pool.owner.index(None)
+            self._inflight[load.key] = self.pool.load(load.key, slot)
+
+    def _wait(self, layer: int, experts) -> None:
+        staged = [self._inflight.pop((layer, e)) for e in sorted(experts)
+                  if (layer, e) in self._inflight]
+        if staged:
+            start = time.perf_counter()
+            jax.block_until_ready(staged)
+            waited = time.perf_counter() - start
+            self.stats.stall_s += waited
+            self.stats.stall_per_layer[layer] = self.stats.stall_per_layer.get(layer, 0) + waited
+
+    def calibrate_copy(self, repeats: int = 5) -> float:
+        """Median seconds of one expert's host -> device copy (device_put + ready)."""
+        key = next(iter(self.store.host))
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            jax.block_until_ready(jax.device_put(self.store.host[key], self.pool._device))
+            times.append(time.perf_counter() - start)
+        self.stats.copy_s_per_expert = statistics.median(times[1:])
+        return self.stats.copy_s_per_expert
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, tokens, token_mask, cache=None, fresh_cache: bool = False, images=None,
+                last_only: bool = False):
+        """Logits (B, T, V) float32 (T = 1 with last_only) and the new cache, like the model's
+        forward."""
+        p, d = self.params["decoder"], self.cfg.decoder
         tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
         b, t = tokens.shape
-        cache = init_cache(self.cfg.decoder, b, t + max_new_tokens, self.dtype)
-        logits, cache = self.forward(tokens, token_mask, cache, fresh_cache=True)
-        out, all_logits = [], [logits[:, -1]]
-        for _ in range(max_new_tokens):
-            nxt = jnp.argmax(all_logits[-1], -1).astype(jnp.int32)
-            out.append(np.asarray(nxt))
-            if len(out) == max_new_tokens:
+        moe_layers = self.store.layers
+        forecast = None
+        if self.policy.uses_forecast:
+            forecast = np.asarray(self.forecaster.for_forward(self._forward, tokens, token_mask))
+            first = Visit(moe_layers[0], frozenset(), self._forward, None, forecast, b * t)
+            self._execute(self.core.admit(len(self.stream), first))
+        x = self.pieces.embed(self.params, jnp.asarray(tokens),
+                        None if images is None else jnp.asarray(images))
+        valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
+        from_zero = cache is None or fresh_cache
+        caches = [None] * d.num_layers if cache is None else cache["layers"]
+        new_layers, routed, pregates = [], {}, {}
+        for i, lc in enumerate(caches):
+            pl = p[f"layer_{i}"]
+            if i not in moe_layers:
+                x, lc = self.pieces.dense_layer(i)(pl, x, mask, positions, valid, lc, index,
+                                                   from_zero)
+                new_layers.append(lc)
+                continue
+            li = moe_layers.index(i)
+            nxt = moe_layers[li + 1] if li + 1 < len(moe_layers) else None
+            x, h, routing, pregate, lc = self.pieces.attend_route(
+                pl, None if nxt is None else p[f"layer_{nxt}"], x, mask, positions, valid, lc,
+                index, from_zero)
+            new_layers.append(lc)
+            ids, kept = np.asarray(routing.expert_ids), np.asarray(routing.kept)
+            routed[i] = {"expert_ids": ids, "probs": routing.probs}
+            hint = None
+            if pregate is not None:
+                pregates[nxt] = np.asarray(pregate)
+                hint = frozenset(int(e) for e in pregates[nxt][token_mask.astype(bool)].ravel())
+            visit = Visit(i, frozenset(int(e) for e in ids[kept]), self._forward, hint,
+                          forecast if li == 0 else None, int(token_mask.sum()))
+            self.stream.append(visit)
+            x = self._moe(pl["ffn"], x, h, routing, self.core.visit(len(self.stream) - 1, visit),
+                          i)
+        x = x[:, -1:] if last_only else x
+        logits = self.pieces.head(p, x).astype(jnp.float32)
+        self._record(routed, pregates, token_mask, positions, phase=int(not from_zero))
+        self._forward += 1
+        return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
+
+    def _moe(self, p_ffn, x, h, routing, plan, layer: int):
+        b, t, _ = h.shape
+        k = routing.expert_ids.shape[-1]
+        acc = jnp.zeros((b * t, k, self.pool.arrays["w_down"].shape[-1]), self.dtype)
+        for key in plan.dropped:
+            self._free(key)
+        for r in plan.rounds:
+            self._execute(r.loads)
+            self._wait(layer, r.experts)
+            active = np.zeros(self.store.num_experts, bool)
+            active[sorted(r.experts)] = True
+            slot_of = jnp.asarray(self.pool.slot_table(layer))
+            acc = self.pieces.pairs(self.pool.arrays, slot_of, jnp.asarray(active), acc, h,
+                                    routing)
+        out = self.pieces.combine(p_ffn, x, h, acc, routing)
+        self._execute(plan.prefetch)                  # overlaps this layer's compute
+        return out
+
+    def _record(self, routed, pregates, token_mask, positions, phase: int) -> None:
+        b, t = token_mask.shape
+        layers = self.store.layers
+        pre = np.full((b, t, len(layers), self.cfg.decoder.moe.top_k), -1, np.int16)
+        for li, layer in enumerate(layers):
+            if layer in pregates:
+                pre[:, :, li] = pregates[layer]
+        self.recorder.add({"decoder": routed}, token_mask, np.arange(b), np.asarray(positions),
+                          phase, pre)
+
+    def trace(self):
+        return self.recorder.trace()
+
+    # -- generation -------------------------------------------------------------------------------
+    def generate(self, tokens, token_mask, images=None, *, max_new_tokens: int,
+                 sampling: Sampling = GREEDY, stop_tokens=None,
+                 return_logits: bool = False) -> GenerationResult:
+        """Prefill + decode steps over a KV cache, like `moex.generate.Generator`."""
+        cfg = self.cfg
+        tokens, token_mask = np.asarray(tokens, np.int32), np.asarray(token_mask, np.int32)
+        if tokens.shape != token_mask.shape or tokens.ndim != 2:
+            raise ValueError(f"tokens and mask must both be (B, T); found {tokens.shape} and "
+                             f"{token_mask.shape}")
+        if cfg.vision is not None:
+            check_placeholders(tokens, cfg.image_token_id, cfg.vision.num_image_tokens,
+                               images is not None)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+        b, t = tokens.shape
+        stop = np.asarray(sorted(set(stop_tokens if stop_tokens is not None
+                                     else (cfg.eos_token_id,))) or [-1], np.int32)
+        cache = init_cache(cfg.decoder, b, t + max_new_tokens, self.dtype)
+        logits, cache = self.forward(tokens, token_mask, cache, fresh_cache=True, images=images,
+                                     last_only=True)
+        out, all_logits = [], []
+        done = np.zeros(b, bool)
+        for step in range(max_new_tokens):
+            all_logits.append(np.asarray(logits[:, -1]))
+            nxt = np.asarray(_sample(logits[:, -1], sampling, step))
+            nxt = np.where(done, cfg.pad_token_id, nxt).astype(np.int32)
+            out.append(nxt)
+            done = done | np.isin(nxt, stop)
+            if done.all() or step + 1 == max_new_tokens:
                 break
             logits, cache = self.forward(nxt[:, None], np.ones((b, 1), np.int32), cache)
-            all_logits.append(logits[:, -1])
-        return np.stack(out, 1), np.stack([np.asarray(a) for a in all_logits], 1)
+        toks = np.full((b, max_new_tokens), cfg.pad_token_id, np.int32)
+        toks[:, :len(out)] = np.stack(out, axis=1)
+        hit = np.isin(toks, stop)
+        stopped = hit.any(axis=1)
+        num = np.where(stopped, hit.argmax(axis=1) + 1, len(out))
+        return GenerationResult(toks, num, stopped,
+                                np.stack(all_logits, axis=1) if return_logits else None)
+
+    def greedy(self, tokens, token_mask, max_new_tokens: int):
+        """Greedy continuation (B, N) and the logits (B, N, V) that chose it (no stop token)."""
+        out = self.generate(tokens, token_mask, max_new_tokens=max_new_tokens, stop_tokens=(),
+                            return_logits=True)
+        return out.tokens, out.logits
+
+    # -- report -----------------------------------------------------------------------------------
+    def report(self) -> dict:
+        s = self.core.stats
+        copy_s = s.loads * self.stats.copy_s_per_expert
+        return {"policy": self.policy.name, "slots": self.pool.num_slots,
+                "budget_bytes": self.pool.budget_bytes, "pool_bytes": self.pool.pool_bytes,
+                "expert_bytes": self.store.expert_bytes, "total_expert_bytes":
+                self.store.total_bytes, "memory_kind": self.store.memory_kind,
+                "bytes_moved": self.pool.bytes_loaded, "loads": self.pool.loads,
+                "stall_s": self.stats.stall_s, "copy_s_estimate": copy_s,
+                "hidden_fraction": (1 - self.stats.stall_s / copy_s) if copy_s else None,
+                **s.as_dict()}
+
+
+@functools.partial(jax.jit, static_argnames=("sampling",))
+def _sample_jit(logits, sampling, step):
+    return sample(logits, sampling, step)
+
+
+def _sample(logits, sampling: Sampling, step: int):
+    return _sample_jit(logits, sampling, jnp.int32(step))

@@ -1,226 +1,212 @@
-"""Cache policies for expert slots, and the cache core that executes their decisions.
+"""Expert cache policies. A policy returns decisions -- which residents to evict, which experts to
+prefetch -- and `moex.offload.cache.CacheCore` executes them, so the live engine and the replay
+simulator count identically. See cache.py for the access stream, rounds and the Belady bound.
 
-The access stream is a sequence of layer visits: for every forward (a prefill or a decode step),
-each MoE layer in order with the set of experts its tokens picked. At a visit, every needed expert
-must be resident before the layer computes: a needed expert already in a slot is a **hit**; one
-that is not is a **miss** and is loaded on demand, evicting a resident expert the policy chooses
-(never one the current layer needs).
-
-Slots: S in all. Per-layer policies (LRU and LFU, as in mixtral-offloading) split them evenly
-across the MoE layers (the first S mod L layers get one more); `all-resident`, `on-demand` and
-`belady` use one pool. The minimum budget is the largest need of one layer visit (per layer:
-its share must hold it); `CacheCore` refuses a smaller one with an error stating the minimum.
-
-A policy returns decisions (which resident experts to evict); `CacheCore` executes them, so the
-live engine and the replay simulator count hits and misses identically.
-
-Policies here serve demand loads only. Belady (evict the expert whose next use is furthest away,
-given the whole future stream) is optimal among them and bounds their hit rate; prefetching
-policies (pre-gated, predictive) count the hits their prefetches serve separately.
+  all-resident  every expert has a slot (the upper bound; needs the whole expert budget)
+  on-demand     load what the router picked, keep nothing
+  lru           per layer, evict the least recently used (mixtral-offloading's cache)
+  lfu           per layer, evict the least frequently used (ties: least recently used)
+  pregated      one pool with LRU eviction; while layer l computes, prefetch the experts that
+                layer l+1's router picks from layer l's hidden state (training-free pre-gating)
+  predictive    ExpertFlow's PLEC: at a forward's admission a forecaster gives (L_moe, E)
+                probabilities; slots are allotted to layers in proportion to their predicted demand
+                (sum of probabilities), each layer's most probable experts are prefetched in layer
+                order, slots of layers this forward has finished are recycled first, and a
+                prefetch never evicts a planned expert worth more than itself
+  belady        offline optimal for demand caching: evict the expert needed furthest in the future
+                (needs the whole stream: replay only)
 """
 
 from __future__ import annotations
 
 import abc
-import dataclasses
+import bisect
 from collections import defaultdict
 
-Key = tuple[int, int]              # (layer, expert)
-Visit = tuple[int, frozenset]      # (layer, experts needed)
+import numpy as np
 
-
-@dataclasses.dataclass
-class CacheStats:
-    hits: int = 0
-    misses: int = 0
-    evictions: int = 0
-    per_layer: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0, 0]))
-
-    @property
-    def hit_rate(self) -> float:
-        total = self.hits + self.misses
-        return self.hits / total if total else 1.0
+from moex.offload.cache import Key, Visit
 
 
 class Policy(abc.ABC):
-    """Chooses victims; sees every visit. Subclasses implement `victims` (and `observe`)."""
-
     name = "policy"
-    per_layer = False
+    per_layer = False           # slots split evenly across MoE layers
+    keeps_nothing = False
+    needs_future = False        # replay only (Belady)
+    uses_pregate = False        # wants Visit.pregate hints
+    uses_forecast = False       # wants Visit.forecast at each forward's admission
 
-    def start(self, stream: list[Visit], slots: int) -> None:
-        """Called once before a stream is run (offline policies read the future here)."""
+    def __init__(self):
+        self.last: dict[Key, int] = {}
 
-    def observe(self, t: int, layer: int, needed: frozenset) -> None:
-        """Visit t of the stream happened (after its loads)."""
+    def check_budget(self, slots: int, num_layers: int, num_experts: int) -> None:
+        """Raise if the policy cannot run with `slots`."""
 
-    @abc.abstractmethod
-    def victims(self, t: int, candidates: list[Key], count: int) -> list[Key]:
-        """`count` of `candidates` (resident, not needed now, in the same partition) to evict."""
+    def start(self, stream: list[Visit], slots: int, layers: list[int]) -> None:
+        """Called before a run (offline policies read the future here)."""
+        self.slots, self.layers = slots, list(layers)
+
+    def enter(self, t: int, v: Visit) -> None:
+        """Visit t begins (before its loads)."""
+
+    def observe(self, t: int, v: Visit) -> None:
+        """Visit t happened (after its loads)."""
+        for e in v.needed:
+            self.last[v.layer, e] = t
+
+    def admit(self, t: int, v: Visit) -> list[Key]:
+        """A forward starts (v carries the forecast): keys to prefetch, most wanted first."""
+        return []
+
+    def prefetch(self, t: int, v: Visit) -> list[Key]:
+        """While v's layer computes: keys to prefetch, most wanted first."""
+        return []
+
+    def victims(self, t: int, candidates: list[Key], count: int, incoming: Key | None = None):
+        """`count` of `candidates` to evict. For a prefetch of `incoming`, return fewer (none) to
+        keep what is resident rather than prefetch."""
+        return sorted(candidates, key=lambda k: (self.last.get(k, -1), k))[:count]
 
 
 class AllResident(Policy):
-    """Upper bound: every expert has a slot (needs a budget of all experts)."""
-
     name = "all-resident"
 
-    def victims(self, t, candidates, count):
+    def check_budget(self, slots, num_layers, num_experts):
+        if slots < num_layers * num_experts:
+            raise ValueError(f"all-resident needs {num_layers * num_experts} expert slots, "
+                             f"the budget gives {slots}")
+
+    def victims(self, t, candidates, count, incoming=None):
         raise RuntimeError("all-resident never evicts: the budget must hold every expert")
 
 
 class OnDemand(Policy):
-    """Load what the router picked, keep nothing: the core empties the pool at every visit."""
-
     name = "on-demand"
-
-    def victims(self, t, candidates, count):
-        raise RuntimeError("on-demand never has residents to evict")
+    keeps_nothing = True
 
 
 class LRU(Policy):
     name = "lru"
     per_layer = True
 
-    def __init__(self):
-        self.last: dict[Key, int] = {}
-
-    def observe(self, t, layer, needed):
-        for e in needed:
-            self.last[layer, e] = t
-
-    def victims(self, t, candidates, count):
-        return sorted(candidates, key=lambda k: (self.last.get(k, -1), k))[:count]
-
 
 class LFU(Policy):
-    """Evict the least frequently used so far (ties: least recently used)."""
-
     name = "lfu"
     per_layer = True
 
     def __init__(self):
+        super().__init__()
         self.count: dict[Key, int] = defaultdict(int)
-        self.last: dict[Key, int] = {}
 
-    def observe(self, t, layer, needed):
-        for e in needed:
-            self.count[layer, e] += 1
-            self.last[layer, e] = t
+    def observe(self, t, v):
+        super().observe(t, v)
+        for e in v.needed:
+            self.count[v.layer, e] += 1
 
-    def victims(self, t, candidates, count):
+    def victims(self, t, candidates, count, incoming=None):
         return sorted(candidates, key=lambda k: (self.count[k], self.last.get(k, -1), k))[:count]
 
 
+class Pregated(Policy):
+    name = "pregated"
+    uses_pregate = True
+
+    def prefetch(self, t, v):
+        i = self.layers.index(v.layer)
+        if v.pregate is None or i + 1 == len(self.layers):
+            return []
+        return [(self.layers[i + 1], e) for e in sorted(v.pregate)]
+
+
+class Predictive(Policy):
+    name = "predictive"
+    uses_forecast = True
+
+    def __init__(self):
+        super().__init__()
+        self.forecast = None
+        self.position = -1                # index of the MoE layer this forward is at
+        self.plan: list[Key] = []
+
+    def start(self, stream, slots, layers):
+        super().start(stream, slots, layers)
+        self.forecast, self.position, self.plan = None, -1, []
+
+    def quotas(self, forecast: np.ndarray) -> np.ndarray:
+        """Slots per layer, in proportion to predicted demand (largest remainder), each at most
+        the number of experts the forecast gives any chance and at least one where it gives
+        one (the quotas may then sum past S: finished layers' slots are recycled)."""
+        demand = forecast.sum(axis=1)
+        cap = (forecast > 0).sum(axis=1)
+        if demand.sum() <= 0:
+            return np.zeros(len(demand), int)
+        share = self.slots * demand / demand.sum()
+        q = np.minimum(np.floor(share).astype(int), cap)
+        for i in np.argsort(-(share - np.floor(share)), kind="stable"):
+            if q.sum() >= min(self.slots, cap.sum()):
+                break
+            if q[i] < cap[i]:
+                q[i] += 1
+        return np.maximum(q, np.minimum(cap, 1))
+
+    def admit(self, t, v):
+        f = np.asarray(v.forecast, np.float64)
+        if f.shape != (len(self.layers), f.shape[-1]):
+            raise ValueError(f"forecast has shape {f.shape}, expected ({len(self.layers)}, E)")
+        self.forecast, self.position = f, -1
+        q = self.quotas(f)
+        self.plan = [(layer, int(e)) for i, layer in enumerate(self.layers)
+                     for e in np.argsort(-f[i], kind="stable")[:q[i]]]
+        return list(self.plan)
+
+    def enter(self, t, v):
+        if self.forecast is None:
+            raise ValueError("predictive needs a forecast at each forward's first MoE layer "
+                             "(give the engine or the replay a forecaster)")
+        self.position = self.layers.index(v.layer)
+
+    def prefetch(self, t, v):
+        if self.forecast is None:
+            raise ValueError("predictive needs a forecast at each forward's first MoE layer "
+                             "(give the engine or the replay a forecaster)")
+        return [k for k in self.plan if self.layers.index(k[0]) > self.position]
+
+    def _value(self, key: Key, t: int):
+        i = self.layers.index(key[0])
+        upcoming = i > self.position
+        return (upcoming, float(self.forecast[i, key[1]]), self.last.get(key, -1), key)
+
+    def victims(self, t, candidates, count, incoming=None):
+        ranked = sorted(candidates, key=lambda k: self._value(k, t))
+        if incoming is not None:
+            ranked = [k for k in ranked if self._value(k, t)[:2] < self._value(incoming, t)[:2]]
+        return ranked[:count]
+
+
 class Belady(Policy):
-    """Offline optimal for demand caching: evict the expert needed furthest in the future."""
-
     name = "belady"
+    needs_future = True
 
-    def start(self, stream, slots):
+    def start(self, stream, slots, layers):
+        super().start(stream, slots, layers)
         self.uses: dict[Key, list[int]] = defaultdict(list)
-        for t, (layer, needed) in enumerate(stream):
-            for e in needed:
-                self.uses[layer, e].append(t)
+        for t, v in enumerate(stream):
+            for e in v.needed:
+                self.uses[v.layer, e].append(t)
 
     def _next_use(self, key: Key, t: int) -> float:
-        import bisect
         uses = self.uses.get(key, [])
         i = bisect.bisect_right(uses, t)
         return uses[i] if i < len(uses) else float("inf")
 
-    def victims(self, t, candidates, count):
+    def victims(self, t, candidates, count, incoming=None):
         return sorted(candidates, key=lambda k: (-self._next_use(k, t), k))[:count]
 
 
-POLICIES = {p.name: p for p in (AllResident, OnDemand, LRU, LFU, Belady)}
+POLICIES = {p.name: p for p in (AllResident, OnDemand, LRU, LFU, Pregated, Predictive, Belady)}
 
 
 def make_policy(name: str) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
     return POLICIES[name]()
-
-
-class CacheCore:
-    """Slot bookkeeping for one run: executes a policy's decisions over a stream of visits."""
-
-    def __init__(self, policy: Policy, slots: int, layers: list[int], num_experts: int):
-        self.policy, self.slots, self.layers = policy, slots, layers
-        self.num_experts = num_experts
-        if isinstance(policy, AllResident) and slots < len(layers) * num_experts:
-            raise ValueError(f"all-resident needs {len(layers) * num_experts} expert slots, "
-                             f"the budget gives {slots}")
-        if policy.per_layer:
-            base, extra = divmod(slots, len(layers))
-            self.capacity = {l: base + (i < extra) for i, l in enumerate(layers)}
-        else:
-            self.capacity = {None: slots}
-        self.resident: dict = {part: [] for part in self.capacity}   # partition -> [Key]
-        self.stats = CacheStats()
-        self.loads: list[tuple[int, Key, Key | None]] = []           # (t, loaded, evicted)
-
-    def _part(self, layer: int):
-        return layer if self.policy.per_layer else None
-
-    def minimum_slots(self, stream: list[Visit]) -> int:
-        need = max((len(n) for _, n in stream), default=0)
-        return need * len(self.layers) if self.policy.per_layer else need
-
-    def run(self, stream: list[Visit]) -> CacheStats:
-        minimum = self.minimum_slots(stream)
-        if self.slots < minimum:
-            raise ValueError(f"budget of {self.slots} expert slots is below the minimum of "
-                             f"{minimum} for policy {self.policy.name} on this stream (the "
-                             "largest number of experts one layer visit needs"
-                             + (", in every layer's share)" if self.policy.per_layer else ")"))
-        self.policy.start(stream, self.slots)
-        for t, visit in enumerate(stream):
-            self.visit(t, *visit)
-        return self.stats
-
-    def visit(self, t: int, layer: int, needed: frozenset) -> None:
-        part = self._part(layer)
-        if len(needed) > self.capacity[part]:
-            share = " per layer" if self.policy.per_layer else ""
-            minimum = len(needed) * (len(self.layers) if self.policy.per_layer else 1)
-            raise ValueError(f"layer {layer} needs {len(needed)} experts at once but policy "
-                             f"{self.policy.name} has {self.capacity[part]} slots{share}; the "
-                             f"minimum budget for this batch is {minimum} expert slots")
-        resident = self.resident[part]
-        if isinstance(self.policy, OnDemand):          # keeps nothing from earlier visits
-            self.stats.evictions += len(resident)
-            resident.clear()
-        have = {k[1] for k in resident if k[0] == layer}
-        missing = sorted(needed - have)
-        hits = len(needed) - len(missing)
-        self.stats.hits += hits
-        self.stats.misses += len(missing)
-        self.stats.per_layer[layer][0] += hits
-        self.stats.per_layer[layer][1] += len(missing)
-        free = self.capacity[part] - len(resident)
-        if len(missing) > free:
-            candidates = [k for k in resident if not (k[0] == layer and k[1] in needed)]
-            evict = self.policy.victims(t, candidates, len(missing) - free)
-            if len(evict) != len(missing) - free or not set(evict) <= set(candidates):
-                raise RuntimeError(f"{self.policy.name} chose invalid victims {evict}")
-            for k in evict:
-                resident.remove(k)
-            self.stats.evictions += len(evict)
-        else:
-            evict = []
-        for i, e in enumerate(missing):
-            resident.append((layer, e))
-            self.loads.append((t, (layer, e), evict[i] if i < len(evict) else None))
-        assert len(resident) <= self.capacity[part]
-        self.policy.observe(t, layer, needed)
-
-
-def stream_from_trace(trace, batch: int) -> list[Visit]:
-    """Visits of a trace replayed in order, `batch` tokens per forward: for each group of tokens,
-    each MoE layer with the union of the experts its tokens picked."""
-    stream = []
-    for start in range(0, len(trace), batch):
-        rows = trace.experts[start:start + batch]
-        for li, layer in enumerate(trace.moe_layers):
-            stream.append((layer, frozenset(int(e) for e in rows[:, li].ravel())))
-    return stream

@@ -3,19 +3,26 @@
     result = simulate(trace, "lru", slots=16, batch=8, expert_bytes=..., transfer=TransferModel(),
                       compute=ComputeModel(seconds_per_layer=...))
 
-Hits and misses come from `CacheCore`, the same bookkeeping the live engine uses. Time model
-(demand policies): before a layer visit computes, its missing experts are copied host -> device,
-one copy each (latency + bytes / bandwidth), and the layer waits for them (stall); then it
-computes for `seconds_per_layer`. The report gives the simulated tokens/s and the two ceilings,
-compute-bound (no copies) and transfer-bound (copies only); a measured number reads against
-min(compute-bound, transfer-bound).
+Hits, misses and prefetches come from `CacheCore`, the bookkeeping the live engine uses, on the
+stream `stream_from_trace` builds (forwards as recorded when `batch` is None). Time model: one
+copy engine serves copies in issue order (latency + bytes / bandwidth each). A forward's
+admission prefetches are issued when it starts; at a layer visit its demand loads are issued,
+the layer waits until every expert it needs has arrived (stall; a prefetch still in flight
+stalls too), computes (`ComputeModel.visit_seconds`; a visit served in rounds computes each
+round's share after that round's loads), and the prefetches the policy asks for are issued as
+its compute starts, so they overlap it. The run ends when compute and copies are both done.
+
+The report gives the simulated tokens/s and its ceilings: compute-bound (no copies) and
+transfer-bound (copies only); a measured number reads against min(compute-bound,
+transfer-bound). `hidden_fraction` = 1 - stall / total copy time.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from moex.offload.policies import CacheCore, make_policy, stream_from_trace
+from moex.offload.cache import CacheCore, CacheStats, stream_from_trace
+from moex.offload.policies import make_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,28 +36,37 @@ class TransferModel:
 
 @dataclasses.dataclass(frozen=True)
 class ComputeModel:
-    seconds_per_layer: float = 1e-3         # one MoE layer visit (one forward of the batch)
+    seconds_per_layer: float = 1e-3         # one MoE layer visit (and what runs before the next)
+    seconds_per_token: float = 0.0          # added per token of the forward, per visit
+
+    def visit_seconds(self, tokens: int) -> float:
+        return self.seconds_per_layer + self.seconds_per_token * tokens
 
 
 @dataclasses.dataclass
 class SimResult:
     policy: str
     slots: int
-    batch: int
+    batch: int | None
     tokens: int
-    hits: int
-    misses: int
+    stats: CacheStats
     bytes_moved: int
+    copy_s: float
     compute_s: float
     stall_s: float
+    total_s: float
+
+    @property
+    def hits(self) -> int:
+        return self.stats.hits
+
+    @property
+    def misses(self) -> int:
+        return self.stats.misses
 
     @property
     def hit_rate(self) -> float:
-        return self.hits / max(self.hits + self.misses, 1)
-
-    @property
-    def total_s(self) -> float:
-        return self.compute_s + self.stall_s
+        return self.stats.hit_rate
 
     @property
     def tokens_per_s(self) -> float:
@@ -62,24 +78,62 @@ class SimResult:
 
     @property
     def transfer_bound_tokens_per_s(self) -> float:
-        return self.tokens / self.stall_s if self.stall_s else float("inf")
+        return self.tokens / self.copy_s if self.copy_s else float("inf")
 
     @property
     def bound_tokens_per_s(self) -> float:
         return min(self.compute_bound_tokens_per_s, self.transfer_bound_tokens_per_s)
 
+    @property
+    def hidden_fraction(self) -> float:
+        return 1.0 - self.stall_s / self.copy_s if self.copy_s else 1.0
 
-def simulate(trace, policy: str, slots: int, batch: int, expert_bytes: int,
-             transfer: TransferModel = TransferModel(),
-             compute: ComputeModel = ComputeModel()) -> SimResult:
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, found {batch}")
-    stream = stream_from_trace(trace, batch)
-    core = CacheCore(make_policy(policy), slots, trace.moe_layers, trace.num_experts)
-    stats = core.run(stream)
-    copy_s = transfer.copy_seconds(expert_bytes)
-    return SimResult(policy=policy, slots=slots, batch=batch, tokens=len(trace),
-                     hits=stats.hits, misses=stats.misses,
-                     bytes_moved=len(core.loads) * expert_bytes,
-                     compute_s=len(stream) * compute.seconds_per_layer,
-                     stall_s=len(core.loads) * copy_s)
+
+class _CopyEngine:
+    def __init__(self, seconds_per_copy: float):
+        self.per_copy, self.free_at, self.ready = seconds_per_copy, 0.0, {}
+
+    def issue(self, loads, now: float) -> None:
+        for load in loads:
+            self.free_at = max(self.free_at, now) + self.per_copy
+            self.ready[load.key] = self.free_at
+
+
+def simulate(trace, policy: str, slots: int, batch: int | None, expert_bytes: int,
+             transfer: TransferModel = TransferModel(), compute: ComputeModel = ComputeModel(),
+             forecaster=None) -> SimResult:
+    p = make_policy(policy)
+    if p.uses_pregate and trace.pregate is None:
+        raise ValueError(f"{policy} needs pre-gate predictions, and this trace (recorded on "
+                         f"{trace.model}) has none: record it with the offload engine")
+    if p.uses_forecast and forecaster is None:
+        raise ValueError(f"{policy} needs a forecaster (moex.offload.forecast)")
+    stream = stream_from_trace(trace, batch, forecaster if p.uses_forecast else None)
+    core = CacheCore(p, slots, trace.moe_layers, trace.num_experts)
+    minimum = core.minimum_slots(stream)
+    if slots < minimum:
+        raise ValueError(f"budget of {slots} expert slots is below the minimum of {minimum} "
+                         f"for policy {policy}")
+    p.start(stream, slots, trace.moe_layers)
+    copies = _CopyEngine(transfer.copy_seconds(expert_bytes))
+    now = stall = busy = 0.0
+    for t, v in enumerate(stream):
+        if v.forecast is not None:
+            copies.issue(core.admit(t, v), now)
+        plan = core.visit(t, v)
+        seconds = compute.visit_seconds(v.tokens)
+        for i, r in enumerate(plan.rounds):
+            copies.issue(r.loads, now)
+            arrived = max([copies.ready.get((v.layer, e), 0.0) for e in r.experts] + [now])
+            stall += arrived - now
+            now = arrived
+            if i == len(plan.rounds) - 1:
+                copies.issue(plan.prefetch, now)
+            share = seconds * len(r.experts) / len(v.needed) if len(plan.rounds) > 1 else seconds
+            now += share
+            busy += share
+    core.finish()
+    loads = core.stats.loads
+    return SimResult(policy=policy, slots=slots, batch=batch, tokens=len(trace), stats=core.stats,
+                     bytes_moved=loads * expert_bytes, copy_s=loads * copies.per_copy,
+                     compute_s=busy, stall_s=stall, total_s=max(now, copies.free_at))

@@ -124,9 +124,10 @@ class SlotPool:
     def pool_bytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in self.arrays.values())
 
-    def load(self, key: tuple[int, int], slot: int) -> None:
+    def load(self, key: tuple[int, int], slot: int) -> dict:
         """Copy expert `key` = (layer, expert) into `slot`, replacing whatever was there (if key
-        was resident in another slot, that slot is freed)."""
+        was resident in another slot, that slot is freed). Returns the staged device arrays of
+        the (async) copy: block on them to wait for it."""
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} outside the pool of {self.num_slots}")
         if key not in self.store.host:
@@ -144,7 +145,10 @@ class SlotPool:
         self.slot_of[key] = slot
         self.bytes_loaded += self.store.expert_bytes
         self.loads += 1
-        assert self.pool_bytes <= self.budget_bytes
+        if self.pool_bytes > self.budget_bytes:
+            raise AssertionError(f"pool holds {self.pool_bytes} B, over its budget of "
+                                 f"{self.budget_bytes} B")
+        return staged
 
     def slot_table(self, layer: int) -> np.ndarray:
         """(E,) int32: the slot of each expert of `layer`, -1 if not resident."""

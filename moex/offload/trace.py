@@ -2,14 +2,18 @@
 predictor and the replay simulator.
 
 File format (`.npz`, written to a temp file and renamed):
-  meta        JSON string: {"format": "moex-trace-v1", "model": name, "moe_layers": [decoder
+  meta        JSON string: {"format": "moex-trace-v2", "model": name, "moe_layers": [decoder
               layer indices], "num_experts": E, "top_k": K}
   request     (N,) int32   request id of each traced token
   position    (N,) int32   the token's position in its request (0 = first prompt token)
   phase       (N,) int8    0 prompt (prefill), 1 generated (decode)
+  forward     (N,) int32   index of the forward pass (prefill or decode step) that ran the token
   experts     (N, L, K) int16   chosen experts per MoE layer, in router order
   probs       (N, L, E) float16 router probabilities per MoE layer
+  pregate     (N, L, K) int16   optional: row l holds the experts MoE layer l's router picks from
+                                MoE layer l-1's hidden state (pre-gating; row 0 is -1)
 Rows are in the order the tokens were processed: a prefill's tokens, then decode steps.
+v1 files (no `forward`, no `pregate`) load with one forward per row.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import numpy as np
 from moex.config import VLMConfig
 from moex.offload.store import moe_layers
 
-FORMAT = "moex-trace-v1"
+FORMAT = "moex-trace-v2"
+READABLE = ("moex-trace-v1", FORMAT)
 
 
 @dataclasses.dataclass
@@ -39,6 +44,12 @@ class Trace:
     phase: np.ndarray
     experts: np.ndarray
     probs: np.ndarray
+    forward: np.ndarray | None = None
+    pregate: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.forward is None:
+            self.forward = np.arange(len(self.request), dtype=np.int32)
 
     def __len__(self) -> int:
         return len(self.request)
@@ -61,9 +72,10 @@ class Trace:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
+                extra = {} if self.pregate is None else {"pregate": self.pregate}
                 np.savez(f, meta=np.asarray(json.dumps(meta)), request=self.request,
-                         position=self.position, phase=self.phase, experts=self.experts,
-                         probs=self.probs)
+                         position=self.position, phase=self.phase, forward=self.forward,
+                         experts=self.experts, probs=self.probs, **extra)
             os.replace(tmp, path)
         except BaseException:
             pathlib.Path(tmp).unlink(missing_ok=True)
@@ -82,17 +94,17 @@ class Trace:
         if missing:
             raise ValueError(f"{path}: trace file lacks {sorted(missing)}")
         meta = json.loads(str(data["meta"]))
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        if meta.get("format") not in READABLE:
+            raise ValueError(f"{path}: format {meta.get('format')!r}, expected one of {READABLE}")
         n, layers, k = len(data["request"]), len(meta["moe_layers"]), meta["top_k"]
         shapes = {"experts": (n, layers, k), "probs": (n, layers, meta["num_experts"]),
-                  "position": (n,), "phase": (n,)}
+                  "position": (n,), "phase": (n,), "forward": (n,), "pregate": (n, layers, k)}
         for name, shape in shapes.items():
-            if data[name].shape != shape:
+            if name in data and data[name].shape != shape:
                 raise ValueError(f"{path}: {name} has shape {data[name].shape}, expected {shape}")
         return Trace(meta["model"], list(meta["moe_layers"]), meta["num_experts"], k,
                      data["request"], data["position"], data["phase"], data["experts"],
-                     data["probs"])
+                     data["probs"], data.get("forward"), data.get("pregate"))
 
 
 class TraceRecorder:
@@ -105,21 +117,31 @@ class TraceRecorder:
             raise ValueError(f"{cfg.name} has no hard-MoE decoder layers to trace")
         self.rows: list[dict] = []
 
-    def add(self, aux: dict, token_mask, request_ids, positions, phase: int) -> None:
-        """aux: a forward's aux; token_mask, positions (B, T); request_ids (B,)."""
+    def add(self, aux: dict, token_mask, request_ids, positions, phase: int,
+            pregate=None) -> None:
+        """aux: a forward's aux (or any dict with aux["decoder"][layer] holding "expert_ids"
+        (B, T, K) and "probs" (B, T, E)); token_mask, positions (B, T); request_ids (B,);
+        pregate: optional (B, T, L, K) pre-gate predictions (see the file format)."""
         mask = np.asarray(token_mask).astype(bool)
         b, t = mask.shape
         per_layer = [aux["decoder"][i] for i in self.layers]
         experts = np.stack([np.asarray(a["expert_ids"]) for a in per_layer], axis=2)  # B,T,L,K
         probs = np.stack([np.asarray(a["probs"]) for a in per_layer], axis=2)         # B,T,L,E
         req = np.broadcast_to(np.asarray(request_ids)[:, None], (b, t))
-        self.rows.append({"request": req[mask], "position": np.asarray(positions)[mask],
-                          "phase": np.full(mask.sum(), phase, np.int8),
-                          "experts": experts[mask], "probs": probs[mask]})
+        row = {"request": req[mask], "position": np.asarray(positions)[mask],
+               "phase": np.full(mask.sum(), phase, np.int8),
+               "forward": np.full(mask.sum(), len(self.rows), np.int32),
+               "experts": experts[mask], "probs": probs[mask]}
+        if pregate is not None:
+            row["pregate"] = np.asarray(pregate)[mask]
+        self.rows.append(row)
 
     def trace(self) -> Trace:
+        if not self.rows:
+            raise ValueError("no forward was recorded")
         cat = lambda k, dtype: np.concatenate([r[k] for r in self.rows]).astype(dtype)
         m = self.cfg.decoder.moe
+        pregate = cat("pregate", np.int16) if all("pregate" in r for r in self.rows) else None
         return Trace(self.cfg.name, self.layers, m.num_experts, m.top_k, cat("request", np.int32),
                      cat("position", np.int32), cat("phase", np.int8), cat("experts", np.int16),
-                     cat("probs", np.float16))
+                     cat("probs", np.float16), cat("forward", np.int32), pregate)
