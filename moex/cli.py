@@ -3,6 +3,8 @@
     moex info PRESET [--json]          sizes from shapes: params, active params, bytes, KV bytes
     moex presets                       list the presets
     moex generate PRESET --prompt ...  generate from a randomly initialised (or --seed) preset
+        [--offload POLICY --expert-budget X]   ... with experts in host memory (moex.offload)
+    moex bench offload [...]           offload policies x expert budgets x batch sizes
     moex compare [...]                 dense vs hard-MoE vs soft-MoE throughput and memory
     moex compare-hf SRC [--prompts F]  a converted HF checkpoint against transformers
 """
@@ -50,12 +52,43 @@ def _generate(args) -> int:
                                    (len(prompts), v.image_size, v.image_size, v.channels))
         images = images * np.asarray([["<image>" in p] for p in prompts])[:, :, None, None]
     params = init_params(cfg, args.seed)
-    out = generator_for(cfg)(params, ids, mask, images, max_new_tokens=args.max_new_tokens,
-                             sampling=Sampling(args.temperature, args.top_p, args.seed))
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    if args.offload:
+        engine = _offload_engine(cfg, params, args, ids, mask, images)
+        out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling)
+    else:
+        out = generator_for(cfg)(params, ids, mask, images, max_new_tokens=args.max_new_tokens,
+                                 sampling=sampling)
     for p, row, n in zip(prompts, out.tokens, out.num_generated):
         print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
                           "tokens": row[:n].tolist()}))
+    if args.offload:
+        engine.calibrate_copy()
+        report = engine.report()
+        report.pop("per_layer")
+        print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
     return 0
+
+
+def _offload_engine(cfg, params, args, ids, mask, images):
+    """The offload engine for `moex generate --offload`; `predictive` forecasts from an
+    all-resident run: the exact routing of these prompts (oracle) or its frequency prior."""
+    from moex.offload.bench import parse_budget, split_policy
+    from moex.offload.engine import OffloadEngine
+    from moex.offload.forecast import OracleForecast, PriorForecast
+    from moex.offload.store import ExpertStore
+    policy, forecast = split_policy(args.offload)
+    store = ExpertStore.from_params(cfg, params)
+    budget = parse_budget(args.expert_budget, store.total_bytes)
+    forecaster = None
+    if forecast:
+        ref = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
+        ref.generate(ids, mask, images, max_new_tokens=args.max_new_tokens)
+        trace = ref.trace()
+        forecaster = OracleForecast(trace) if forecast == "oracle" else \
+            PriorForecast.from_trace(trace)
+    return OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
 
 
 def _compare_hf(args) -> int:
@@ -80,11 +113,23 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offload", metavar="POLICY",
+                   help="run with experts in host memory under this policy (all-resident, "
+                   "on-demand, lru, lfu, pregated, predictive:prior, predictive:oracle); "
+                   "offload stats go to stderr as JSON")
+    p.add_argument("--expert-budget", default="25%",
+                   help="device budget for experts with --offload: '25%%', '0.25' or '64MB'")
     p.set_defaults(fn=_generate)
     from moex.bench import compare
     p = sub.add_parser("compare", help="dense vs hard-MoE vs soft-MoE throughput and memory")
     compare.add_arguments(p)
     p.set_defaults(fn=compare.main)
+    from moex.offload import bench as offload_bench
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench",
+                                                                        required=True)
+    p = bench.add_parser("offload", help="offload policies x expert budgets x batch sizes")
+    offload_bench.add_arguments(p)
+    p.set_defaults(fn=offload_bench.main)
     p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
     p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
     p.add_argument("--prompts", help="text file, one prompt per line")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moex.offload.cache import CacheCore, Visit, stream_from_trace
+from moex.offload.cache import CacheCore, Visit, belady_bound, stream_from_trace
 from moex.offload.policies import POLICIES, Predictive, make_policy
 
 LAYERS = [0, 2]
@@ -202,3 +202,26 @@ def test_stream_from_recorded_trace(tmp_path):
     stats = {n: CacheCore(make_policy(n), 8, trace.moe_layers, 4).run(stream).hits
              for n in POLICIES if n not in ("pregated", "predictive")}
     assert stats["belady"] >= max(stats["lru"], stats["lfu"], stats["on-demand"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(stream=streams(max_need=5), slots=st.integers(2, 9), seed=st.integers(0, 10**6))
+def test_relaxed_belady_bounds_every_policy_at_any_budget(stream, slots, seed):
+    """With rounds (visits larger than the budget) too: no policy loads less than the bound."""
+    hinted = with_hints(stream, seed)
+    bound = belady_bound(hinted, slots)
+    assert bound.hits + bound.misses == sum(len(v[1]) for v in stream)
+    for name in ("on-demand", "lru", "lfu", "pregated", "predictive", "belady"):
+        assert bound.misses <= run(name, hinted, slots).loads, name
+
+
+def test_relaxed_belady_by_hand():
+    # 1 slot. t0: load 0. t1: 0 is a hit (served first), then 1 is loaded over it. t2: 0 and 2
+    # both miss. Served all at once (no rounds), 1 slot could not even hold t1's two experts.
+    stream = [(0, frozenset({0})), (0, frozenset({0, 1})), (0, frozenset({0, 2}))]
+    assert (lambda s: (s.hits, s.misses))(belady_bound(stream, 1)) == (1, 4)
+    # 2 slots: t1 keeps 0 and 1; at t2, 1 (never needed again) makes room for 2
+    assert (lambda s: (s.hits, s.misses))(belady_bound(stream, 2)) == (2, 3)
+    # the missing expert needed again soonest is loaded last, so it stays
+    stream = [(0, frozenset({1, 2})), (0, frozenset({2}))]
+    assert (lambda s: (s.hits, s.misses))(belady_bound(stream, 1)) == (1, 2)

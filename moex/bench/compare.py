@@ -13,20 +13,16 @@ experts / rest), KV-cache bytes, and XLA's compiled peak of the prefill call. Re
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moex.bench.memory import compiled_peak_bytes, device_peak_bytes, param_bytes, tree_bytes
-from moex.bench.timing import environment, measure
+from moex.bench.output import write_outputs
+from moex.bench.timing import measure
 from moex.config import get_config
 from moex.generate import GREEDY, Generator
 from moex.info import model_info
@@ -133,24 +129,10 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def write_results(rows: list[dict], cc: CompareConfig) -> pathlib.Path:
-    """CSV + JSON + markdown, written to a temp dir beside --out and renamed into place."""
-    out = pathlib.Path(cc.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    with open(tmp / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    meta = {"config": dataclasses.asdict(cc), "environment": environment(), "rows": rows}
-    (tmp / "results.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "report.md").write_text(
-        f"# Dense vs hard-MoE vs soft-MoE ({cc.family} presets)\n\n"
-        f"Medians of {cc.repeats}+ runs after {cc.warmup} warm-up; decode = one step over the "
-        f"KV cache.\n\n{markdown_table(rows)}\n\nEnvironment: `{json.dumps(environment())}`\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return write_outputs(cc.out, rows, dataclasses.asdict(cc),
+                         f"# Dense vs hard-MoE vs soft-MoE ({cc.family} presets)\n\n"
+                         f"Medians of {cc.repeats}+ runs after {cc.warmup} warm-up; decode = one "
+                         f"step over the KV cache.\n\n{markdown_table(rows)}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

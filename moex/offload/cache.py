@@ -22,14 +22,19 @@ Prefetch accounting: a prefetched expert is *used* when its layer's next visit n
 *wasted* when that visit does not (it then becomes stale: first in line for eviction) or when it
 is evicted before its layer comes. Unused prefetches left at the end of a run count as wasted.
 
-Bound: Belady's number of loads is at most any policy's loads (misses + prefetches) on the same
-stream and budget -- any prefetching schedule can be made lazy without adding loads -- so
-Belady's hit rate bounds every policy's `reuse_rate` (1 - loads / accesses); a prefetching
-policy's `hit_rate` also counts the accesses its prefetches served and may exceed it.
+Bounds: on a stream whose visits fit the budget, Belady's number of loads is at most any
+policy's loads (misses + prefetches) -- any prefetching schedule can be made lazy without adding
+loads -- so Belady's hit rate bounds every policy's `reuse_rate` (1 - loads / accesses); a
+prefetching policy's `hit_rate` also counts the accesses its prefetches served and may exceed
+it. With rounds a policy needs only one of a visit's experts resident at a time, so the bound for
+any budget is `belady_bound`: Belady on the relaxed stream where a visit's experts are accessed
+one at a time (the resident ones first, then the missing ones, the one needed again soonest
+last).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from collections import defaultdict
 from typing import NamedTuple
@@ -119,6 +124,11 @@ class CacheCore:
             self.capacity = {l: base + (i < extra) for i, l in enumerate(layers)}
         else:
             self.capacity = {None: slots}
+        if min(self.capacity.values()) < 1:
+            parts = len(self.capacity)
+            raise ValueError(f"budget of {slots} expert slots is below the minimum of {parts} "
+                             f"for policy {policy.name}"
+                             + (" (one slot per layer)" if policy.per_layer else ""))
         self.resident: dict = {part: [] for part in self.capacity}   # partition -> [Key]
         self.stats = CacheStats()
         self.loads: list[Load] = []
@@ -293,6 +303,33 @@ class CacheCore:
 
     def residents(self) -> set[Key]:
         return {k for part in self.resident.values() for k in part}
+
+
+def belady_bound(stream: list[Visit], slots: int) -> CacheStats:
+    """Fewest loads of any policy with `slots` slots on `stream` (rounds allowed): Belady on the
+    relaxed one-expert-at-a-time stream (see the module docstring). Counts hits and misses."""
+    uses: dict = defaultdict(list)
+    stream = [Visit(*v) for v in stream]
+    for t, v in enumerate(stream):
+        for e in v.needed:
+            uses[v.layer, e].append(t)
+
+    def next_use(key, t):
+        i = bisect.bisect_right(uses[key], t)
+        return uses[key][i] if i < len(uses[key]) else float("inf")
+
+    resident: set = set()
+    stats = CacheStats()
+    for t, v in enumerate(stream):
+        keys = [(v.layer, e) for e in sorted(v.needed)]
+        misses = sorted((k for k in keys if k not in resident), key=lambda k: -next_use(k, t))
+        stats.hits += len(keys) - len(misses)
+        stats.misses += len(misses)
+        for key in misses:
+            if len(resident) >= slots:
+                resident.remove(max(resident, key=lambda r: (next_use(r, t), r)))
+            resident.add(key)
+    return stats
 
 
 def forward_groups(trace, batch: int | None) -> list[np.ndarray]:

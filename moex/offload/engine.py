@@ -191,14 +191,16 @@ def pieces_for(cfg: VLMConfig) -> Pieces:
 
 class OffloadEngine:
     def __init__(self, cfg: VLMConfig, params, policy: str, budget_bytes: int, device=None,
-                 forecaster=None, rounds: bool = True):
+                 forecaster=None, rounds: bool = True, store: ExpertStore | None = None):
+        """params: the model's params (experts are moved to host memory), or None with `store`
+        (an ExpertStore built once and shared by several engines)."""
         d = cfg.decoder
         if d.parallel_block or d.attention != "gqa":
             raise ValueError(f"{cfg.name}: the offload engine runs sequential GQA blocks only")
         self.cfg = cfg
         if forecaster is not None:
             forecaster.check_model(cfg)
-        self.store = ExpertStore.from_params(cfg, params, device)
+        self.store = store if store is not None else ExpertStore.from_params(cfg, params, device)
         self.pool = SlotPool(self.store, budget_bytes, device)
         self.policy = make_policy(policy)
         if self.policy.needs_future:
@@ -213,6 +215,7 @@ class OffloadEngine:
         self.stream: list[Visit] = []
         self.recorder = TraceRecorder(cfg)
         self.stats = EngineStats()
+        self.timings: dict = {}                   # of the last generate()
         self.dtype = jnp.dtype(cfg.dtype)
         self._inflight: dict = {}                 # key -> staged device arrays of its copy
         self.pieces = pieces_for(cfg)
@@ -267,7 +270,10 @@ class OffloadEngine:
             first = Visit(moe_layers[0], frozenset(), self._forward, None, forecast, b * t)
             self._execute(self.core.admit(len(self.stream), first))
         x = self.pieces.embed(self.params, jnp.asarray(tokens),
-                        None if images is None else jnp.asarray(images))
+                              None if images is None else jnp.asarray(images))
+        # committed to the pool's device like everything computed from the pool, so each piece
+        # sees one argument placement (and compiles once)
+        x = jax.device_put(x, self.pool._device)
         valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
         from_zero = cache is None or fresh_cache
         caches = [None] * d.num_layers if cache is None else cache["layers"]
@@ -305,7 +311,8 @@ class OffloadEngine:
     def _moe(self, p_ffn, x, h, routing, plan, layer: int):
         b, t, _ = h.shape
         k = routing.expert_ids.shape[-1]
-        acc = jnp.zeros((b * t, k, self.pool.arrays["w_down"].shape[-1]), self.dtype)
+        acc = jax.device_put(jnp.zeros((b * t, k, self.pool.arrays["w_down"].shape[-1]),
+                                       self.dtype), self.pool._device)
         for key in plan.dropped:
             self._free(key)
         for r in plan.rounds:
@@ -352,8 +359,12 @@ class OffloadEngine:
         stop = np.asarray(sorted(set(stop_tokens if stop_tokens is not None
                                      else (cfg.eos_token_id,))) or [-1], np.int32)
         cache = init_cache(cfg.decoder, b, t + max_new_tokens, self.dtype)
+        start = time.perf_counter()
         logits, cache = self.forward(tokens, token_mask, cache, fresh_cache=True, images=images,
                                      last_only=True)
+        jax.block_until_ready(logits)
+        prefill_s, visits = time.perf_counter() - start, len(self.stream)
+        stall, loads = self.stats.stall_s, self.pool.loads
         out, all_logits = [], []
         done = np.zeros(b, bool)
         for step in range(max_new_tokens):
@@ -365,6 +376,10 @@ class OffloadEngine:
             if done.all() or step + 1 == max_new_tokens:
                 break
             logits, cache = self.forward(nxt[:, None], np.ones((b, 1), np.int32), cache)
+        self.timings = {"prefill_s": prefill_s, "prefill_visits": visits,
+                        "decode_s": time.perf_counter() - start - prefill_s,
+                        "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,
+                        "decode_loads": self.pool.loads - loads}
         toks = np.full((b, max_new_tokens), cfg.pad_token_id, np.int32)
         toks[:, :len(out)] = np.stack(out, axis=1)
         hit = np.isin(toks, stop)
@@ -389,8 +404,13 @@ class OffloadEngine:
                 self.store.total_bytes, "memory_kind": self.store.memory_kind,
                 "bytes_moved": self.pool.bytes_loaded, "loads": self.pool.loads,
                 "stall_s": self.stats.stall_s, "copy_s_estimate": copy_s,
-                "hidden_fraction": (1 - self.stats.stall_s / copy_s) if copy_s else None,
+                "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s),
                 **s.as_dict()}
+
+
+def hidden_fraction(stall_s: float, copy_s: float) -> float:
+    """1 - stall / copy time, clipped to [0, 1] (a stall also holds the wait's own overhead)."""
+    return min(1.0, max(0.0, 1.0 - stall_s / copy_s)) if copy_s else 1.0
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))

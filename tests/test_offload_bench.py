@@ -1,0 +1,63 @@
+"""`moex bench offload` end to end on a tiny preset, budget parsing, and
+`moex generate --offload` giving the tokens of the plain generator."""
+
+import csv
+import json
+
+import pytest
+
+from moex.cli import main
+from moex.offload.bench import parse_budget, split_policy
+
+
+def test_parse_budget_and_policy_specs():
+    assert parse_budget("25%", 1000) == 250 and parse_budget("0.5", 1000) == 500
+    assert parse_budget("64MB", 1) == 64_000_000 and parse_budget("1.5GiB", 1) == 3 * 2**29
+    assert parse_budget("4096", 10**9) == 4096
+    for bad in ("lots", "150%", "0"):
+        with pytest.raises(ValueError, match="expert budget"):
+            parse_budget(bad, 1000)
+    assert split_policy("predictive:oracle") == ("predictive", "oracle")
+    assert split_policy("lru") == ("lru", None)
+    with pytest.raises(ValueError, match="predictive takes a forecast"):
+        split_policy("predictive")
+    with pytest.raises(ValueError, match="only predictive takes a forecast"):
+        split_policy("lru:oracle")
+
+
+def test_bench_offload_grid_writes_every_point(tmp_path, capsys):
+    out = tmp_path / "offload"
+    policies = ["all-resident", "lru", "pregated", "predictive:oracle"]
+    rc = main(["bench", "offload", "--preset", "tiny-hard", "--batch", "1", "2",
+               "--budgets", "100%", "50%", "--policies", *policies, "--new-tokens", "3",
+               "--prompt-len", "6", "--repeats", "1", "--out", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    # all-resident only at 100 %: per batch 4 + 3 points
+    assert len(rows) == 2 * 7
+    assert {(r["batch"], r["budget"], r["policy"]) for r in rows} == {
+        (b, bud, p) for b in ("1", "2") for bud in ("100%", "50%") for p in policies
+        if p != "all-resident" or bud == "100%"}
+    for r in rows:
+        assert all(v != "" for v in r.values()), r
+        assert float(r["decode_tok_s"]) > 0 and r["memory_kind"] == "pinned_host"
+        assert int(r["peak_pool_bytes"]) <= int(r["budget_bytes"])
+        assert float(r["belady_hit_rate"]) >= float(r["reuse_rate"]) - 1e-12
+    meta = json.loads((out / "report.md").parent.joinpath("results.json").read_text())
+    assert meta["config"]["preset"] == "tiny-hard" and "jax" in meta["environment"]
+    assert "| B | budget | policy |" in (out / "report.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_generate_with_offload_gives_the_same_tokens(capsys):
+    args = ["generate", "tiny-hard", "--prompt", "offload", "--prompt", "me", "--max-new-tokens",
+            "4"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--offload", "pregated", "--expert-budget", "40%"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    stats = json.loads(captured.err.strip().splitlines()[-1])
+    assert stats["offload"]["policy"] == "pregated" and stats["offload"]["slots"] == 3
+    assert main(args + ["--offload", "lru", "--expert-budget", "1B"]) == 2
+    assert "holds no expert" in capsys.readouterr().err
