@@ -167,3 +167,8 @@ def test_pinned_host_store_and_report():
     assert rep["pool_bytes"] == 6 * EXPERT_BYTES <= rep["budget_bytes"]
     assert rep["bytes_moved"] == (rep["misses"] + rep["prefetches"]) * EXPERT_BYTES
     assert rep["stall_s"] >= 0 and rep["copy_s_estimate"] > 0
+    per_layer = rep["per_layer"]
+    assert sorted(per_layer) == eng.store.layers
+    assert sum(r["bytes_moved"] for r in per_layer.values()) == rep["bytes_moved"]
+    assert sum(r["hits"] for r in per_layer.values()) == rep["hits"]
+    assert sum(r["stall_s"] for r in per_layer.values()) == pytest.approx(rep["stall_s"])

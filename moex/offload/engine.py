@@ -396,16 +396,21 @@ class OffloadEngine:
 
     # -- report -----------------------------------------------------------------------------------
     def report(self) -> dict:
+        """Stats of the run so far; per layer also bytes moved and seconds stalled (call
+        `calibrate_copy` first for the copy-time estimate)."""
         s = self.core.stats
         copy_s = s.loads * self.stats.copy_s_per_expert
+        counts = s.as_dict()
+        for layer, row in counts["per_layer"].items():
+            row["bytes_moved"] = (row["misses"] + row["prefetches"]) * self.store.expert_bytes
+            row["stall_s"] = self.stats.stall_per_layer.get(layer, 0.0)
         return {"policy": self.policy.name, "slots": self.pool.num_slots,
                 "budget_bytes": self.pool.budget_bytes, "pool_bytes": self.pool.pool_bytes,
                 "expert_bytes": self.store.expert_bytes, "total_expert_bytes":
                 self.store.total_bytes, "memory_kind": self.store.memory_kind,
                 "bytes_moved": self.pool.bytes_loaded, "loads": self.pool.loads,
                 "stall_s": self.stats.stall_s, "copy_s_estimate": copy_s,
-                "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s),
-                **s.as_dict()}
+                "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s), **counts}
 
 
 def hidden_fraction(stall_s: float, copy_s: float) -> float:
