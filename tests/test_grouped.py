@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from moex.nn.grouped import blocked_grouped_matmul, grouped_matmul, window_rows
+from moex.nn.grouped import (BIG_ROWS, TAIL_STEP, blocked_grouped_matmul, grouped_matmul,
+                             tail_rows)
 
 
 def loop_reference(x, w, sizes):
@@ -34,10 +35,24 @@ def test_blocked_and_ragged_dot_equal_loop(sizes, unused, seed):
     np.testing.assert_allclose(jax.jit(jax.lax.ragged_dot)(x, w, gs), ref, atol=1e-4)
 
 
-def test_window_sizes():
-    assert window_rows(1000) == (128, 64, 32, 16, 8)
-    assert window_rows(20) == (20, 10, 8)
-    assert window_rows(3) == (3,)
+@pytest.mark.parametrize("sizes", [
+    [0, 2 * BIG_ROWS + 3, 37, BIG_ROWS, BIG_ROWS + TAIL_STEP, 0, 3],   # whole windows + tails
+    [BIG_ROWS - 1, 1, TAIL_STEP, TAIL_STEP + 1],                       # tails at every edge
+    [0, 0, 5],                                                         # the last window ends at M
+])
+def test_blocked_windows_equal_loop(sizes):
+    m = sum(sizes) + 2
+    rng = np.random.default_rng(len(sizes))
+    x = rng.normal(size=(m, 6)).astype(np.float32)
+    w = rng.normal(size=(len(sizes), 6, 4)).astype(np.float32)
+    out = jax.jit(blocked_grouped_matmul)(x, w, jnp.asarray(sizes, jnp.int32))
+    np.testing.assert_allclose(out, loop_reference(x, w, sizes), atol=1e-4)
+
+
+def test_tail_window_sizes():
+    assert tail_rows(1000, 128, 32) == (32, 64, 96, 128)
+    assert tail_rows(100, 128, 32) == (32, 64, 96, 100)
+    assert tail_rows(3, 128, 32) == (3,)
 
 
 def test_unknown_impl_is_named():

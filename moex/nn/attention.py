@@ -71,35 +71,59 @@ def attend(q, k, v, mask, scale, causal_from_zero: bool = False):
     causal_from_zero (static): query t sits at key slot t and the mask is causal, so a block of
     queries [a, b) needs only keys [0, b). The queries are then processed in blocks of
     CAUSAL_CHUNK rows over their key prefix, skipping the masked upper triangle (about half the
-    FLOPs and memory at long T). Results equal the one-block computation on every row that has a
-    valid key (fully masked padding rows differ, as both are meaningless).
+    FLOPs and memory at long T), and on the CPU backend one batch row at a time (lax.map): a
+    row's scores stay in cache, ~2x faster than all rows at once at B=8, T=512. Results equal
+    the one-block computation on every row that has a valid key (fully masked padding rows
+    differ, as both are meaningless).
     """
     t = q.shape[1]
     if not causal_from_zero or t <= CAUSAL_CHUNK:
         return _attend(q, k, v, mask, scale)
-    blocks = [_attend(q[:, a:a + CAUSAL_CHUNK], k[:, :a + CAUSAL_CHUNK], v[:, :a + CAUSAL_CHUNK],
-                      mask[:, a:a + CAUSAL_CHUNK, :a + CAUSAL_CHUNK], scale)
-              for a in range(0, t, CAUSAL_CHUNK)]
-    return jnp.concatenate(blocks, axis=1)
+    if jax.default_backend() == "cpu" and q.shape[0] > 1:
+        one_row = lambda a: _causal_blocks(*(x[None] for x in a), scale)[0]
+        return jax.lax.map(one_row, (q, k, v, mask))
+    return _causal_blocks(q, k, v, mask, scale)
+
+
+def _causal_blocks(q, k, v, mask, scale):
+    """attend() with causal_from_zero: query blocks of CAUSAL_CHUNK rows over their key prefix."""
+    qh, kh, vh = _heads_first(q, k, v)
+    blocks = [_attend_heads(qh[:, :, :, a:a + CAUSAL_CHUNK], kh[:, :, :a + CAUSAL_CHUNK],
+                            vh[:, :, :a + CAUSAL_CHUNK],
+                            mask[:, a:a + CAUSAL_CHUNK, :a + CAUSAL_CHUNK], scale)
+              for a in range(0, q.shape[1], CAUSAL_CHUNK)]
+    return _heads_back(jnp.concatenate(blocks, axis=3))
 
 
 def _attend(q, k, v, mask, scale):
-    """One block of attention.
+    """One block of attention (all queries over all keys)."""
+    return _heads_back(_attend_heads(*_heads_first(q, k, v), mask, scale))
 
-    Heads are moved in front of the sequence axes first ((B, K, G, T, D) and (B, K, S, D)), so
-    both einsums are plain batched matmuls; on the CPU backend this is ~2x faster than letting
-    XLA contract the (B, T, K, G, D) layout directly.
-    """
+
+def _heads_first(q, k, v):
+    """Heads in front of the sequence axes: q (B, K, G, T, Dk), k (B, K, S, Dk), v (B, K, S, Dv)
+    in fp32, so both einsums of _attend_heads are plain batched matmuls (on the CPU backend ~2x
+    faster than letting XLA contract the (B, T, K, G, D) layout directly)."""
     b, t, h, dk = q.shape
     kv = k.shape[2]
     q = q.astype(jnp.float32).reshape(b, t, kv, h // kv, dk).transpose(0, 2, 3, 1, 4)
     k = k.astype(jnp.float32).transpose(0, 2, 1, 3)
     v = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    return q, k, v
+
+
+def _heads_back(out):
+    """(B, K, G, T, Dv) -> (B, T, H, Dv)."""
+    b, kv, g, t, dv = out.shape
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, dv)
+
+
+def _attend_heads(q, k, v, mask, scale):
+    """q (B, K, G, T, Dk), k (B, K, S, Dk), v (B, K, S, Dv), mask (B, T, S) -> (B, K, G, T, Dv)."""
     scores = jnp.einsum("bkgtd,bksd->bkgts", q, k) * scale
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, v.shape[-1])
+    return jnp.einsum("bkgts,bksd->bkgtd", probs, v)
 
 
 class Attention(nn.Module):

@@ -7,10 +7,12 @@ Shape letters: M rows, K in width, N out width, G groups, b block rows.
 Two implementations with the semantics of `jax.lax.ragged_dot`:
   ragged_dot  `jax.lax.ragged_dot`. On GPU/TPU a grouped GEMM; on the CPU backend of jax 0.10 it
               lowers to a masked dense contraction over all G groups (G times the FLOPs).
-  blocked     a loop over the non-empty groups; each group's rows go through its matrix in
-              windows of 128 rows, then at most one window each of 64, 32, 16, then windows of 8
-              (rows of a window outside the group keep their value). FLOPs are the rows' plus
-              under 8 rows per group, each weight is read a few times: the fast path on CPU.
+  blocked     a loop over the groups; each group's rows go through its matrix in
+              windows of 512 rows, then one window of 32, 64, ..., 512 rows covers the rest
+              (rows of a window outside the group keep their value). Every window is one GEMM of
+              at least 32 rows (XLA's CPU GEMMs reach their speed from about 128 rows on; a tail
+              of many small windows would reread the weights for few rows), at the price of under
+              32 padding rows per group: the fast path on CPU.
               Its loops have data-dependent trip counts, so it is for inference (no reverse-mode
               gradient); training uses ragged_dot.
 'auto' picks blocked on CPU and ragged_dot elsewhere. Tests hold both equal to a loop.
@@ -23,57 +25,78 @@ import jax.numpy as jnp
 
 IMPLS = ("auto", "ragged_dot", "blocked")
 
-
-def _windows(y, x, fn, lo, hi, c: int, cover_all: bool):
-    """y[r] = fn(x[r]) for rows r in [lo, hi), in windows of c rows starting at lo.
-
-    cover_all False: only the whole windows that fit (floor); True: enough windows to cover
-    [lo, hi) (ceil). Window rows outside [lo, hi) keep their old y. Returns (y, first row not done).
-    """
-    m = x.shape[0]
-    count = (hi - lo + c - 1) // c if cover_all else (hi - lo) // c
-
-    def body(i, y):
-        s = jnp.minimum(lo + i * c, m - c)
-        yb = fn(jax.lax.dynamic_slice_in_dim(x, s, c)).astype(y.dtype)
-        rows = s + jnp.arange(c)
-        keep = ((rows >= lo) & (rows < hi))[:, None]
-        old = jax.lax.dynamic_slice_in_dim(y, s, c)
-        return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(keep, yb, old), s, 0)
-
-    return jax.lax.fori_loop(0, count, body, y), jnp.minimum(lo + count * c, hi)
+BIG_ROWS = 512    # rows of the whole windows of a group
+TAIL_STEP = 32    # the last window of a group has a multiple of this many rows
 
 
-def window_rows(m: int, big: int = 128, small: int = 8) -> tuple[int, ...]:
-    """Static window sizes, largest first: 128, 64, ..., 8 (each no larger than M)."""
-    sizes, c = [], min(big, m)
-    while c > small:
-        sizes.append(c)
-        c //= 2
-    return tuple(sizes) + (min(small, m),)
+def _window(y, x, fn, s, lo, hi, c: int):
+    """y[r] = fn(x[r]) for rows r in [lo, hi) of the c-row window starting at row s; the
+    window's other rows keep their old y."""
+    yb = fn(jax.lax.dynamic_slice_in_dim(x, s, c)).astype(y.dtype)
+    rows = s + jnp.arange(c)
+    keep = ((rows >= lo) & (rows < hi))[:, None]
+    old = jax.lax.dynamic_slice_in_dim(y, s, c)
+    return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(keep, yb, old), s, 0)
+
+
+def _whole_windows(y, x, fn, lo, hi, c: int):
+    """y[r] = fn(x[r]) for the rows of the whole c-row windows that fit in [lo, hi) from lo.
+    Returns (y, first row not done)."""
+    count = (hi - lo) // c
+    body = lambda i, y: _window(y, x, fn, lo + i * c, lo, hi, c)
+    return jax.lax.fori_loop(0, count, body, y), lo + count * c
+
+
+def tail_rows(m: int, big: int = BIG_ROWS, step: int = TAIL_STEP) -> tuple[int, ...]:
+    """Static sizes of the last window of a group, smallest first: step, 2 step, ... up to
+    min(big, M) (the last one is min(big, M) itself)."""
+    top = min(big, m)
+    return tuple(range(step, top, step)) + (top,)
+
+
+def _tail_window(y, x, fn, lo, hi, sizes: tuple[int, ...]):
+    """y[r] = fn(x[r]) for the rows r in [lo, hi) (at most sizes[-1], maybe none) with one
+    window: the smallest of `sizes` that covers them, starting at lo (or ending at row M).
+
+    lax.switch picks the size; each branch returns its rows inside a (sizes[-1], N) block, so y
+    itself never passes through a conditional (XLA would copy all M rows of it)."""
+    m, big, n_out = x.shape[0], sizes[-1], y.shape[1]
+    at = jnp.minimum(lo, m - big)                      # the block holds every window's rows
+
+    def branch(c):
+        def window():
+            s = jnp.minimum(lo, m - c)
+            yb = fn(jax.lax.dynamic_slice_in_dim(x, s, c)).astype(y.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(
+                jnp.zeros((big, n_out), y.dtype), yb, s - at, 0)
+        return window
+
+    nothing = lambda: jnp.zeros((big, n_out), y.dtype)
+    chosen = jnp.searchsorted(jnp.asarray((0,) + sizes), hi - lo)    # 0: no rows left
+    block = jax.lax.switch(chosen, [nothing] + [branch(c) for c in sizes])
+    rows = at + jnp.arange(big)
+    keep = ((rows >= lo) & (rows < hi))[:, None]
+    old = jax.lax.dynamic_slice_in_dim(y, at, big)
+    return jax.lax.dynamic_update_slice_in_dim(y, jnp.where(keep, block, old), at, 0)
 
 
 def blocked_map(x, group_sizes, group_fn, n_out: int, num_groups: int):
     """y[r] = group_fn(g)(x[r]) for the rows r of group g, rows sorted by group; rows past
-    sum(group_sizes) give 0. group_fn(g) is called once per non-empty group (inside the loop) and
-    returns a function of a (c, K) window of rows."""
+    sum(group_sizes) give 0. group_fn(g) is called once per group (inside the loop) and returns
+    a function of a (c, K) window of rows; an empty group runs no window."""
     m = x.shape[0]
-    levels = window_rows(m)
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
+    big = min(BIG_ROWS, m)
+    tails = tail_rows(m, big, TAIL_STEP)
 
     def per_group(e, y):
         fn = group_fn(e)
-        lo = starts[e]
-        for i, c in enumerate(levels):        # 128-row windows, then at most one of 64 .. 16,
-            y, lo = _windows(y, x, fn, lo, ends[e], c, cover_all=i == len(levels) - 1)
-        return y                              # then 8-row windows cover the rest
+        y, lo = _whole_windows(y, x, fn, starts[e], ends[e], big)
+        return _tail_window(y, x, fn, lo, ends[e], tails)
 
-    def maybe(e, y):
-        return jax.lax.cond(sizes[e] > 0, per_group, lambda e, y: y, e, y)
-
-    return jax.lax.fori_loop(0, num_groups, maybe, jnp.zeros((m, n_out), x.dtype))
+    return jax.lax.fori_loop(0, num_groups, per_group, jnp.zeros((m, n_out), x.dtype))
 
 
 def blocked_grouped_matmul(x, w, group_sizes):

