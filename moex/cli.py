@@ -5,6 +5,8 @@
     moex generate PRESET --prompt ...  generate from a randomly initialised (or --seed) preset
         [--offload POLICY --expert-budget X]   ... with experts in host memory (moex.offload)
     moex bench offload [...]           offload policies x expert budgets x batch sizes
+    moex lm train|trace ...            byte-level LM on the stdlib corpus; routing traces
+    moex predictor train|eval ...      the routing-path predictor (moex.predict)
     moex compare [...]                 dense vs hard-MoE vs soft-MoE throughput and memory
     moex compare-hf SRC [--prompts F]  a converted HF checkpoint against transformers
 """
@@ -130,6 +132,8 @@ def main(argv=None) -> int:
     p = bench.add_parser("offload", help="offload policies x expert budgets x batch sizes")
     offload_bench.add_arguments(p)
     p.set_defaults(fn=offload_bench.main)
+    from moex.predict.cli import add_commands
+    add_commands(sub)
     p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
     p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
     p.add_argument("--prompts", help="text file, one prompt per line")

@@ -54,6 +54,7 @@ class OffloadBenchConfig:
     new_tokens: int = 16
     repeats: int = 5
     seed: int = 0
+    domain: str = "random"                 # prompts: random tokens, or stdlib code / prose
     out: str = "results/offload"
 
 
@@ -77,11 +78,12 @@ def parse_budget(text: str, total_bytes: int) -> int:
 
 
 def split_policy(spec: str) -> tuple[str, str | None]:
-    """'predictive:oracle' -> ('predictive', 'oracle'); plain names carry no forecast."""
+    """'predictive:oracle' -> ('predictive', 'oracle'); plain names carry no forecast.
+    predictive:prior, predictive:oracle, or predictive:DIR (a routing-path predictor)."""
     name, _, forecast = spec.partition(":")
-    if name == "predictive" and forecast not in ("oracle", "prior"):
-        raise ValueError(f"policy {spec!r}: predictive takes a forecast, predictive:prior or "
-                         "predictive:oracle")
+    if name == "predictive" and not forecast:
+        raise ValueError(f"policy {spec!r}: predictive takes a forecast: predictive:prior, "
+                         "predictive:oracle or predictive:PREDICTOR_DIR")
     if name != "predictive" and forecast:
         raise ValueError(f"policy {spec!r}: only predictive takes a forecast")
     return name, forecast or None
@@ -98,7 +100,13 @@ def load_model(bc: OffloadBenchConfig):
     return cfg, init_params(cfg, bc.seed)
 
 
-def prompts(cfg, batch: int, length: int, seed: int):
+def prompts(cfg, batch: int, length: int, seed: int, domain: str = "random"):
+    """B prompts: random tokens of lengths in [T/2, T] (left-padded), or held-out windows of
+    T bytes of the stdlib corpus (`domain` code / prose)."""
+    if domain != "random":
+        from moex.predict.corpus import samples
+        ids = samples(domain, "heldout", batch, length, seed)
+        return ids, np.ones_like(ids)
     rng = np.random.default_rng(seed)
     high = min(cfg.decoder.vocab_size, 256)
     rows = [rng.integers(0, high, rng.integers(max(1, length // 2), length + 1)).tolist()
@@ -147,20 +155,25 @@ def run(bc: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list
                            store=store).calibrate_copy()
     rows, skipped = [], []
     for batch in bc.batch_sizes:
-        ids, mask = prompts(cfg, batch, bc.prompt_len, bc.seed + batch)
+        ids, mask = prompts(cfg, batch, bc.prompt_len, bc.seed + batch, bc.domain)
         bar.set_postfix_str(f"B={batch} all-resident baseline")
         base, ref = run_point(cfg, store, "all-resident", None, total, ids, mask, bc, True)
         warm = {ref.pool.num_slots}
         trace = ref.trace()
         calib = OffloadEngine(cfg, None, "all-resident", total, store=store)
-        calib.generate(*prompts(cfg, batch, bc.prompt_len, bc.seed + 1000 + batch),
+        calib.generate(*prompts(cfg, batch, bc.prompt_len, bc.seed + 1000 + batch, bc.domain),
                        max_new_tokens=bc.new_tokens, stop_tokens=())
         forecasters = {"oracle": OracleForecast(trace),
                        "prior": PriorForecast.from_trace(calib.trace())}
+        for _, forecast in specs:
+            if forecast not in (None, "oracle", "prior"):
+                from moex.predict.train import PredictorForecast, load_predictor
+                forecasters[forecast] = PredictorForecast(*load_predictor(forecast))
         bar.update()
         for (label, budget), (policy, forecast) in [(bud, p) for b, bud, p in points
                                                     if b == batch]:
-            name = policy + (f":{forecast}" if forecast else "")
+            name = policy + (f":{forecast if forecast in ('oracle', 'prior') else 'rpp'}"
+                             if forecast else "")
             bar.set_postfix_str(f"B={batch} {label} {name}")
             try:
                 slots = budget // store.expert_bytes
@@ -233,13 +246,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--domain", default=d.domain, choices=["random", "code", "prose"],
+                   help="prompts: random tokens or held-out stdlib code / prose bytes")
     p.add_argument("--out", default=d.out)
 
 
 def main(args: argparse.Namespace) -> int:
     bc = OffloadBenchConfig(args.preset, args.checkpoint, tuple(args.policies),
                             tuple(args.budgets), tuple(args.batch), args.prompt_len,
-                            args.new_tokens, args.repeats, args.seed, args.out)
+                            args.new_tokens, args.repeats, args.seed, args.domain, args.out)
     for spec in bc.policies:
         split_policy(spec)
     if bc.new_tokens < 2 or bc.repeats < 1:

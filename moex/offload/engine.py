@@ -257,9 +257,9 @@ class OffloadEngine:
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, tokens, token_mask, cache=None, fresh_cache: bool = False, images=None,
-                last_only: bool = False):
+                last_only: bool = False, request_ids=None):
         """Logits (B, T, V) float32 (T = 1 with last_only) and the new cache, like the model's
-        forward."""
+        forward. request_ids (B,) label the rows in the trace (default 0..B-1)."""
         p, d = self.params["decoder"], self.cfg.decoder
         tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
         b, t = tokens.shape
@@ -304,7 +304,8 @@ class OffloadEngine:
                           i)
         x = x[:, -1:] if last_only else x
         logits = self.pieces.head(p, x).astype(jnp.float32)
-        self._record(routed, pregates, token_mask, positions, phase=int(not from_zero))
+        self._record(routed, pregates, tokens, token_mask, positions, int(not from_zero),
+                     np.arange(b) if request_ids is None else np.asarray(request_ids))
         self._forward += 1
         return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
 
@@ -327,23 +328,24 @@ class OffloadEngine:
         self._execute(plan.prefetch)                  # overlaps this layer's compute
         return out
 
-    def _record(self, routed, pregates, token_mask, positions, phase: int) -> None:
+    def _record(self, routed, pregates, tokens, token_mask, positions, phase: int,
+                request_ids) -> None:
         b, t = token_mask.shape
         layers = self.store.layers
         pre = np.full((b, t, len(layers), self.cfg.decoder.moe.top_k), -1, np.int16)
         for li, layer in enumerate(layers):
             if layer in pregates:
                 pre[:, :, li] = pregates[layer]
-        self.recorder.add({"decoder": routed}, token_mask, np.arange(b), np.asarray(positions),
-                          phase, pre)
+        self.recorder.add({"decoder": routed}, token_mask, request_ids, np.asarray(positions),
+                          phase, pre, tokens)
 
     def trace(self):
         return self.recorder.trace()
 
     # -- generation -------------------------------------------------------------------------------
     def generate(self, tokens, token_mask, images=None, *, max_new_tokens: int,
-                 sampling: Sampling = GREEDY, stop_tokens=None,
-                 return_logits: bool = False) -> GenerationResult:
+                 sampling: Sampling = GREEDY, stop_tokens=None, return_logits: bool = False,
+                 request_ids=None) -> GenerationResult:
         """Prefill + decode steps over a KV cache, like `moex.generate.Generator`."""
         cfg = self.cfg
         tokens, token_mask = np.asarray(tokens, np.int32), np.asarray(token_mask, np.int32)
@@ -361,7 +363,7 @@ class OffloadEngine:
         cache = init_cache(cfg.decoder, b, t + max_new_tokens, self.dtype)
         start = time.perf_counter()
         logits, cache = self.forward(tokens, token_mask, cache, fresh_cache=True, images=images,
-                                     last_only=True)
+                                     last_only=True, request_ids=request_ids)
         jax.block_until_ready(logits)
         prefill_s, visits = time.perf_counter() - start, len(self.stream)
         stall, loads = self.stats.stall_s, self.pool.loads
@@ -375,7 +377,8 @@ class OffloadEngine:
             done = done | np.isin(nxt, stop)
             if done.all() or step + 1 == max_new_tokens:
                 break
-            logits, cache = self.forward(nxt[:, None], np.ones((b, 1), np.int32), cache)
+            logits, cache = self.forward(nxt[:, None], np.ones((b, 1), np.int32), cache,
+                                         request_ids=request_ids)
         self.timings = {"prefill_s": prefill_s, "prefill_visits": visits,
                         "decode_s": time.perf_counter() - start - prefill_s,
                         "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,

@@ -12,6 +12,7 @@ File format (`.npz`, written to a temp file and renamed):
   probs       (N, L, E) float16 router probabilities per MoE layer
   pregate     (N, L, K) int16   optional: row l holds the experts MoE layer l's router picks from
                                 MoE layer l-1's hidden state (pre-gating; row 0 is -1)
+  token       (N,) int32        optional: the token's id (input of the routing-path predictor)
 Rows are in the order the tokens were processed: a prefill's tokens, then decode steps.
 v1 files (no `forward`, no `pregate`) load with one forward per row.
 """
@@ -46,6 +47,7 @@ class Trace:
     probs: np.ndarray
     forward: np.ndarray | None = None
     pregate: np.ndarray | None = None
+    token: np.ndarray | None = None
 
     def __post_init__(self):
         if self.forward is None:
@@ -72,7 +74,8 @@ class Trace:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                extra = {} if self.pregate is None else {"pregate": self.pregate}
+                extra = {k: getattr(self, k) for k in ("pregate", "token")
+                         if getattr(self, k) is not None}
                 np.savez(f, meta=np.asarray(json.dumps(meta)), request=self.request,
                          position=self.position, phase=self.phase, forward=self.forward,
                          experts=self.experts, probs=self.probs, **extra)
@@ -98,13 +101,34 @@ class Trace:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected one of {READABLE}")
         n, layers, k = len(data["request"]), len(meta["moe_layers"]), meta["top_k"]
         shapes = {"experts": (n, layers, k), "probs": (n, layers, meta["num_experts"]),
-                  "position": (n,), "phase": (n,), "forward": (n,), "pregate": (n, layers, k)}
+                  "position": (n,), "phase": (n,), "forward": (n,), "pregate": (n, layers, k),
+                  "token": (n,)}
         for name, shape in shapes.items():
             if name in data and data[name].shape != shape:
                 raise ValueError(f"{path}: {name} has shape {data[name].shape}, expected {shape}")
         return Trace(meta["model"], list(meta["moe_layers"]), meta["num_experts"], k,
                      data["request"], data["position"], data["phase"], data["experts"],
-                     data["probs"], data.get("forward"), data.get("pregate"))
+                     data["probs"], data.get("forward"), data.get("pregate"), data.get("token"))
+
+    @staticmethod
+    def concat(traces: list["Trace"]) -> "Trace":
+        """One trace of several, in order; forward ids are renumbered to stay distinct."""
+        if not traces:
+            raise ValueError("no traces to concatenate")
+        first = traces[0]
+        for t in traces[1:]:
+            if (t.moe_layers, t.num_experts, t.top_k) != (first.moe_layers, first.num_experts,
+                                                          first.top_k):
+                raise ValueError(f"cannot concatenate traces of {first.model} and {t.model}: "
+                                 "their MoE layers, experts or top-k differ")
+        offsets = np.cumsum([0] + [int(t.forward.max()) + 1 for t in traces[:-1]])
+        cat = lambda name: np.concatenate([getattr(t, name) for t in traces])
+        optional = lambda name: cat(name) if all(getattr(t, name) is not None
+                                                 for t in traces) else None
+        return Trace(first.model, first.moe_layers, first.num_experts, first.top_k,
+                     cat("request"), cat("position"), cat("phase"), cat("experts"),
+                     cat("probs"), np.concatenate([t.forward + o for t, o in zip(traces, offsets)]),
+                     optional("pregate"), optional("token"))
 
 
 class TraceRecorder:
@@ -118,10 +142,11 @@ class TraceRecorder:
         self.rows: list[dict] = []
 
     def add(self, aux: dict, token_mask, request_ids, positions, phase: int,
-            pregate=None) -> None:
+            pregate=None, tokens=None) -> None:
         """aux: a forward's aux (or any dict with aux["decoder"][layer] holding "expert_ids"
         (B, T, K) and "probs" (B, T, E)); token_mask, positions (B, T); request_ids (B,);
-        pregate: optional (B, T, L, K) pre-gate predictions (see the file format)."""
+        pregate: optional (B, T, L, K) pre-gate predictions (see the file format); tokens:
+        optional (B, T) token ids."""
         mask = np.asarray(token_mask).astype(bool)
         b, t = mask.shape
         per_layer = [aux["decoder"][i] for i in self.layers]
@@ -134,6 +159,8 @@ class TraceRecorder:
                "experts": experts[mask], "probs": probs[mask]}
         if pregate is not None:
             row["pregate"] = np.asarray(pregate)[mask]
+        if tokens is not None:
+            row["token"] = np.asarray(tokens)[mask]
         self.rows.append(row)
 
     def trace(self) -> Trace:
@@ -141,7 +168,8 @@ class TraceRecorder:
             raise ValueError("no forward was recorded")
         cat = lambda k, dtype: np.concatenate([r[k] for r in self.rows]).astype(dtype)
         m = self.cfg.decoder.moe
-        pregate = cat("pregate", np.int16) if all("pregate" in r for r in self.rows) else None
+        optional = lambda k, dtype: cat(k, dtype) if all(k in r for r in self.rows) else None
         return Trace(self.cfg.name, self.layers, m.num_experts, m.top_k, cat("request", np.int32),
                      cat("position", np.int32), cat("phase", np.int8), cat("experts", np.int16),
-                     cat("probs", np.float16), cat("forward", np.int32), pregate)
+                     cat("probs", np.float16), cat("forward", np.int32),
+                     optional("pregate", np.int16), optional("token", np.int32))

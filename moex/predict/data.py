@@ -1,0 +1,87 @@
+"""Routing traces -> predictor examples: per request its prompt tokens and the multi-hot routes of
+every prompt token and of its first G generated tokens.
+
+Shape letters: R requests, P prompt length (left-padded), G generated positions, L MoE layers,
+E experts.
+
+    ex = examples(trace, gen_len=32)
+    ex.tokens (R, P) int32, ex.mask (R, P), ex.routes (R, P + G, L, E) bool,
+    ex.route_mask (R, P + G) -- 1 where the position exists (real prompt token / generated token)
+
+A generated position g holds the routing of the g-th token the request *fed* in decode (the
+token sampled before it), in order. The trace must carry token ids (`moex.offload.engine`
+records them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Examples:
+    tokens: np.ndarray
+    mask: np.ndarray
+    routes: np.ndarray
+    route_mask: np.ndarray
+    requests: np.ndarray          # (R,) request ids
+    num_layers: int
+    num_experts: int
+    top_k: int
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def take(self, index) -> "Examples":
+        return dataclasses.replace(self, tokens=self.tokens[index], mask=self.mask[index],
+                                   routes=self.routes[index], route_mask=self.route_mask[index],
+                                   requests=self.requests[index])
+
+    def split(self, heldout: float = 0.1, seed: int = 0) -> tuple["Examples", "Examples"]:
+        """(train, validation) by a seeded permutation of the requests."""
+        order = np.random.default_rng(seed).permutation(len(self))
+        n_val = max(1, int(round(heldout * len(self)))) if len(self) > 1 else 0
+        return self.take(np.sort(order[n_val:])), self.take(np.sort(order[:n_val]))
+
+
+def examples(trace, gen_len: int, max_prompt: int | None = None) -> Examples:
+    if trace.token is None:
+        raise ValueError(f"trace of {trace.model} has no token ids: record it with the offload "
+                         "engine (moex.offload.engine.OffloadEngine.trace)")
+    l, e = len(trace.moe_layers), trace.num_experts
+    ids = np.unique(trace.request)
+    prompts, gens = [], []
+    for r in ids:
+        rows = np.flatnonzero(trace.request == r)
+        prompt = rows[trace.phase[rows] == 0]
+        prompt = prompt[np.argsort(trace.position[prompt], kind="stable")]
+        gen = rows[trace.phase[rows] == 1][:gen_len]
+        prompts.append(prompt)
+        gens.append(gen)
+    p = max(len(x) for x in prompts)
+    if max_prompt is not None and p > max_prompt:
+        raise ValueError(f"a prompt of {p} tokens is longer than max_prompt {max_prompt}")
+    n = len(ids)
+    tokens = np.zeros((n, p), np.int32)
+    mask = np.zeros((n, p), np.int32)
+    routes = np.zeros((n, p + gen_len, l, e), bool)
+    route_mask = np.zeros((n, p + gen_len), np.int32)
+    for i, (prompt, gen) in enumerate(zip(prompts, gens)):
+        off = p - len(prompt)                                   # left padding
+        tokens[i, off:] = trace.token[prompt]
+        mask[i, off:] = 1
+        for j, row in enumerate(prompt):
+            _set(routes[i, off + j], trace.experts[row])
+        route_mask[i, off:p] = 1
+        for g, row in enumerate(gen):
+            _set(routes[i, p + g], trace.experts[row])
+        route_mask[i, p:p + len(gen)] = 1
+    return Examples(tokens, mask, routes, route_mask, ids, l, e, trace.top_k)
+
+
+def _set(dst: np.ndarray, experts: np.ndarray) -> None:
+    """dst (L, E) bool; experts (L, K) ids."""
+    for li, row in enumerate(experts):
+        dst[li, row] = True

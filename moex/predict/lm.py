@@ -1,0 +1,144 @@
+"""Train a preset's decoder as a byte-level language model on the stdlib corpus (code + prose), so
+its routers route with meaning; then record routing traces per domain.
+
+    moex lm train small-hard --steps 400            # -> runs/lm/small-hard/{train/, model/}
+    moex lm trace runs/lm/small-hard/model --domain code --requests 64
+
+Training: optax AdamW with warmup + cosine decay, batches half code / half prose drawn from
+(seed, step) (so resumed runs are exact), orbax checkpoints every `ckpt_every` steps (a rerun
+resumes), progress bar and loss log, held-out loss per domain at the end (and every
+`eval_every`). Hard-MoE layers train through the one-hot dispatch path with a capacity factor
+(`train_capacity_factor`, Switch-style token dropping; inference stays dropless); loss = next-byte
+cross-entropy + the config's load-balance and z losses. The trained model is saved as a moex
+checkpoint (`moex.checkpoint`) with the preset's inference config.
+
+Traces: prompts are held-out (or train) windows of a domain; the all-resident offload engine
+generates greedily and records every token's routing, its pre-gate prediction and its token id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moex.config import VLMConfig, get_config
+from moex.model import aux_loss, build, init_params
+from moex.predict.corpus import DOMAINS, samples
+from moex.training import TrainState, adamw, fit, make_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTrainConfig:
+    preset: str = "small-hard"
+    steps: int = 400
+    batch_size: int = 8                 # half code, half prose
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup: int = 40
+    weight_decay: float = 0.01
+    train_capacity_factor: float = 1.5
+    eval_windows: int = 16
+    eval_every: int = 0
+    ckpt_every: int = 100
+    seed: int = 0
+    corpus_limit: int | None = None     # first N stdlib files only (tests)
+    out: str = "runs/lm"
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.out) / self.preset
+
+
+def train_model_config(cfg: VLMConfig, capacity_factor: float) -> VLMConfig:
+    """The config a preset trains with: hard MoE through the differentiable dense dispatch with a
+    capacity factor; everything else (and every param shape) unchanged."""
+    moe = cfg.decoder.moe
+    if moe.kind != "hard":
+        return cfg
+    moe = dataclasses.replace(moe, compute="dense", capacity_factor=capacity_factor)
+    return cfg.replace(decoder=dataclasses.replace(cfg.decoder, moe=moe))
+
+
+def lm_loss(model, cfg: VLMConfig):
+    def loss_fn(params, tokens):
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        mask = jnp.ones_like(inputs)
+        logits, _, aux = model.apply({"params": params}, inputs, mask)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+        ce = ce.mean()
+        extra = aux_loss(aux, cfg)
+        return ce + extra, {"ce": ce, "aux": extra}
+    return loss_fn
+
+
+def batch_for(lc: LMTrainConfig):
+    half = lc.batch_size // 2
+
+    def draw(step: int) -> np.ndarray:
+        parts = [samples(d, "train", n, lc.seq_len + 1, seed=int(np.random.SeedSequence([lc.seed, step, i]).generate_state(1)[0]),
+                         limit=lc.corpus_limit)
+                 for i, (d, n) in enumerate(zip(DOMAINS, (half, lc.batch_size - half)))]
+        return np.concatenate(parts)
+    return draw
+
+
+def heldout_loss(model, cfg, lc: LMTrainConfig):
+    """Mean next-byte cross-entropy (nats) on fixed held-out windows, per domain."""
+    loss = jax.jit(lambda p, t: lm_loss(model, cfg)(p, t)[1]["ce"])
+    windows = {d: samples(d, "heldout", lc.eval_windows, lc.seq_len + 1, seed=lc.seed + 7,
+                          limit=lc.corpus_limit) for d in DOMAINS}
+
+    def evaluate(state) -> dict:
+        return {f"heldout_{d}": float(loss(state.params, jnp.asarray(w)))
+                for d, w in windows.items()}
+    return evaluate
+
+
+def train_lm(lc: LMTrainConfig, progress: bool = True, stop_at: int | None = None):
+    """Train (resuming from run_dir/train), save run_dir/model; returns (params, log)."""
+    from moex import checkpoint
+    if lc.batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (one window per domain), found {lc.batch_size}")
+    cfg = get_config(lc.preset)
+    tcfg = train_model_config(cfg, lc.train_capacity_factor)
+    model = build(tcfg)
+    optimizer = adamw(lc.lr, lc.warmup, lc.steps, lc.weight_decay)
+    state = TrainState.create(init_params(cfg, lc.seed), optimizer)
+    step = make_step(lm_loss(model, tcfg), optimizer)
+    evaluate = heldout_loss(model, tcfg, lc)
+    state, log = fit(state, step, lambda i: jnp.asarray(batch_for(lc)(i)), lc.steps,
+                     ckpt_dir=lc.run_dir / "train", ckpt_every=lc.ckpt_every,
+                     desc=f"lm {lc.preset}", progress=progress, evaluate=evaluate,
+                     eval_every=lc.eval_every, stop_at=stop_at)
+    if int(state.step) == lc.steps and not (lc.run_dir / "model").exists():
+        checkpoint.save(lc.run_dir / "model", cfg, state.params,
+                        {"trained": "byte-level LM on the stdlib corpus (code + prose)",
+                         "config": dataclasses.asdict(lc), "log": log})
+        (lc.run_dir / "log.json").write_text(json.dumps(log, indent=1))
+    return state.params, log
+
+
+def record_traces(cfg: VLMConfig, params, domain: str, split: str, requests: int,
+                  prompt_len: int, new_tokens: int, batch: int = 8, seed: int = 0,
+                  corpus_limit: int | None = None, progress: bool = True):
+    """Routing traces of `requests` greedy generations from `domain` prompts (one Trace)."""
+    from tqdm import tqdm
+    from moex.offload.engine import OffloadEngine
+    from moex.offload.store import ExpertStore
+    from moex.offload.trace import Trace
+    store = ExpertStore.from_params(cfg, params)
+    windows = samples(domain, split, requests, prompt_len, seed, corpus_limit)
+    traces = []
+    for start in tqdm(range(0, requests, batch), desc=f"trace {domain}", disable=not progress):
+        ids = windows[start:start + batch]
+        eng = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
+        eng.generate(ids, np.ones_like(ids), max_new_tokens=new_tokens, stop_tokens=(),
+                     request_ids=np.arange(start, start + len(ids)))
+        traces.append(eng.trace())
+    return Trace.concat(traces)

@@ -1,0 +1,134 @@
+"""The routing-path predictor (RPP): a small transformer that reads a prompt's token ids and
+predicts, in one forward pass and before the first MoE layer runs, which experts every MoE layer
+will pick for every prompt token and for the next `gen_len` generated tokens.
+
+Shape letters: B batch, P prompt length, G generated positions, D d_model, L MoE layers,
+E experts.
+
+  encoder   token + position embeddings, `enc_layers` bidirectional pre-norm blocks over the
+            prompt (padding masked) -> a contextual state per prompt token (B, P, D)
+  decoder   one query per generated position (a learned embedding of its index 0..G-1),
+            `dec_layers` blocks of self-attention among the queries and cross-attention to the
+            encoder states -> (B, G, D)
+  head      Dense(L * E) on both -> logits (B, P + G, L, E)
+
+Defaults follow ExpertFlow (d_model 32, d_ff 2048). Trained with multi-label binary
+cross-entropy (`bce_loss`) on routing traces: target[p, l, e] = 1 where token p picked expert e
+in MoE layer l.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class RPPConfig:
+    num_layers: int                    # L: MoE layers of the target model
+    num_experts: int                   # E
+    top_k: int                         # experts per token of the target model
+    vocab_size: int = 260
+    d_model: int = 32
+    d_ff: int = 2048
+    num_heads: int = 4
+    enc_layers: int = 2
+    dec_layers: int = 1
+    max_prompt: int = 512
+    gen_len: int = 32                  # G
+    model: str = ""                    # the target model's name
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "RPPConfig":
+        return cls(**json.loads(text))
+
+    @classmethod
+    def for_model(cls, cfg, **kw) -> "RPPConfig":
+        from moex.offload.store import moe_layers
+        layers = moe_layers(cfg)
+        if not layers:
+            raise ValueError(f"{cfg.name} has no hard-MoE decoder layers to predict")
+        return cls(len(layers), cfg.decoder.moe.num_experts, cfg.decoder.moe.top_k,
+                   cfg.decoder.vocab_size, model=cfg.name, **kw)
+
+    def check_model(self, cfg) -> None:
+        """Raise unless the target model has this predictor's (L, E)."""
+        from moex.offload.store import moe_layers
+        want = (len(moe_layers(cfg)), cfg.decoder.moe.num_experts)
+        if want != (self.num_layers, self.num_experts):
+            raise ValueError(f"routing-path predictor for (L, E) = ({self.num_layers}, "
+                             f"{self.num_experts}) (trained on {self.model or 'unknown'}) does "
+                             f"not match {cfg.name}: it has {want[0]} MoE layers and {want[1]} "
+                             "experts")
+
+
+class Block(nn.Module):
+    cfg: RPPConfig
+    cross: bool = False
+
+    @nn.compact
+    def __call__(self, x, mask, memory=None, memory_mask=None):
+        c = self.cfg
+        attend = lambda name: nn.MultiHeadDotProductAttention(c.num_heads, name=name)
+        h = nn.LayerNorm(name="norm_self")(x)
+        x = x + attend("self")(h, h, mask=mask)
+        if self.cross:
+            h = nn.LayerNorm(name="norm_cross")(x)
+            x = x + attend("cross")(h, memory, mask=memory_mask)
+        h = nn.LayerNorm(name="norm_ffn")(x)
+        return x + nn.Dense(c.d_model, name="ffn_out")(nn.gelu(nn.Dense(c.d_ff, name="ffn_in")(h)))
+
+
+class RoutingPathPredictor(nn.Module):
+    cfg: RPPConfig
+
+    @nn.compact
+    def __call__(self, tokens, token_mask):
+        """tokens, token_mask (B, P) -> logits (B, P + G, L, E) float32."""
+        c = self.cfg
+        b, p = tokens.shape
+        if p > c.max_prompt:
+            raise ValueError(f"prompt of {p} tokens is longer than the predictor's max_prompt "
+                             f"{c.max_prompt}")
+        valid = token_mask.astype(bool)
+        pos = jnp.clip(jnp.cumsum(valid, axis=1) - 1, 0)
+        x = nn.Embed(c.vocab_size, c.d_model, name="embed")(tokens)
+        x = x + nn.Embed(c.max_prompt, c.d_model, name="pos")(pos)
+        pair = valid[:, None, :, None] & valid[:, None, None, :]
+        pair = pair | jnp.eye(p, dtype=bool)[None, None]       # padding rows attend to themselves
+        for i in range(c.enc_layers):
+            x = Block(c, name=f"enc_{i}")(x, pair)
+        memory = nn.LayerNorm(name="enc_norm")(x)
+        q = nn.Embed(c.gen_len, c.d_model, name="gen")(jnp.arange(c.gen_len))
+        q = jnp.broadcast_to(q, (b, c.gen_len, c.d_model))
+        q_mask = jnp.ones((b, 1, c.gen_len, c.gen_len), bool)
+        m_mask = jnp.broadcast_to(valid[:, None, None, :], (b, 1, c.gen_len, p))
+        for i in range(c.dec_layers):
+            q = Block(c, cross=True, name=f"dec_{i}")(q, q_mask, memory, m_mask)
+        states = jnp.concatenate([memory, nn.LayerNorm(name="dec_norm")(q)], axis=1)
+        logits = nn.Dense(c.num_layers * c.num_experts, name="head")(states)
+        return logits.reshape(b, p + c.gen_len, c.num_layers, c.num_experts).astype(jnp.float32)
+
+
+def bce_loss(logits, targets, mask):
+    """Mean multi-label binary cross-entropy over (L, E) of the positions where mask is 1.
+
+    logits, targets (B, N, L, E); mask (B, N)."""
+    per = optax.sigmoid_binary_cross_entropy(logits, targets.astype(logits.dtype))
+    per = per.mean(axis=(-1, -2))
+    mask = mask.astype(per.dtype)
+    return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+def init_predictor(cfg: RPPConfig, seed: int = 0):
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    return jax.jit(RoutingPathPredictor(cfg).init)(jax.random.key(seed), tokens,
+                                                   jnp.ones_like(tokens))["params"]

@@ -1,0 +1,133 @@
+"""Training loops shared by the language-model, predictor and VLM trainers: optax state, orbax
+`CheckpointManager` with resume, a progress bar, a loss log.
+
+    state = TrainState.create(params, optimizer)
+    state, log = fit(state, step_fn, batch_for, steps=500, ckpt_dir="runs/x", desc="lm")
+
+`batch_for(step)` must be a pure function of the step (draw from a seed folded with the step), so
+a run resumed from step s sees exactly the batches the uninterrupted run saw: resumed runs
+reproduce the uninterrupted run's parameters bit for bit (tested). Checkpoints hold the params,
+the optimizer state and the step; `fit` restores the latest one in `ckpt_dir` and continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array
+
+    @classmethod
+    def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
+        return cls(params, optimizer.init(params), jax.numpy.zeros((), jax.numpy.int32))
+
+
+def warmup_cosine(lr: float, warmup: int, steps: int, final_fraction: float = 0.1):
+    return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
+                                              lr * final_fraction)
+
+
+def adamw(lr: float, warmup: int, steps: int, weight_decay: float = 0.01,
+          clip: float = 1.0) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.adamw(warmup_cosine(lr, warmup, steps), weight_decay=weight_decay))
+
+
+def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
+    """A jitted train step: (state, batch) -> (state, loss, metrics); loss_fn(params, batch) ->
+    (loss, metrics dict)."""
+
+    def step(state: TrainState, batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1), loss, metrics
+    return jax.jit(step, donate_argnums=0)
+
+
+class Checkpoints:
+    """orbax CheckpointManager over TrainState; keeps the last `keep`."""
+
+    def __init__(self, directory, keep: int = 2):
+        import orbax.checkpoint as ocp
+        self.dir = pathlib.Path(directory).absolute()
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, extra: dict | None = None) -> None:
+        step = int(state.step)
+        self.manager.save(step, args=self.ocp.args.StandardSave(
+            {"params": state.params, "opt_state": state.opt_state, "step": state.step}))
+        self.manager.wait_until_finished()
+        if extra is not None:
+            (self.dir / f"log-{step}.json").write_text(json.dumps(extra))
+
+    def restore(self, like: TrainState) -> TrainState:
+        step = self.latest()
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                              {"params": like.params, "opt_state": like.opt_state,
+                               "step": like.step})
+        got = self.manager.restore(step, args=self.ocp.args.StandardRestore(target))
+        return TrainState(got["params"], got["opt_state"], got["step"])
+
+    def log(self) -> list:
+        step = self.latest()
+        path = self.dir / f"log-{step}.json"
+        return json.loads(path.read_text()) if step is not None and path.exists() else []
+
+
+def fit(state: TrainState, step_fn, batch_for: Callable[[int], Any], steps: int,
+        ckpt_dir=None, ckpt_every: int = 100, log_every: int = 10, desc: str = "train",
+        progress: bool = True, evaluate: Callable[[TrainState], dict] | None = None,
+        eval_every: int = 0, stop_at: int | None = None):
+    """Train to `steps` (resuming from ckpt_dir's latest checkpoint); returns (state, log).
+
+    log: [{"step", "loss", ...metrics}] every `log_every` steps, plus `evaluate(state)`'s dict
+    every `eval_every` steps and at the end. `stop_at` ends early (as if interrupted) after that
+    step, having checkpointed it.
+    """
+    from tqdm import tqdm
+    ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
+    log: list = []
+    if ckpt is not None and ckpt.latest() is not None:
+        state = ckpt.restore(state)
+        log = ckpt.log()
+    start = int(state.step)
+    end = min(steps, stop_at) if stop_at is not None else steps
+    bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
+    losses = []
+    for i in range(start, end):
+        state, loss, metrics = step_fn(state, batch_for(i))
+        losses.append(loss)
+        done = i + 1
+        if done % log_every == 0 or done == end:
+            mean = float(np.mean([float(x) for x in losses]))
+            losses = []
+            entry = {"step": done, "loss": mean,
+                     **{k: float(v) for k, v in metrics.items()}}
+            if evaluate is not None and ((eval_every and done % eval_every == 0)
+                                         or done == steps):
+                entry.update(evaluate(state))
+            log.append(entry)
+            bar.set_postfix_str(f"loss {mean:.4f}")
+        bar.update()
+        if ckpt is not None and (done % ckpt_every == 0 or done == end):
+            ckpt.save(state, log)
+    bar.close()
+    return state, log
