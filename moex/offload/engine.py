@@ -266,7 +266,8 @@ class OffloadEngine:
         moe_layers = self.store.layers
         forecast = None
         if self.policy.uses_forecast:
-            forecast = np.asarray(self.forecaster.for_forward(self._forward, tokens, token_mask))
+            forecast = np.asarray(self.forecaster.for_forward(
+                self._forward, tokens, token_mask, prefill=cache is None or fresh_cache))
             first = Visit(moe_layers[0], frozenset(), self._forward, None, forecast, b * t)
             self._execute(self.core.admit(len(self.stream), first))
         x = self.pieces.embed(self.params, jnp.asarray(tokens),
