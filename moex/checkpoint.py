@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -65,18 +66,28 @@ def publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
     os.replace(tmp, out)
 
 
-def save(out, cfg: VLMConfig, params, metadata: dict | None = None, copy_from=None) -> pathlib.Path:
+@contextlib.contextmanager
+def staged(out, replace: bool = False):
+    """Yield a staging dir beside OUT; when the block succeeds it becomes OUT (an existing OUT is
+    replaced if `replace`, else refused), when it fails it is removed: OUT is never half-written."""
     out = pathlib.Path(out)
-    if out.exists():
+    if out.exists() and not replace:
         raise FileExistsError(f"{out} exists; remove it or choose another output path")
     tmp = staging_dir(out)
     try:
-        write(tmp, cfg, params, metadata, copy_from and pathlib.Path(copy_from))
+        yield tmp
+        if replace and out.exists():
+            shutil.rmtree(out)
         publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def save(out, cfg: VLMConfig, params, metadata: dict | None = None, copy_from=None) -> pathlib.Path:
+    with staged(out) as tmp:
+        write(tmp, cfg, params, metadata, copy_from and pathlib.Path(copy_from))
+    return pathlib.Path(out)
 
 
 def load_config(path) -> VLMConfig:

@@ -107,21 +107,12 @@ class Generator:
                  sampling: Sampling = GREEDY, stop_tokens=None, return_logits: bool = False,
                  max_len: int | None = None) -> GenerationResult:
         cfg = self.model.cfg
-        tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
-        if tokens.shape != mask.shape or tokens.ndim != 2:
-            raise ValueError(f"tokens and mask must both be (B, T); found {tokens.shape} and "
-                             f"{mask.shape}")
-        if cfg.vision is not None:
-            check_placeholders(tokens, cfg.image_token_id, cfg.vision.num_image_tokens,
-                               images is not None)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+        tokens, mask = check_inputs(cfg, tokens, mask, images, max_new_tokens)
         b, t = tokens.shape
         max_len = max_len or t + max_new_tokens
         if max_len < t + max_new_tokens:
             raise ValueError(f"max_len {max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
-        stop = jnp.asarray(sorted(set(stop_tokens if stop_tokens is not None
-                                      else (cfg.eos_token_id,))) or [-1], jnp.int32)
+        stop = jnp.asarray(stop_ids(cfg, stop_tokens))
         cache, tok, logits = self.prefill(params, tokens, mask, images, max_len=max_len,
                                           sampling=sampling)
         done = jnp.isin(tok, stop)
@@ -133,14 +124,39 @@ class Generator:
             out.append(tok)
             if return_logits:
                 all_logits.append(logits)
-        toks = np.full((b, max_new_tokens), cfg.pad_token_id, np.int32)
-        toks[:, :len(out)] = np.stack([np.asarray(o) for o in out], axis=1)
-        stop_np = np.asarray(stop)
-        hit = np.isin(toks, stop_np)
-        stopped = hit.any(axis=1)
-        num = np.where(stopped, hit.argmax(axis=1) + 1, len(out))
-        lg = np.stack([np.asarray(x) for x in all_logits], axis=1) if return_logits else None
-        return GenerationResult(toks, num, stopped, lg)
+        return result(cfg, out, stop, max_new_tokens, all_logits)
+
+
+def check_inputs(cfg, tokens, mask, images, max_new_tokens: int):
+    """(tokens, mask) as int32 arrays, after checking shapes, image placeholders and N."""
+    tokens, mask = np.asarray(tokens, np.int32), np.asarray(mask, np.int32)
+    if tokens.shape != mask.shape or tokens.ndim != 2:
+        raise ValueError(f"tokens and mask must both be (B, T); found {tokens.shape} and "
+                         f"{mask.shape}")
+    if cfg.vision is not None:
+        check_placeholders(tokens, cfg.image_token_id, cfg.vision.num_image_tokens,
+                           images is not None)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+    return tokens, mask
+
+
+def stop_ids(cfg, stop_tokens) -> np.ndarray:
+    """The stop token ids (default: EOS; none: -1, which never matches)."""
+    ids = sorted(set(stop_tokens if stop_tokens is not None else (cfg.eos_token_id,)))
+    return np.asarray(ids or [-1], np.int32)
+
+
+def result(cfg, out: list, stop, max_new_tokens: int, logits: list | None) -> GenerationResult:
+    """GenerationResult from the per-step sampled ids (each (B,)) and optional logits."""
+    b = np.asarray(out[0]).shape[0]
+    toks = np.full((b, max_new_tokens), cfg.pad_token_id, np.int32)
+    toks[:, :len(out)] = np.stack([np.asarray(o) for o in out], axis=1)
+    hit = np.isin(toks, np.asarray(stop))
+    stopped = hit.any(axis=1)
+    num = np.where(stopped, hit.argmax(axis=1) + 1, len(out))
+    lg = np.stack([np.asarray(x) for x in logits], axis=1) if logits is not None else None
+    return GenerationResult(toks, num, stopped, lg)
 
 
 @functools.lru_cache(maxsize=16)

@@ -5,19 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 from moex.bench.timing import environment
+from moex.checkpoint import staged
 
 
 def write_outputs(out, rows: list[dict], config: dict, report_md: str) -> pathlib.Path:
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with staged(out, replace=True) as tmp:
         with open(tmp / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
@@ -26,10 +21,4 @@ def write_outputs(out, rows: list[dict], config: dict, report_md: str) -> pathli
         meta = {"config": config, "environment": env, "rows": rows}
         (tmp / "results.json").write_text(json.dumps(meta, indent=2, default=str))
         (tmp / "report.md").write_text(f"{report_md}\n\nEnvironment: `{json.dumps(env)}`\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return pathlib.Path(out)

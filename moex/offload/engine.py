@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from moex.config import VLMConfig
-from moex.generate import GREEDY, GenerationResult, Sampling, sample
+from moex.generate import (GREEDY, GenerationResult, Sampling, check_inputs, result, sample,
+                           stop_ids)
 from moex.model import build
 from moex.nn.attention import Attention
 from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_cache
@@ -42,7 +43,7 @@ from moex.nn.experts import _expert_fn, _sorted_pairs
 from moex.nn.grouped import resolve
 from moex.nn.layers import MLP, Dense, make_norm
 from moex.nn.routing import Router
-from moex.nn.vlm import check_placeholders, splice_image_tokens
+from moex.nn.vlm import splice_image_tokens
 from moex.offload.cache import CacheCore, Visit
 from moex.offload.policies import make_policy
 from moex.offload.store import ExpertStore, SlotPool
@@ -349,18 +350,9 @@ class OffloadEngine:
                  request_ids=None) -> GenerationResult:
         """Prefill + decode steps over a KV cache, like `moex.generate.Generator`."""
         cfg = self.cfg
-        tokens, token_mask = np.asarray(tokens, np.int32), np.asarray(token_mask, np.int32)
-        if tokens.shape != token_mask.shape or tokens.ndim != 2:
-            raise ValueError(f"tokens and mask must both be (B, T); found {tokens.shape} and "
-                             f"{token_mask.shape}")
-        if cfg.vision is not None:
-            check_placeholders(tokens, cfg.image_token_id, cfg.vision.num_image_tokens,
-                               images is not None)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
+        tokens, token_mask = check_inputs(cfg, tokens, token_mask, images, max_new_tokens)
         b, t = tokens.shape
-        stop = np.asarray(sorted(set(stop_tokens if stop_tokens is not None
-                                     else (cfg.eos_token_id,))) or [-1], np.int32)
+        stop = stop_ids(cfg, stop_tokens)
         cache = init_cache(cfg.decoder, b, t + max_new_tokens, self.dtype)
         start = time.perf_counter()
         logits, cache = self.forward(tokens, token_mask, cache, fresh_cache=True, images=images,
@@ -384,13 +376,7 @@ class OffloadEngine:
                         "decode_s": time.perf_counter() - start - prefill_s,
                         "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,
                         "decode_loads": self.pool.loads - loads}
-        toks = np.full((b, max_new_tokens), cfg.pad_token_id, np.int32)
-        toks[:, :len(out)] = np.stack(out, axis=1)
-        hit = np.isin(toks, stop)
-        stopped = hit.any(axis=1)
-        num = np.where(stopped, hit.argmax(axis=1) + 1, len(out))
-        return GenerationResult(toks, num, stopped,
-                                np.stack(all_logits, axis=1) if return_logits else None)
+        return result(cfg, out, stop, max_new_tokens, all_logits if return_logits else None)
 
     def greedy(self, tokens, token_mask, max_new_tokens: int):
         """Greedy continuation (B, N) and the logits (B, N, V) that chose it (no stop token)."""

@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -114,22 +111,14 @@ def predict(rcfg: RPPConfig, params, tokens, mask, batch: int = 64) -> np.ndarra
 def save_predictor(out, rcfg: RPPConfig, params, metadata: dict | None = None) -> pathlib.Path:
     """OUT/rpp.json + OUT/params (orbax), written to a temp dir and renamed into place."""
     import orbax.checkpoint as ocp
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    from moex.checkpoint import staged
+    with staged(out, replace=True) as tmp:
         (tmp / "rpp.json").write_text(rcfg.to_json())
         (tmp / "meta.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
         ckpt = ocp.StandardCheckpointer()
         ckpt.save((tmp / "params").absolute(), params)
         ckpt.wait_until_finished()
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return pathlib.Path(out)
 
 
 def load_predictor(path) -> tuple[RPPConfig, dict]:
