@@ -6,8 +6,9 @@
   4. evaluate each predictor and every baseline in-domain and cross-domain
   5. `moex bench offload` on code prompts with lru, pregated, predictive:<code predictor> and
      predictive:oracle at 25 % and 12.5 % budgets
-  6. the token scheduler on predicted routes of held-out requests: distinct experts per batch vs
-     FIFO order, scheduling time, and decode tokens/s of the scheduled vs FIFO batches (lru 25 %)
+  6. the token scheduler at every decode step of held-out requests (on the predictor's routes):
+     distinct experts per batch vs FIFO order, scheduling time, and the decode tokens/s of both
+     orders replayed through the simulator (lru, 25 %)
 
     python experiments/routing_predictor.py
     python experiments/routing_predictor.py --lm-steps 100 --requests 32 --predictor-steps 300
@@ -99,46 +100,67 @@ def main(argv=None) -> int:
 
 
 def scheduler_study(cfg, params, predictor, trace, args, batch: int = 4) -> dict:
-    """Adjacent pairs of held-out request batches re-split by the scheduler on the predictor's
-    routes (union over each request's prompt and generated positions): distinct experts per
-    batch and decode tokens/s (lru, 25 %), scheduled vs FIFO."""
+    """Token-level scheduling at every decode step: the next tokens of 2 x `batch` adjacent
+    held-out requests are re-split by the scheduler on the predictor's routes for that position.
+    Reported: distinct experts summed over steps, layers and both batches (true routes), FIFO vs
+    scheduled; scheduling time; and decode tokens/s of both orders replayed through the
+    simulator under lru and pregated at 25 % (copy time calibrated on this machine, compute time
+    per layer visit from the engine's all-resident decode)."""
+    from moex.offload.cache import Visit
     from moex.offload.engine import OffloadEngine
+    from moex.offload.simulator import ComputeModel, TransferModel, simulate_stream
     from moex.offload.store import ExpertStore
     from moex.predict.data import examples
+    from moex.predict.metrics import topk_sets
     from moex.predict.scheduler import objective, schedule
     from moex.predict.train import load_predictor, predict
     rcfg, rparams = load_predictor(predictor)
     ex = examples(trace, rcfg.gen_len)
-    probs = predict(rcfg, rparams, ex.tokens, ex.mask)
-    from moex.predict.metrics import topk_sets
-    pred = (topk_sets(probs, rcfg.top_k) & (ex.route_mask > 0)[..., None, None]).any(1)
-    truth = (ex.routes & (ex.route_mask > 0)[..., None, None]).any(1)          # (R, L, E)
+    p = ex.tokens.shape[1]
+    pred = topk_sets(predict(rcfg, rparams, ex.tokens, ex.mask), rcfg.top_k)   # (R, P+G, L, E)
     store = ExpertStore.from_params(cfg, params)
-    budget = store.total_bytes // 4
-    rows, times = [], []
-    rates = {"fifo": [], "scheduled": []}
+    for _ in range(2):                                   # the first run compiles
+        ref = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
+        ref.generate(ex.tokens[:batch], ex.mask[:batch], max_new_tokens=args.new_tokens,
+                     stop_tokens=())
+    t = ref.timings
+    compute = ComputeModel(t["decode_s"] / max(t["decode_steps"] * len(store.layers), 1))
+    transfer = TransferModel(bandwidth_bytes_per_s=store.expert_bytes / ref.calibrate_copy(),
+                             latency_s=0.0)
+    totals = {"fifo": 0, "scheduled": 0}
+    streams = {"fifo": [], "scheduled": []}
+    times = []
     for s in range(0, len(ex) - 2 * batch + 1, 2 * batch):
         idx = np.arange(s, s + 2 * batch)
-        t0 = time.perf_counter()
-        a, b = schedule(pred[idx])
-        times.append(time.perf_counter() - t0)
-        fifo = (np.arange(batch), np.arange(batch, 2 * batch))
-        rows.append({"fifo_true": objective(truth[idx], *fifo),
-                     "scheduled_true": objective(truth[idx], a, b),
-                     "fifo_pred": objective(pred[idx], *fifo),
-                     "scheduled_pred": objective(pred[idx], a, b)})
-        for label, (x, y) in (("fifo", fifo), ("scheduled", (a, b))):
-            for half in (x, y):
-                rows_idx = idx[half]
-                eng = OffloadEngine(cfg, None, "lru", budget, store=store)
-                eng.generate(ex.tokens[rows_idx], ex.mask[rows_idx],
-                             max_new_tokens=args.new_tokens, stop_tokens=())
-                t = eng.timings
-                rates[label].append(len(rows_idx) * t["decode_steps"] / t["decode_s"])
-    total = {k: int(sum(r[k] for r in rows)) for k in rows[0]} if rows else {}
-    return {"batch": batch, "pairs": len(rows), "distinct_experts_sum": total,
+        for g in range(rcfg.gen_len):
+            if not (ex.route_mask[idx, p + g] > 0).all():
+                continue
+            truth = ex.routes[idx, p + g]                                   # (2T, L, E)
+            t0 = time.perf_counter()
+            a, b = schedule(pred[idx, p + g])
+            times.append(time.perf_counter() - t0)
+            fifo = (np.arange(batch), np.arange(batch, 2 * batch))
+            for label, halves in (("fifo", fifo), ("scheduled", (a, b))):
+                totals[label] += objective(truth, *halves)
+                for half in halves:
+                    used = truth[half].any(0)                               # (L, E)
+                    streams[label] += [Visit(layer, frozenset(np.flatnonzero(used[li]).tolist()),
+                                             tokens=batch)
+                                       for li, layer in enumerate(store.layers)]
+    sims = {}
+    slots = store.total_bytes // 4 // store.expert_bytes
+    for policy in ("lru",):
+        for label, stream in streams.items():
+            r = simulate_stream(stream, policy, slots, store.layers, store.num_experts,
+                                store.expert_bytes, transfer, compute)
+            sims[f"{policy}_{label}"] = {"tokens_per_s": r.tokens_per_s, "loads": r.stats.loads,
+                                         "hit_rate": r.hit_rate}
+    return {"batch": batch, "steps_scheduled": len(times),
+            "distinct_experts_sum": totals,
+            "reduction": 1 - totals["scheduled"] / max(totals["fifo"], 1),
             "schedule_ms_median": 1e3 * statistics.median(times) if times else None,
-            "decode_tok_s_median": {k: statistics.median(v) for k, v in rates.items() if v},
+            "simulated_decode_25pct": sims, "compute_s_per_visit": compute.seconds_per_layer,
+            "copy_s_per_expert": store.expert_bytes / transfer.bandwidth_bytes_per_s,
             "layers": len(trace.moe_layers), "experts": trace.num_experts}
 
 

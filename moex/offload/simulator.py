@@ -109,12 +109,23 @@ def simulate(trace, policy: str, slots: int, batch: int | None, expert_bytes: in
     if p.uses_forecast and forecaster is None:
         raise ValueError(f"{policy} needs a forecaster (moex.offload.forecast)")
     stream = stream_from_trace(trace, batch, forecaster if p.uses_forecast else None)
-    core = CacheCore(p, slots, trace.moe_layers, trace.num_experts)
+    return simulate_stream(stream, policy, slots, trace.moe_layers, trace.num_experts,
+                           expert_bytes, transfer, compute, tokens=len(trace), batch=batch)
+
+
+def simulate_stream(stream, policy: str, slots: int, layers: list[int], num_experts: int,
+                    expert_bytes: int, transfer: TransferModel = TransferModel(),
+                    compute: ComputeModel = ComputeModel(), tokens: int | None = None,
+                    batch: int | None = None) -> SimResult:
+    """The time model on a stream of visits (`simulate` builds one from a trace); `tokens`
+    defaults to the sum of each forward's tokens."""
+    p = make_policy(policy)
+    core = CacheCore(p, slots, layers, num_experts)
     minimum = core.minimum_slots(stream)
     if slots < minimum:
         raise ValueError(f"budget of {slots} expert slots is below the minimum of {minimum} "
                          f"for policy {policy}")
-    p.start(stream, slots, trace.moe_layers)
+    p.start(stream, slots, layers)
     copies = _CopyEngine(transfer.copy_seconds(expert_bytes))
     now = stall = busy = 0.0
     for t, v in enumerate(stream):
@@ -134,6 +145,8 @@ def simulate(trace, policy: str, slots: int, batch: int | None, expert_bytes: in
             busy += share
     core.finish()
     loads = core.stats.loads
-    return SimResult(policy=policy, slots=slots, batch=batch, tokens=len(trace), stats=core.stats,
+    if tokens is None:
+        tokens = sum(v.tokens for v in stream if v.layer == layers[0])
+    return SimResult(policy=policy, slots=slots, batch=batch, tokens=tokens, stats=core.stats,
                      bytes_moved=loads * expert_bytes, copy_s=loads * copies.per_copy,
                      compute_s=busy, stall_s=stall, total_s=max(now, copies.free_at))
