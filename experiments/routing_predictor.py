@@ -103,7 +103,7 @@ def scheduler_study(cfg, params, predictor, trace, args, batch: int = 4) -> dict
     """Token-level scheduling at every decode step: the next tokens of 2 x `batch` adjacent
     held-out requests are re-split by the scheduler on the predictor's routes for that position.
     Reported: distinct experts summed over steps, layers and both batches (true routes), FIFO vs
-    scheduled; scheduling time; and decode tokens/s of both orders replayed through the
+    scheduled (and, as the scheduler's ceiling, scheduled on the true routes themselves); scheduling time; and decode tokens/s of both orders replayed through the
     simulator under lru and pregated at 25 % (copy time calibrated on this machine, compute time
     per layer visit from the engine's all-resident decode)."""
     from moex.offload.cache import Visit
@@ -127,7 +127,7 @@ def scheduler_study(cfg, params, predictor, trace, args, batch: int = 4) -> dict
     compute = ComputeModel(t["decode_s"] / max(t["decode_steps"] * len(store.layers), 1))
     transfer = TransferModel(bandwidth_bytes_per_s=store.expert_bytes / ref.calibrate_copy(),
                              latency_s=0.0)
-    totals = {"fifo": 0, "scheduled": 0}
+    totals = {"fifo": 0, "scheduled": 0, "scheduled_on_true_routes": 0}
     streams = {"fifo": [], "scheduled": []}
     times = []
     for s in range(0, len(ex) - 2 * batch + 1, 2 * batch):
@@ -140,6 +140,7 @@ def scheduler_study(cfg, params, predictor, trace, args, batch: int = 4) -> dict
             a, b = schedule(pred[idx, p + g])
             times.append(time.perf_counter() - t0)
             fifo = (np.arange(batch), np.arange(batch, 2 * batch))
+            totals["scheduled_on_true_routes"] += objective(truth, *schedule(truth))
             for label, halves in (("fifo", fifo), ("scheduled", (a, b))):
                 totals[label] += objective(truth, *halves)
                 for half in halves:
