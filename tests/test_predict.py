@@ -241,3 +241,20 @@ def test_kv_caches_follow_their_requests(params):
     got_a, got_b = continue_(ca, toks[a]), continue_(cb, toks[b])
     np.testing.assert_array_equal(got_a, want[a])
     np.testing.assert_array_equal(got_b, want[b])
+
+
+def test_predictor_cli_train_and_eval(trace, tmp_path, capsys):
+    from moex.cli import main
+    path = trace.save(tmp_path / "code.npz")
+    out = tmp_path / "rpp"
+    assert main(["predictor", "train", str(path), "--out", str(out), "--gen-len", "4",
+                 "--d-ff", "64", "--steps", "20", "--batch-size", "4"]) == 0
+    assert (out / "rpp.json").exists() and (out / "params").exists()
+    assert main(["predictor", "eval", str(out), str(path), "--prior-trace", str(path),
+                 "--out", str(tmp_path / "eval")]) == 0
+    text = capsys.readouterr().out
+    for method in ("rpp", "prior", "tlp", "slp", "pregate"):
+        assert f"| {method} |" in text
+    import json
+    report = json.loads((tmp_path / "eval" / "predictor_eval.json").read_text())
+    assert len(report["traces"]["code.npz"]["rpp"]["b_acc_32"]) == 2       # per layer
