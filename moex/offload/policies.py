@@ -45,6 +45,7 @@ class Policy(abc.ABC):
     def start(self, stream: list[Visit], slots: int, layers: list[int]) -> None:
         """Called before a run (offline policies read the future here)."""
         self.slots, self.layers = slots, list(layers)
+        self.index = {layer: i for i, layer in enumerate(self.layers)}     # layer -> position
 
     def enter(self, t: int, v: Visit) -> None:
         """Visit t begins (before its loads)."""
@@ -112,7 +113,7 @@ class Pregated(Policy):
     uses_pregate = True
 
     def prefetch(self, t, v):
-        i = self.layers.index(v.layer)
+        i = self.index[v.layer]
         if v.pregate is None or i + 1 == len(self.layers):
             return []
         return [(self.layers[i + 1], e) for e in sorted(v.pregate)]
@@ -163,16 +164,16 @@ class Predictive(Policy):
         if self.forecast is None:
             raise ValueError("predictive needs a forecast at each forward's first MoE layer "
                              "(give the engine or the replay a forecaster)")
-        self.position = self.layers.index(v.layer)
+        self.position = self.index[v.layer]
 
     def prefetch(self, t, v):
         if self.forecast is None:
             raise ValueError("predictive needs a forecast at each forward's first MoE layer "
                              "(give the engine or the replay a forecaster)")
-        return [k for k in self.plan if self.layers.index(k[0]) > self.position]
+        return [k for k in self.plan if self.index[k[0]] > self.position]
 
     def _value(self, key: Key, t: int):
-        i = self.layers.index(key[0])
+        i = self.index[key[0]]
         upcoming = i > self.position
         return (upcoming, float(self.forecast[i, key[1]]), self.last.get(key, -1), key)
 

@@ -112,7 +112,8 @@ def train_lm(lc: LMTrainConfig, progress: bool = True, stop_at: int | None = Non
     state = TrainState.create(init_params(cfg, lc.seed), optimizer)
     step = make_step(lm_loss(model, tcfg), optimizer)
     evaluate = heldout_loss(model, tcfg, lc)
-    state, log = fit(state, step, lambda i: jnp.asarray(batch_for(lc)(i)), lc.steps,
+    draw = batch_for(lc)
+    state, log = fit(state, step, lambda i: jnp.asarray(draw(i)), lc.steps,
                      ckpt_dir=lc.run_dir / "train", ckpt_every=lc.ckpt_every,
                      desc=f"lm {lc.preset}", progress=progress, evaluate=evaluate,
                      eval_every=lc.eval_every, stop_at=stop_at)

@@ -19,6 +19,7 @@ f - 1 at decode step f. Mispredictions are corrected at run time by the engine's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
@@ -93,15 +94,17 @@ def train_predictor(ex, rcfg: RPPConfig, tc: PredictorTrainConfig, ckpt_dir=None
     return state.params, log
 
 
-@jax.jit
-def _sigmoid(x):
-    return jax.nn.sigmoid(x)
+@functools.lru_cache(maxsize=8)
+def _probabilities(rcfg: RPPConfig):
+    """The jitted predictor -> probabilities function of one config (compiled once per shape,
+    shared by every call: a forecaster runs it at each request batch's admission)."""
+    model = RoutingPathPredictor(rcfg)
+    return jax.jit(lambda p, t, m: jax.nn.sigmoid(model.apply({"params": p}, t, m)))
 
 
 def predict(rcfg: RPPConfig, params, tokens, mask, batch: int = 64) -> np.ndarray:
     """Probabilities (R, P + G, L, E) float32."""
-    model = RoutingPathPredictor(rcfg)
-    run = jax.jit(lambda p, t, m: jax.nn.sigmoid(model.apply({"params": p}, t, m)))
+    run = _probabilities(rcfg)
     out = [np.asarray(run(params, jnp.asarray(tokens[s:s + batch]),
                           jnp.asarray(mask[s:s + batch])))
            for s in range(0, len(tokens), batch)]
