@@ -8,6 +8,8 @@
     moex lm train|trace ...            byte-level LM on the stdlib corpus; routing traces
     moex predictor train|eval ...      the routing-path predictor (moex.predict)
     moex compare [...]                 dense vs hard-MoE vs soft-MoE throughput and memory
+    moex efficiency [...]              the main experiment (= experiments/vlm_efficiency.py)
+    moex vlm data OUT | train PRESET   synthetic MMBench / SEED-Bench data; train a preset VLM
     moex compare-hf SRC [--prompts F]  a converted HF checkpoint against transformers
 """
 
@@ -134,6 +136,8 @@ def main(argv=None) -> int:
     p.set_defaults(fn=offload_bench.main)
     from moex.predict.cli import add_commands
     add_commands(sub)
+    from moex import train_vlm
+    train_vlm.add_commands(sub)
     p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
     p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
     p.add_argument("--prompts", help="text file, one prompt per line")

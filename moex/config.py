@@ -99,6 +99,9 @@ class VisionConfig:
     feature_layer: int = -2       # which block's output feeds the projector (LLaVA: -2)
     drop_class_token: bool = True  # LLaVA's "patch" feature select
     patch_bias: bool = False      # CLIP's patch conv has no bias; SigLIP's has one
+    # pixel normalisation (x / 255 - mean) / std per channel; CLIP's values, SigLIP uses 0.5 / 0.5
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     moe: MoEConfig = DENSE
 
     @property
@@ -222,7 +225,7 @@ def config_from_dict(raw: dict) -> VLMConfig:
         for k, v in d.items():
             if k == "moe":
                 v = build(MoEConfig, v)
-            elif k == "dense_layers":
+            elif k in ("dense_layers", "image_mean", "image_std"):
                 v = tuple(v)
             kw[k] = v
         return cls(**kw)
@@ -344,7 +347,8 @@ CLIP_L14_336 = VisionConfig(image_size=336, patch_size=14, d_model=1024, num_lay
 SIGLIP_SO400M_384 = VisionConfig(image_size=384, patch_size=14, d_model=1152, num_layers=27,
                                  num_heads=16, mlp_dim=4304, activation="gelu_tanh",
                                  norm_eps=1e-6, class_token=False, pre_norm=False, post_norm=True,
-                                 feature_layer=-1, drop_class_token=False, patch_bias=True)
+                                 feature_layer=-1, drop_class_token=False, patch_bias=True,
+                                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
 LLAMA2_7B = DecoderConfig(vocab_size=32064, d_model=4096, num_layers=32, num_heads=32,
                           num_kv_heads=32, ffn_dim=11008, norm_eps=1e-5, max_seq_len=4096)
 

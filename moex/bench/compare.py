@@ -49,7 +49,8 @@ def make_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator):
     """B prompts of exactly seq_len tokens: BOS, one image's placeholders, then text bytes."""
     tok = ByteTokenizer()
     n_img = cfg.vision.num_image_tokens
-    head = tok.encode("<image>\n", num_image_tokens=n_img)
+    head = [cfg.image_token_id if t == tok.image_id else t     # converted models: their id
+            for t in tok.encode("<image>\n", num_image_tokens=n_img)]
     if seq_len <= len(head):
         raise ValueError(f"seq_len {seq_len} must exceed the {len(head)} tokens of the image prompt")
     body = list(TEXT.encode()) * (seq_len // len(TEXT) + 1)

@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import pathlib
+from typing import Callable
 
 from moex.bench.timing import environment
 from moex.checkpoint import staged
 
 
-def write_outputs(out, rows: list[dict], config: dict, report_md: str) -> pathlib.Path:
+def write_outputs(out, rows: list[dict], config: dict, report_md: str,
+                  extra: Callable[[pathlib.Path], object] | None = None) -> pathlib.Path:
+    """`extra(tmp_dir)` writes further files (plots) into the staged dir before it is published."""
     with staged(out, replace=True) as tmp:
         with open(tmp / "results.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -21,4 +24,6 @@ def write_outputs(out, rows: list[dict], config: dict, report_md: str) -> pathli
         meta = {"config": config, "environment": env, "rows": rows}
         (tmp / "results.json").write_text(json.dumps(meta, indent=2, default=str))
         (tmp / "report.md").write_text(f"{report_md}\n\nEnvironment: `{json.dumps(env)}`\n")
+        if extra is not None:
+            extra(tmp)
     return pathlib.Path(out)

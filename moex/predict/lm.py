@@ -56,13 +56,16 @@ class LMTrainConfig:
 
 
 def train_model_config(cfg: VLMConfig, capacity_factor: float) -> VLMConfig:
-    """The config a preset trains with: hard MoE through the differentiable dense dispatch with a
-    capacity factor; everything else (and every param shape) unchanged."""
-    moe = cfg.decoder.moe
-    if moe.kind != "hard":
-        return cfg
-    moe = dataclasses.replace(moe, compute="dense", capacity_factor=capacity_factor)
-    return cfg.replace(decoder=dataclasses.replace(cfg.decoder, moe=moe))
+    """The config a preset trains with: every hard-MoE block (decoder, vision tower, projector)
+    through the differentiable dense dispatch with a capacity factor; everything else (and every
+    param shape) unchanged."""
+    def train(part):
+        if part is None or part.moe.kind != "hard":
+            return part
+        return dataclasses.replace(part, moe=dataclasses.replace(
+            part.moe, compute="dense", capacity_factor=capacity_factor))
+    return cfg.replace(decoder=train(cfg.decoder), vision=train(cfg.vision),
+                       projector=train(cfg.projector))
 
 
 def lm_loss(model, cfg: VLMConfig):

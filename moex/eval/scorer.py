@@ -1,0 +1,154 @@
+"""Answering multiple-choice questions with a model, three ways.
+
+    scorer = Scorer(cfg, params)                         # byte tokenizer, "compact" prompts
+    preds = scorer.predict(questions, "letter")          # (Q,) chosen option index, -1 = none
+
+  letter       one forward over the prompt; the option whose letter token has the highest
+               next-token log-probability (restricted to the question's letters)
+  generate     greedy generation of up to `max_new_tokens`; the letter is read from the text as
+               MMBench's matcher does (`parse_letter`); -1 when nothing matches
+  likelihood   SEED-Bench's protocol: each option's text is scored after the question (without
+               the options) by its mean per-token log-probability; the best option wins
+
+Rows are padded to `batch_size` (repeating the last question) and prompts to a multiple of
+`bucket` tokens, so a scoring run compiles a handful of shapes, not one per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moex.data.batching import batches, encode_batch
+from moex.data.images import preprocess
+from moex.data.prompts import continuation, likelihood_prompt
+from moex.data.records import Question
+from moex.model import build
+from moex.tokenizer import ByteTokenizer, left_pad
+
+METHODS = ("letter", "generate", "likelihood")
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    style: str = "compact"          # prompt style (moex.data.prompts.STYLES)
+    template: str = "{prompt}"      # chat template around the prompt
+    batch_size: int = 16
+    bucket: int = 32                # prompt lengths padded up to a multiple of this
+    mode: str = "crop"              # image preprocessing (moex.data.images.MODES)
+    max_new_tokens: int = 4         # "generate"
+
+
+def parse_letter(text: str, n_options: int, options: Sequence[str] = ()) -> int:
+    """The option a free-text answer names: a leading letter ("B", "B.", "(B) ..."), else one
+    "X." / "X)" in the text, else the one option text it contains; -1 when none or ambiguous."""
+    letters = "ABCD"[:n_options]
+    s = text.strip()
+    m = re.match(rf"^\(?([{letters}])(?:[\s.):,]|$)", s)
+    if m:
+        return letters.index(m.group(1))
+    found = set(re.findall(rf"(?<![A-Za-z])([{letters}])[.)]", s))
+    if len(found) == 1:
+        return letters.index(found.pop())
+    hits = [i for i, o in enumerate(options) if o and o.lower() in s.lower()]
+    return hits[0] if len(hits) == 1 else -1
+
+
+def continuation_logprob(logprobs: np.ndarray, ids: np.ndarray, cont_len: np.ndarray) -> np.ndarray:
+    """(R,) mean log-probability of each row's last `cont_len[r]` tokens.
+
+    logprobs (R, T, V) from one forward over ids (R, T); position j predicts token j + 1, so the
+    continuation's tokens T - c .. T - 1 are scored by positions T - c - 1 .. T - 2.
+    """
+    tgt = np.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]   # (R, T - 1)
+    t = ids.shape[1]
+    return np.asarray([tgt[r, t - 1 - c:].mean() for r, c in enumerate(cont_len)])
+
+
+class Scorer:
+    def __init__(self, cfg, params, tokenizer=None, sc: ScoreConfig = ScoreConfig()):
+        self.cfg, self.params, self.sc = cfg, params, sc
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
+        model = build(cfg)
+        self.model = model
+        self._last = jax.jit(lambda p, t, m, im: jax.nn.log_softmax(
+            model.apply({"params": p}, t, m, im, None, True)[0][:, 0].astype(jnp.float32)))
+        self._all = jax.jit(lambda p, t, m, im: jax.nn.log_softmax(
+            model.apply({"params": p}, t, m, im)[0].astype(jnp.float32)))
+        self.letter_ids = np.asarray([self.tokenizer.encode(x, bos=False)[-1] for x in "ABCD"])
+
+    # -- batching -------------------------------------------------------------------------------
+    def _groups(self, questions: Sequence[Question]):
+        """Fixed-size groups: (questions padded to batch_size by repeating the last, real count)."""
+        for group in batches(questions, self.sc.batch_size):
+            n = len(group)
+            yield group + [group[-1]] * (self.sc.batch_size - n), n
+
+    def _encode(self, group):
+        b = encode_batch(group, self.tokenizer, self.cfg.vision, self.sc.style, mode=self.sc.mode,
+                         template=self.sc.template, bucket=self.sc.bucket)
+        return jnp.asarray(b.ids), jnp.asarray(b.mask), jnp.asarray(b.images)
+
+    # -- the three methods ------------------------------------------------------------------------
+    def letter_logprobs(self, questions: Sequence[Question]) -> list[np.ndarray]:
+        """Per question, (N,) next-token log-probabilities of its option letters."""
+        out = []
+        for group, n in self._groups(questions):
+            lp = np.asarray(self._last(self.params, *self._encode(group)))
+            out += [lp[i, self.letter_ids[:len(q.options)]] for i, q in enumerate(group[:n])]
+        return out
+
+    def generate(self, questions: Sequence[Question]) -> list[str]:
+        """Greedy completions (up to max_new_tokens, stopping at EOS), decoded."""
+        from moex.generate import generator_for
+        gen, texts = generator_for(self.cfg), []
+        for group, n in self._groups(questions):
+            ids, mask, images = self._encode(group)
+            res = gen(self.params, ids, mask, images, max_new_tokens=self.sc.max_new_tokens)
+            texts += [self.tokenizer.decode(res.tokens[i, :res.num_generated[i]]) for i in range(n)]
+        return texts
+
+    def option_loglik(self, questions: Sequence[Question]) -> list[np.ndarray]:
+        """Per question, (N,) mean log-probability of each option's text after the question."""
+        rows = [(qi, q, oi) for qi, q in enumerate(questions) for oi in range(len(q.options))]
+        scores = [np.zeros(len(q.options)) for q in questions]
+        n_img = self.cfg.vision.num_image_tokens
+        tok = self.tokenizer
+        for start in range(0, len(rows), self.sc.batch_size):
+            chunk = rows[start:start + self.sc.batch_size]
+            n = len(chunk)
+            chunk = chunk + [chunk[-1]] * (self.sc.batch_size - n)
+            seqs, conts = [], []
+            for _, q, oi in chunk:
+                head = tok.encode(self.sc.template.format(prompt=likelihood_prompt(q)),
+                                  num_image_tokens=n_img)
+                cont = tok.encode(continuation(q.options[oi]), bos=False)
+                seqs.append(head + cont)
+                conts.append(len(cont))
+            length = -(-max(map(len, seqs)) // self.sc.bucket) * self.sc.bucket
+            ids, mask = left_pad(seqs, tok.pad_id, length)
+            v = self.cfg.vision
+            images = np.stack([preprocess(q.load_image(), v.image_size, v.image_mean,
+                                          v.image_std, self.sc.mode) for _, q, _ in chunk])
+            lp = np.asarray(self._all(self.params, jnp.asarray(ids), jnp.asarray(mask),
+                                      jnp.asarray(images, jnp.float32)))
+            means = continuation_logprob(lp, ids, np.asarray(conts))
+            for r, (qi, _, oi) in enumerate(chunk[:n]):
+                scores[qi][oi] = means[r]
+        return scores
+
+    def predict(self, questions: Sequence[Question], method: str = "letter") -> np.ndarray:
+        """(Q,) chosen option index per question (-1: no option could be read)."""
+        if method == "letter":
+            return np.asarray([int(np.argmax(s)) for s in self.letter_logprobs(questions)])
+        if method == "likelihood":
+            return np.asarray([int(np.argmax(s)) for s in self.option_loglik(questions)])
+        if method == "generate":
+            return np.asarray([parse_letter(t, len(q.options), q.options)
+                               for t, q in zip(self.generate(questions), questions)])
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
