@@ -78,7 +78,7 @@ def test_continuation_logprob_hand_example():
     # V = 3, T = 4; row 0's continuation is its last 2 tokens, row 1's its last 1
     lp = np.log(np.asarray([
         [[.2, .3, .5], [.1, .8, .1], [.6, .2, .2], [1 / 3, 1 / 3, 1 / 3]],
-        [[.5, .5, 0.], [.3, .3, .4], [.25, .25, .5], [1 / 3, 1 / 3, 1 / 3]],
+        [[.5, .4, .1], [.3, .3, .4], [.25, .25, .5], [1 / 3, 1 / 3, 1 / 3]],
     ]))
     ids = np.asarray([[0, 2, 1, 0], [1, 1, 0, 2]])
     got = continuation_logprob(lp, ids, np.asarray([2, 1]))

@@ -68,6 +68,7 @@ class EfficiencyConfig:
     tokenizer: str | None = None                # tokenizer.json for converted checkpoints
     template: str = "{prompt}"                  # chat template, e.g. "USER: {prompt} ASSISTANT:"
     style: str = "compact"                      # prompt style (moex.data.prompts.STYLES)
+    image_mode: str = "crop"                    # "crop" (CLIP) or "pad" (LLaVA-1.5)
     eval_questions: int = 100                   # per benchmark (0: all)
     eval_batch: int = 16
     data: str = "runs/data/synthetic"
@@ -157,7 +158,7 @@ def accuracy(ec: EfficiencyConfig, name, cfg, params, tokenizer, mm, seed) -> di
     from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_seed
     scorer = Scorer(cfg, params, tokenizer,
                     ScoreConfig(style=ec.style, template=ec.template, batch_size=ec.eval_batch,
-                                max_new_tokens=12))
+                                mode=ec.image_mode, max_new_tokens=12))
     got = evaluate_mmbench(scorer, mm)
     s = evaluate_seed(scorer, seed)
     tables = {**got["tables"], **s["tables"]}
@@ -334,6 +335,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=d.template,
                    help="chat template, e.g. 'USER: {prompt} ASSISTANT:' for LLaVA-1.5")
     p.add_argument("--style", default=d.style, help="prompt style: compact, mmbench, seed")
+    p.add_argument("--image-mode", default=d.image_mode, help="crop (CLIP) or pad (LLaVA-1.5)")
     p.add_argument("--eval-questions", type=int, default=d.eval_questions)
     p.add_argument("--eval-batch", type=int, default=d.eval_batch)
     p.add_argument("--data", default=d.data)
@@ -351,7 +353,7 @@ def config_from_args(a: argparse.Namespace) -> EfficiencyConfig:
         budgets=tuple(a.budgets), offload_batches=tuple(a.offload_batch),
         offload_seq=a.offload_seq, offload_repeats=a.offload_repeats, mmbench=a.mmbench,
         seed_json=a.seed_json, seed_images=a.seed_images, tokenizer=a.tokenizer,
-        template=a.template, style=a.style, eval_questions=a.eval_questions,
+        template=a.template, style=a.style, image_mode=a.image_mode, eval_questions=a.eval_questions,
         eval_batch=a.eval_batch, data=a.data, runs=a.runs, seed=a.seed, out=a.out)
 
 
