@@ -215,8 +215,8 @@ def offload_rows(cfg, params, ec: EfficiencyConfig, progress_bar=None) -> list[d
     specs = [("all-resident", "100%")] + [(p, b) for b in ec.budgets for p in ec.policies]
     for batch in ec.offload_batches:
         ids, mask, images = make_batch(cfg, batch, ec.offload_seq, np.random.default_rng(ec.seed))
-        kv = tree_bytes(init_cache(cfg.decoder, batch, ec.offload_seq + ec.decode_steps,
-                                   np.dtype(cfg.dtype)))
+        kv = tree_bytes(jax.eval_shape(lambda: init_cache(   # shapes only, as in resident rows
+            cfg.decoder, batch, ec.offload_seq + ec.decode_steps, np.dtype(cfg.dtype)))["layers"])
         warm = set()
         for policy, label in specs:
             if progress_bar is not None:
@@ -254,14 +254,14 @@ def offload_rows(cfg, params, ec: EfficiencyConfig, progress_bar=None) -> list[d
     return rows
 
 
-def run(ec: EfficiencyConfig, progress: bool = True) -> tuple[list[dict], list[dict], list[str]]:
-    """(rows, accuracy per model, grid points skipped)."""
+def run(ec: EfficiencyConfig, progress: bool = True):
+    """(rows, accuracy per model, grid points skipped, the benchmark files used)."""
     from tqdm import tqdm
     from moex.generate import Generator
     from moex.model import build
     batch_sizes, seq_lens, cap = ec.grid_points()
     ms = models(ec, progress)
-    mm, seed, _ = benchmark_questions(ec)
+    mm, seed, data = benchmark_questions(ec)
     points = [(b, s) for s in seq_lens for b in batch_sizes if b * s <= cap]
     skipped = [f"B={b} T={s} (B x T > {cap})" for s in seq_lens for b in batch_sizes
                if b * s > cap]
@@ -289,7 +289,7 @@ def run(ec: EfficiencyConfig, progress: bool = True) -> tuple[list[dict], list[d
         t = scores[r["model"]]["tables"]
         for k, v in t.items():
             r[f"acc_{k}"] = v["overall"]
-    return rows, acc, skipped
+    return rows, acc, skipped, data
 
 
 # -- outputs and command line ---------------------------------------------------------------------
@@ -360,8 +360,8 @@ def config_from_args(a: argparse.Namespace) -> EfficiencyConfig:
 def main(args: argparse.Namespace) -> int:
     from moex.bench.efficiency_report import accuracy_md, relative_md, throughput_md
     ec = config_from_args(args)
-    rows, acc, skipped = run(ec)
-    out = write_results(rows, acc, skipped, ec, benchmark_questions(ec)[2])
+    rows, acc, skipped, data = run(ec)
+    out = write_results(rows, acc, skipped, ec, data)
     print(accuracy_md(acc).split("\n\n")[0], throughput_md(rows), relative_md(rows), sep="\n\n")
     print(f"\nwrote {out}/results.csv, results.json, accuracy.json, report.md and "
           "throughput_vs_batch.png, memory_vs_batch.png, throughput_vs_memory.png")

@@ -28,9 +28,8 @@ def accuracy_md(acc: list[dict]) -> str:
         lines.append(f"| {a['model']} | " + " | ".join(cells)
                      + f" | {a['questions_per_s']['mmbench']:.1f} |")
     c = acc[0]["chance"]
-    lines.append("| *chance* | " + " | ".join(
-        f"{c['mmbench_circular'] if m == 'mmbench_circular' else c['mmbench_plain'] if m == 'mmbench_plain' else c['seed']:.3f}"
-        for m in metrics) + " | |")
+    lines.append("| *chance* | " + " | ".join(f"{c.get(m, c['seed']):.3f}" for m in metrics)
+                 + " | |")
     parts = ["\n".join(lines)]
     for a in acc:
         parts.append(f"**{a['model']}** per category\n\n{markdown(a['tables'])}")
