@@ -16,6 +16,10 @@ Hard-MoE blocks train through the one-hot dispatch with a capacity factor (infer
 dropless), as in `moex.predict.lm`. optax AdamW with warmup + cosine decay; orbax checkpoints with
 resume (`moex.training.fit`); held-out letter accuracy on the dev split at the end. The trained
 model is saved as a moex checkpoint with the preset's inference config.
+
+A run folder (out/PRESET) belongs to the config that first trained in it (`run.json`):
+`trained_model` loads its model as a cache, and a config that differs in anything but where output
+goes or how often it logs is refused with the differing fields named, never silently reused.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from moex.data.synthetic import SyntheticSpec, write_synthetic
 from moex.model import aux_loss, build, init_params
 from moex.predict.lm import train_model_config
 from moex.tokenizer import ByteTokenizer, left_pad
-from moex.training import TrainState, adamw, fit, make_step
+from moex.training import TrainState, adamw, claim_run_dir, fit, make_step, publish_model
 
 TARGETS = ("letter", "likelihood")
 ANSWER_FORMATS = {"letter": lambda q: q.answer_letter,
@@ -158,10 +162,10 @@ def dev_accuracy(cfg, dev_questions):
 
 def train_vlm(tc: VLMTrainConfig, progress: bool = True, stop_at: int | None = None):
     """Train (resuming from run_dir/train), save run_dir/model; returns (params, log)."""
-    from moex import checkpoint
     cfg = get_config(tc.preset)
     if cfg.vision is None:
         raise ValueError(f"{tc.preset} has no vision tower; train_vlm trains VLMs")
+    claim_run_dir(tc.run_dir, tc)
     train_file, dev_file = split_files(tc)
     train_q, dev_q = read_mmbench(train_file), read_mmbench(dev_file)[:tc.dev_questions]
     tcfg = train_model_config(cfg, tc.train_capacity_factor)
@@ -173,12 +177,22 @@ def train_vlm(tc: VLMTrainConfig, progress: bool = True, stop_at: int | None = N
                      ckpt_dir=tc.run_dir / "train", ckpt_every=tc.ckpt_every,
                      desc=f"vlm {tc.preset}", progress=progress,
                      evaluate=dev_accuracy(cfg, dev_q), eval_every=tc.eval_every, stop_at=stop_at)
-    if int(state.step) == tc.steps and not (tc.run_dir / "model").exists():
-        checkpoint.save(tc.run_dir / "model", cfg, state.params,
-                        {"trained": f"multiple choice on {train_file}",
-                         "config": dataclasses.asdict(tc), "log": log})
-        (tc.run_dir / "log.json").write_text(json.dumps(log, indent=1))
+    publish_model(tc.run_dir, state, tc.steps, cfg,
+                  {"trained": f"multiple choice on {train_file}", "config": dataclasses.asdict(tc)},
+                  log)
     return state.params, log
+
+
+def trained_model(tc: VLMTrainConfig, progress: bool = True):
+    """(cfg, params) of the model `tc` trains: loaded from run_dir/model when this config has
+    trained it before (the cache), else trained now."""
+    from moex import checkpoint
+    claim_run_dir(tc.run_dir, tc)
+    if (tc.run_dir / "model").exists():
+        cfg, params, _ = checkpoint.load(tc.run_dir / "model")
+        return cfg, params
+    params, _ = train_vlm(tc, progress=progress)
+    return get_config(tc.preset), params
 
 
 # -- command line: moex vlm train | data, moex efficiency ------------------------------------------

@@ -34,6 +34,52 @@ class TrainState:
         return cls(params, optimizer.init(params), jax.numpy.zeros((), jax.numpy.int32))
 
 
+RUN_FILE = "run.json"
+FREE_FIELDS = ("out", "eval_every", "ckpt_every")   # where output goes, how often to log
+
+
+def claim_run_dir(run_dir, config) -> None:
+    """Tie a run folder to one training config (a dataclass), so a cached model or checkpoint is
+    never reused for a run asked to train differently.
+
+    The first call records the config in run_dir/run.json (a folder from before run.json is
+    checked against its model's metadata instead). A later call whose config differs in any
+    field but FREE_FIELDS raises a ValueError naming the fields, the folder and both values.
+    """
+    run_dir = pathlib.Path(run_dir)
+    wanted = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config))).items()
+              if k not in FREE_FIELDS}
+    record, meta = run_dir / RUN_FILE, run_dir / "model" / "moex.json"
+    if record.exists():
+        found, source = json.loads(record.read_text()), record
+    elif meta.exists() and "config" in json.loads(meta.read_text()):
+        found, source = json.loads(meta.read_text())["config"], meta
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f".{RUN_FILE}.tmp")
+        tmp.write_text(json.dumps(wanted, indent=1))
+        tmp.replace(record)
+        return
+    differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+    if differ:
+        fields = ", ".join(f"{k}={new!r} (folder: {old!r})" for k, (old, new) in differ.items())
+        raise ValueError(f"{run_dir} holds a run trained with another config ({source}): "
+                         f"{fields}. Choose another output folder, or delete this one to "
+                         f"retrain.")
+
+
+def publish_model(run_dir, state: "TrainState", steps: int, cfg, metadata: dict, log: list) -> bool:
+    """Once a run has reached `steps`, save its params as the moex checkpoint run_dir/model (with
+    `metadata` and the log) and the log as run_dir/log.json; True if it did so now."""
+    from moex import checkpoint
+    run_dir = pathlib.Path(run_dir)
+    if int(state.step) != steps or (run_dir / "model").exists():
+        return False
+    checkpoint.save(run_dir / "model", cfg, state.params, {**metadata, "log": log})
+    (run_dir / "log.json").write_text(json.dumps(log, indent=1))
+    return True
+
+
 def warmup_cosine(lr: float, warmup: int, steps: int, final_fraction: float = 0.1):
     return optax.warmup_cosine_decay_schedule(0.0, lr, max(1, warmup), max(steps, warmup + 1),
                                               lr * final_fraction)

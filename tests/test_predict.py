@@ -61,6 +61,10 @@ def test_lm_training_resumes_exactly(tmp_path):
     assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), full, resumed))
     assert {"heldout_code", "heldout_prose"} <= set(log[-1])
     assert (part.run_dir / "model" / "config.json").exists()
+    # the folder now belongs to this config: logging changes are fine, a longer run is refused
+    train_lm(dataclasses.replace(part, ckpt_every=3), progress=False)
+    with pytest.raises(ValueError, match=r"steps=8 \(folder: 6\)"):
+        train_lm(dataclasses.replace(part, steps=8), progress=False)
 
 
 def test_examples_from_a_trace(trace):

@@ -10,7 +10,7 @@ from moex import checkpoint
 from moex.config import get_config
 from moex.data import SyntheticSpec, generate_questions
 from moex.tokenizer import ByteTokenizer
-from moex.train_vlm import Examples, VLMTrainConfig, step_target, train_vlm
+from moex.train_vlm import Examples, VLMTrainConfig, step_target, train_vlm, trained_model
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,9 @@ def test_tiny_training_lowers_loss_and_saves(tmp_path):
     import jax
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the cache: the same config loads this model; another config is refused, not reused
+    _, cached = trained_model(tc, progress=False)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(cached)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match=r"lr=0.001 \(folder: 0.003\)"):
+        trained_model(dataclasses.replace(tc, lr=1e-3), progress=False)

@@ -103,15 +103,10 @@ def models(ec: EfficiencyConfig, progress: bool = True):
     for kind in ("dense", "hard", "soft"):
         name = f"{ec.family}-{kind}"
         if ec.train:
-            from moex.train_vlm import VLMTrainConfig, train_vlm
-            tc = VLMTrainConfig(preset=name, data=ec.data, steps=ec.train_steps, out=ec.runs,
-                                seed=ec.seed)
-            model_dir = tc.run_dir / "model"
-            if model_dir.exists():
-                cfg, params, _ = checkpoint.load(model_dir)
-            else:
-                params, _ = train_vlm(tc, progress=progress)
-                cfg = get_config(name)
+            from moex.train_vlm import VLMTrainConfig, trained_model
+            cfg, params = trained_model(VLMTrainConfig(preset=name, data=ec.data,
+                                                       steps=ec.train_steps, out=ec.runs,
+                                                       seed=ec.seed), progress)
         else:
             cfg = get_config(name)
             params = init_params(cfg, ec.seed)

@@ -30,7 +30,7 @@ import optax
 from moex.config import VLMConfig, get_config
 from moex.model import aux_loss, build, init_params
 from moex.predict.corpus import DOMAINS, samples
-from moex.training import TrainState, adamw, fit, make_step
+from moex.training import TrainState, adamw, claim_run_dir, fit, make_step, publish_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +105,10 @@ def heldout_loss(model, cfg, lc: LMTrainConfig):
 
 def train_lm(lc: LMTrainConfig, progress: bool = True, stop_at: int | None = None):
     """Train (resuming from run_dir/train), save run_dir/model; returns (params, log)."""
-    from moex import checkpoint
     if lc.batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one window per domain), found {lc.batch_size}")
     cfg = get_config(lc.preset)
+    claim_run_dir(lc.run_dir, lc)
     tcfg = train_model_config(cfg, lc.train_capacity_factor)
     model = build(tcfg)
     optimizer = adamw(lc.lr, lc.warmup, lc.steps, lc.weight_decay)
@@ -120,11 +120,9 @@ def train_lm(lc: LMTrainConfig, progress: bool = True, stop_at: int | None = Non
                      ckpt_dir=lc.run_dir / "train", ckpt_every=lc.ckpt_every,
                      desc=f"lm {lc.preset}", progress=progress, evaluate=evaluate,
                      eval_every=lc.eval_every, stop_at=stop_at)
-    if int(state.step) == lc.steps and not (lc.run_dir / "model").exists():
-        checkpoint.save(lc.run_dir / "model", cfg, state.params,
-                        {"trained": "byte-level LM on the stdlib corpus (code + prose)",
-                         "config": dataclasses.asdict(lc), "log": log})
-        (lc.run_dir / "log.json").write_text(json.dumps(log, indent=1))
+    publish_model(lc.run_dir, state, lc.steps, cfg,
+                  {"trained": "byte-level LM on the stdlib corpus (code + prose)",
+                   "config": dataclasses.asdict(lc)}, log)
     return state.params, log
 
 
