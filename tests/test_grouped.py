@@ -39,6 +39,8 @@ def test_blocked_and_ragged_dot_equal_loop(sizes, unused, seed):
     [0, 2 * BIG_ROWS + 3, 37, BIG_ROWS, BIG_ROWS + TAIL_STEP, 0, 3],   # whole windows + tails
     [BIG_ROWS - 1, 1, TAIL_STEP, TAIL_STEP + 1],                       # tails at every edge
     [0, 0, 5],                                                         # the last window ends at M
+    [BIG_ROWS - 2],                                      # M = BIG_ROWS: x gets a spare row
+    [TAIL_STEP, 0, BIG_ROWS - TAIL_STEP - 2],
 ])
 def test_blocked_windows_equal_loop(sizes):
     m = sum(sizes) + 2

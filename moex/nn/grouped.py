@@ -27,6 +27,7 @@ IMPLS = ("auto", "ragged_dot", "blocked")
 
 BIG_ROWS = 512    # rows of the whole windows of a group
 TAIL_STEP = 32    # the last window of a group has a multiple of this many rows
+SPARE_ROWS = 1    # rows added below x when one window would span all of it (see blocked_map)
 
 
 def _window(y, x, fn, s, lo, hi, c: int):
@@ -90,13 +91,19 @@ def blocked_map(x, group_sizes, group_fn, n_out: int, num_groups: int):
     starts = ends - sizes
     big = min(BIG_ROWS, m)
     tails = tail_rows(m, big, TAIL_STEP)
+    # XLA's CPU backend runs the loop several times slower when a window spans the whole array
+    # (M <= BIG_ROWS: decode steps, short prompts, the vision tower), so give x SPARE_ROWS more
+    # rows, in no group: every window then covers part of it only
+    spare = SPARE_ROWS if big == m else 0
+    xp = jnp.pad(x, ((0, spare), (0, 0)))
 
     def per_group(e, y):
         fn = group_fn(e)
-        y, lo = _whole_windows(y, x, fn, starts[e], ends[e], big)
-        return _tail_window(y, x, fn, lo, ends[e], tails)
+        y, lo = _whole_windows(y, xp, fn, starts[e], ends[e], big)
+        return _tail_window(y, xp, fn, lo, ends[e], tails)
 
-    return jax.lax.fori_loop(0, num_groups, per_group, jnp.zeros((m, n_out), x.dtype))
+    y = jax.lax.fori_loop(0, num_groups, per_group, jnp.zeros((m + spare, n_out), x.dtype))
+    return y[:m]
 
 
 def blocked_grouped_matmul(x, w, group_sizes):
