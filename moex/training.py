@@ -50,11 +50,10 @@ def claim_run_dir(run_dir, config) -> None:
     wanted = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(config))).items()
               if k not in FREE_FIELDS}
     record, meta = run_dir / RUN_FILE, run_dir / "model" / "moex.json"
-    if record.exists():
-        found, source = json.loads(record.read_text()), record
-    elif meta.exists() and "config" in json.loads(meta.read_text()):
-        found, source = json.loads(meta.read_text())["config"], meta
-    else:
+    source = record if record.exists() else meta
+    found = json.loads(source.read_text()) if source.exists() else {}
+    found = found.get("config") if source == meta else found
+    if not found:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = record.with_name(f".{RUN_FILE}.tmp")
         tmp.write_text(json.dumps(wanted, indent=1))

@@ -19,7 +19,6 @@ generates greedily and records every token's routing, its pre-gate prediction an
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax
