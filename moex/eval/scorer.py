@@ -59,15 +59,22 @@ def parse_letter(text: str, n_options: int, options: Sequence[str] = ()) -> int:
     return hits[0] if len(hits) == 1 else -1
 
 
-def continuation_logprob(logprobs: np.ndarray, ids: np.ndarray, cont_len: np.ndarray) -> np.ndarray:
-    """(R,) mean log-probability of each row's last `cont_len[r]` tokens.
+def next_token_logprobs(logprobs, ids):
+    """(R, T - 1) log-probability of each next token: position j predicts token j + 1.
+    logprobs (R, T, V) from one forward over ids (R, T); numpy or jax arrays."""
+    return jnp.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
 
-    logprobs (R, T, V) from one forward over ids (R, T); position j predicts token j + 1, so the
-    continuation's tokens T - c .. T - 1 are scored by positions T - c - 1 .. T - 2.
-    """
-    tgt = np.take_along_axis(logprobs[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]   # (R, T - 1)
-    t = ids.shape[1]
-    return np.asarray([tgt[r, t - 1 - c:].mean() for r, c in enumerate(cont_len)])
+
+def tail_means(token_lp: np.ndarray, cont_len: np.ndarray) -> np.ndarray:
+    """(R,) mean of each row's last `cont_len[r]` next-token log-probabilities: the continuation's
+    tokens T - c .. T - 1 are scored by positions T - c - 1 .. T - 2."""
+    return np.asarray([token_lp[r, token_lp.shape[1] - c:].mean() for r, c in enumerate(cont_len)])
+
+
+def continuation_logprob(logprobs: np.ndarray, ids: np.ndarray, cont_len: np.ndarray) -> np.ndarray:
+    """(R,) mean log-probability of each row's last `cont_len[r]` tokens, from logprobs
+    (R, T, V) of one forward over ids (R, T)."""
+    return tail_means(np.asarray(next_token_logprobs(logprobs, ids)), cont_len)
 
 
 class Scorer:
@@ -78,8 +85,9 @@ class Scorer:
         self.model = model
         self._last = jax.jit(lambda p, t, m, im: jax.nn.log_softmax(
             model.apply({"params": p}, t, m, im, None, True)[0][:, 0].astype(jnp.float32)))
-        self._all = jax.jit(lambda p, t, m, im: jax.nn.log_softmax(
-            model.apply({"params": p}, t, m, im)[0].astype(jnp.float32)))
+        # gathered on device: only (R, T - 1) values come back, not (R, T, V) (V = 32k at 7B)
+        self._token_lp = jax.jit(lambda p, t, m, im: next_token_logprobs(jax.nn.log_softmax(
+            model.apply({"params": p}, t, m, im)[0].astype(jnp.float32)), t))
         self.letter_ids = np.asarray([self.tokenizer.encode(x, bos=False)[-1] for x in "ABCD"])
 
     # -- batching -------------------------------------------------------------------------------
@@ -117,8 +125,9 @@ class Scorer:
         """Per question, (N,) mean log-probability of each option's text after the question."""
         rows = [(qi, q, oi) for qi, q in enumerate(questions) for oi in range(len(q.options))]
         scores = [np.zeros(len(q.options)) for q in questions]
-        n_img = self.cfg.vision.num_image_tokens
+        n_img, v = self.cfg.vision.num_image_tokens, self.cfg.vision
         tok = self.tokenizer
+        images = {}     # question index -> preprocessed image, for the questions of this chunk
         for start in range(0, len(rows), self.sc.batch_size):
             chunk = rows[start:start + self.sc.batch_size]
             n = len(chunk)
@@ -132,12 +141,16 @@ class Scorer:
                 conts.append(len(cont))
             length = -(-max(map(len, seqs)) // self.sc.bucket) * self.sc.bucket
             ids, mask = left_pad(seqs, tok.pad_id, length)
-            v = self.cfg.vision
-            images = np.stack([preprocess(q.load_image(), v.image_size, v.image_mean,
-                                          v.image_std, self.sc.mode) for _, q, _ in chunk])
-            lp = np.asarray(self._all(self.params, jnp.asarray(ids), jnp.asarray(mask),
-                                      jnp.asarray(images, jnp.float32)))
-            means = continuation_logprob(lp, ids, np.asarray(conts))
+            # rows are in question order: keep only the image of the question carried over
+            images = {qi: im for qi, im in images.items() if qi == chunk[0][0]}
+            for qi, q, _ in chunk:
+                if qi not in images:
+                    images[qi] = preprocess(q.load_image(), v.image_size, v.image_mean,
+                                            v.image_std, self.sc.mode)
+            batch_images = np.stack([images[qi] for qi, _, _ in chunk]).astype(np.float32)
+            token_lp = np.asarray(self._token_lp(self.params, jnp.asarray(ids),
+                                                 jnp.asarray(mask), jnp.asarray(batch_images)))
+            means = tail_means(token_lp, np.asarray(conts))
             for r, (qi, _, oi) in enumerate(chunk[:n]):
                 scores[qi][oi] = means[r]
         return scores
