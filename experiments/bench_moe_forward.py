@@ -13,14 +13,18 @@ jax.jit forward per expert path, compiled ahead of the timing (compile time reco
 timed with moex.bench.timing.measure. torch: eval mode, torch.inference_mode, default threads
 and default attention / experts implementations of transformers (recorded). A parity check
 (max |logit difference| against transformers on the first batch size) is printed, not asserted.
-Results: a markdown table on stdout, results.csv and results.json (with environment) under --out.
+The kernel table: both implementations spend most of their time in one GEMM per expert,
+(rows, 512) @ (512, 1024) fp32 with rows = B*T*top_k/E on average (128 at B=1, T=512). It times
+that GEMM alone, jax (a jitted loop of GEMMs) against torch.mm on the same arrays, so the forward
+ratios can be read against the ratio of the kernels underneath them.
+Results: markdown tables on stdout; results.csv, kernel.csv, results.json (with environment) and
+report.md under --out, written to a temp dir and renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import pathlib
 import statistics
@@ -34,7 +38,8 @@ import transformers
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moex.bench.timing import Timing, environment, measure
+from moex.bench.output import write_outputs
+from moex.bench.timing import Timing, measure
 from moex.config import DecoderConfig, MoEConfig, VLMConfig
 from moex.model import build, forward, init_params
 
@@ -128,6 +133,57 @@ def row(impl: str, b: int, t: int, timing: Timing, compile_s: float | None) -> d
             "s_max": timing.max, "repeats": timing.repeats, "compile_s": compile_s}
 
 
+def expert_rows(b: int, t: int) -> int:
+    """Mean rows of one expert's GEMM in a forward of B x T tokens."""
+    return b * t * SHAPE["top_k"] // SHAPE["experts"]
+
+
+KERNEL_REPS = 16   # GEMMs per timed call, so jax's per-call dispatch is not charged to the kernel
+
+
+def kernel_rows(batches: list[int], seq: int, warmup: int, repeats: int) -> list[dict]:
+    """GFLOP/s of the per-expert GEMM (rows, d) @ (d, expert_dim), fp32: jax (KERNEL_REPS GEMMs
+    in one jitted loop; each adds its step number to x first, so none can be hoisted) vs
+    torch.mm (KERNEL_REPS calls)."""
+    d, f = SHAPE["d"], SHAPE["expert_dim"]
+    rng = np.random.default_rng(1)
+
+    @jax.jit
+    def jax_reps(x, w):
+        body = lambda i, acc: acc + jnp.dot(x + i.astype(x.dtype), w)
+        return jax.lax.fori_loop(0, KERNEL_REPS, body, jnp.zeros((x.shape[0], w.shape[1]), x.dtype))
+
+    def torch_reps(x, w):
+        for _ in range(KERNEL_REPS):
+            y = torch.mm(x, w)
+        return y
+
+    out = []
+    for b in batches:
+        m = expert_rows(b, seq)
+        x = rng.standard_normal((m, d), dtype=np.float32)
+        w = rng.standard_normal((d, f), dtype=np.float32)
+        xj, wj, xt, wt = jnp.asarray(x), jnp.asarray(w), torch.from_numpy(x), torch.from_numpy(w)
+        t_jax = measure(lambda: jax_reps(xj, wj), warmup=warmup + 2, repeats=repeats)
+        with torch.inference_mode():
+            t_torch = torch_measure(lambda: torch_reps(xt, wt), warmup=warmup + 2, repeats=repeats)
+        flops = 2 * m * d * f * KERNEL_REPS
+        out.append({"batch": b, "seq": seq, "rows": m, "k": d, "n": f,
+                    "jax_gflops": flops / t_jax.median / 1e9,
+                    "torch_gflops": flops / t_torch.median / 1e9,
+                    "jax_over_torch": t_torch.median / t_jax.median, "repeats": repeats})
+    return out
+
+
+def kernel_markdown(rows: list[dict]) -> str:
+    lines = ["| batch | GEMM (rows x k x n) | jax GFLOP/s | torch GFLOP/s | jax / torch |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['rows']} x {r['k']} x {r['n']} | {r['jax_gflops']:.0f} "
+                     f"| {r['torch_gflops']:.0f} | {r['jax_over_torch']:.2f}x |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| implementation | batch | seq | median tok/s | min / max tok/s | vs transformers |",
              "|---|---|---|---|---|---|"]
@@ -189,12 +245,16 @@ def main(args) -> None:
             parity["batch"], parity["max |logit| transformers"] = b, float(
                 np.max(np.abs(logits["transformers"])))
     bar.close()
+    kernels = kernel_rows(args.batch, args.seq, args.warmup, 2 * args.repeats + 1)
     for r in rows:
         base = next(x for x in rows if x["implementation"] == "transformers"
                     and x["batch"] == r["batch"])
         r["ratio_vs_transformers"] = r["tokens_per_s_median"] / base["tokens_per_s_median"]
 
     print(markdown(rows))
+    print("\nper-expert GEMM alone (mean rows per expert; median of "
+          f"{kernels[0]['repeats']}):")
+    print(kernel_markdown(kernels))
     print(f"\nparity (max abs logit diff, batch {parity['batch']}, seq {args.seq}):")
     for k, v in parity.items():
         if k != "batch":
@@ -205,17 +265,20 @@ def main(args) -> None:
     print(f"total {total:.1f} s; torch threads {torch_info['torch_threads']}, attention "
           f"{torch_info['attn_implementation']}, experts {torch_info['experts_implementation']}")
 
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    meta = {"args": vars(args), "shape": SHAPE, "norm_eps": EPS, "rope_theta": THETA,
-            "environment": {**environment(), **torch_info}, "parity": parity,
-            "load_average": load, "total_s": total, "rows": rows}
-    (out / "results.json").write_text(json.dumps(meta, indent=2))
-    print(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
+    report = (f"# Mixtral-shaped forward: moex vs transformers (CPU)\n\n{markdown(rows)}\n\n"
+              f"Per-expert GEMM alone:\n\n{kernel_markdown(kernels)}\n\nParity: `{parity}`")
+
+    def kernel_csv(tmp: pathlib.Path) -> None:
+        with open(tmp / "kernel.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(kernels[0]))
+            w.writeheader()
+            w.writerows(kernels)
+
+    config = {"args": vars(args), "shape": SHAPE, "norm_eps": EPS, "rope_theta": THETA,
+              "torch": torch_info, "parity": parity, "load_average": load, "total_s": total,
+              "kernel": kernels}
+    out = write_outputs(args.out, rows, config, report, extra=kernel_csv)
+    print(f"wrote results.csv, kernel.csv, results.json and report.md to {out}")
 
 
 if __name__ == "__main__":
