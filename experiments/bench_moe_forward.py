@@ -42,6 +42,8 @@ from moex.bench.output import write_outputs
 from moex.bench.timing import Timing, measure
 from moex.config import DecoderConfig, MoEConfig, VLMConfig
 from moex.model import build, forward, init_params
+from moex.nn.experts import experts_ragged
+from moex.nn.routing import route
 
 SHAPE = dict(vocab=512, d=512, layers=8, heads=8, kv_heads=4, head_dim=64, experts=8, top_k=2,
              expert_dim=1024)
@@ -175,6 +177,57 @@ def kernel_rows(batches: list[int], seq: int, warmup: int, repeats: int) -> list
     return out
 
 
+def expert_block_rows(hf, params, batches: list[int], seq: int, warmup: int,
+                      repeats: int) -> list[dict]:
+    """Seconds per expert block (layer 0's weights, random hidden states), three ways:
+    moex (router, sorted pairs, the blocked loop: what the forward runs), an exact-rows loop
+    (each expert's SwiGLU on exactly its own rows, as static shapes, on separate weight arrays;
+    no routing or sorting counted: a bound, since real routing is only known at run time) and
+    transformers' MixtralSparseMoeBlock (router and experts)."""
+    s = SHAPE
+    ffn = params["decoder"]["layer_0"]["ffn"]
+
+    @jax.jit
+    def moex_block(p, x):
+        logits = jnp.einsum("gsd,de->gse", x, p["router"]["kernel"])
+        return experts_ragged(p["experts"], x, route(logits, top_k=s["top_k"], renormalize=True),
+                              "swiglu")
+
+    swiglu = lambda w, x: (jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"]
+    exact = jax.jit(lambda ws, xs: [swiglu(w, x) for w, x in zip(ws, xs)])
+    weights = [{n: v[e] for n, v in ffn["experts"].items()} for e in range(s["experts"])]
+    rng = np.random.default_rng(2)
+    out = []
+    for b in batches:
+        x = rng.standard_normal((b, seq, s["d"]), dtype=np.float32)
+        xj, flat = jnp.asarray(x), x.reshape(-1, s["d"])
+        ids = np.asarray(route(jnp.einsum("gsd,de->gse", xj, ffn["router"]["kernel"]),
+                               top_k=s["top_k"], renormalize=True).expert_ids).reshape(-1)
+        token = np.arange(ids.size) // s["top_k"]
+        rows = [jnp.asarray(flat[token[ids == e]]) for e in range(s["experts"])]
+        loads = [int(r.shape[0]) for r in rows]
+        t_moex = measure(lambda: moex_block(ffn, xj), warmup=warmup + 1, repeats=repeats)
+        t_exact = measure(lambda: exact(weights, rows), warmup=warmup + 1, repeats=repeats)
+        block, xt = hf.model.layers[0].mlp, torch.from_numpy(x)
+        with torch.inference_mode():
+            t_hf = torch_measure(lambda: block(xt), warmup=warmup + 1, repeats=repeats)
+        out.append({"batch": b, "seq": seq, "rows_min": min(loads), "rows_max": max(loads),
+                    "moex_ms": 1e3 * t_moex.median, "exact_rows_ms": 1e3 * t_exact.median,
+                    "transformers_ms": 1e3 * t_hf.median, "repeats": repeats})
+    return out
+
+
+def expert_block_markdown(rows: list[dict]) -> str:
+    lines = ["| batch | rows per expert | moex block | exact-rows loop (bound) | transformers block "
+             "| moex vs transformers | bound vs transformers |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hf = r["transformers_ms"]
+        lines.append(f"| {r['batch']} | {r['rows_min']}-{r['rows_max']} | {r['moex_ms']:.1f} ms "
+                     f"| {r['exact_rows_ms']:.1f} ms | {hf:.1f} ms | {hf / r['moex_ms']:.2f}x "
+                     f"| {hf / r['exact_rows_ms']:.2f}x |")
+    return "\n".join(lines)
+
+
 def kernel_markdown(rows: list[dict]) -> str:
     lines = ["| batch | GEMM (rows x k x n) | jax GFLOP/s | torch GFLOP/s | jax / torch |",
              "|---|---|---|---|---|"]
@@ -246,6 +299,7 @@ def main(args) -> None:
                 np.max(np.abs(logits["transformers"])))
     bar.close()
     kernels = kernel_rows(args.batch, args.seq, args.warmup, 2 * args.repeats + 1)
+    blocks = expert_block_rows(hf, params, args.batch, args.seq, args.warmup, 2 * args.repeats + 1)
     for r in rows:
         base = next(x for x in rows if x["implementation"] == "transformers"
                     and x["batch"] == r["batch"])
@@ -255,6 +309,8 @@ def main(args) -> None:
     print("\nper-expert GEMM alone (mean rows per expert; median of "
           f"{kernels[0]['repeats']}):")
     print(kernel_markdown(kernels))
+    print("\none expert block alone (layer 0, router included except in the bound):")
+    print(expert_block_markdown(blocks))
     print(f"\nparity (max abs logit diff, batch {parity['batch']}, seq {args.seq}):")
     for k, v in parity.items():
         if k != "batch":
@@ -266,19 +322,21 @@ def main(args) -> None:
           f"{torch_info['attn_implementation']}, experts {torch_info['experts_implementation']}")
 
     report = (f"# Mixtral-shaped forward: moex vs transformers (CPU)\n\n{markdown(rows)}\n\n"
-              f"Per-expert GEMM alone:\n\n{kernel_markdown(kernels)}\n\nParity: `{parity}`")
+              f"Per-expert GEMM alone:\n\n{kernel_markdown(kernels)}\n\n"
+              f"One expert block alone:\n\n{expert_block_markdown(blocks)}\n\nParity: `{parity}`")
 
-    def kernel_csv(tmp: pathlib.Path) -> None:
-        with open(tmp / "kernel.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(kernels[0]))
-            w.writeheader()
-            w.writerows(kernels)
+    def tables(tmp: pathlib.Path) -> None:
+        for name, table in (("kernel.csv", kernels), ("expert_block.csv", blocks)):
+            with open(tmp / name, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(table[0]))
+                w.writeheader()
+                w.writerows(table)
 
     config = {"args": vars(args), "shape": SHAPE, "norm_eps": EPS, "rope_theta": THETA,
               "torch": torch_info, "parity": parity, "load_average": load, "total_s": total,
-              "kernel": kernels}
-    out = write_outputs(args.out, rows, config, report, extra=kernel_csv)
-    print(f"wrote results.csv, kernel.csv, results.json and report.md to {out}")
+              "kernel": kernels, "expert_block": blocks}
+    out = write_outputs(args.out, rows, config, report, extra=tables)
+    print(f"wrote results.csv, kernel.csv, expert_block.csv, results.json and report.md to {out}")
 
 
 if __name__ == "__main__":

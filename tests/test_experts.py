@@ -1,11 +1,15 @@
-"""The three expert paths agree: ragged_dot == dense one-hot einsum == plain loop over experts."""
+"""The expert paths agree: ragged_dot == blocked (sorted, gathered, broadcast pairs) == dense
+one-hot einsum == plain loop over experts."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from moex.nn.experts import experts_dense, experts_loop, experts_ragged
+import pytest
+
+from moex.nn.experts import (BROADCAST_TOKENS, experts_dense, experts_loop, experts_ragged,
+                             pair_path)
 from moex.nn.routing import route
 
 
@@ -25,10 +29,11 @@ def make_params(rng, e, d, f, activation, bias, out=None):
 
 def check_all_paths(x, routing, params, activation):
     loop = experts_loop(params, x, routing, activation)
-    for impl in ("ragged_dot", "blocked"):
-        ragged = jax.jit(experts_ragged, static_argnums=(3, 4, 5))(params, x, routing, activation,
-                                                                  jnp.float32, impl)
-        np.testing.assert_allclose(ragged, loop, atol=1e-5, rtol=1e-5, err_msg=impl)
+    for impl, path in (("ragged_dot", "sorted"), ("blocked", "sorted"), ("blocked", "gather"),
+                       ("blocked", "broadcast"), ("blocked", "auto")):
+        ragged = jax.jit(experts_ragged, static_argnums=(3, 4, 5, 7))(
+            params, x, routing, activation, jnp.float32, impl, None, path)
+        np.testing.assert_allclose(ragged, loop, atol=1e-5, rtol=1e-5, err_msg=f"{impl} {path}")
     dense = jax.jit(experts_dense, static_argnums=(3,))(params, x, routing, activation)
     np.testing.assert_allclose(dense, loop, atol=1e-5, rtol=1e-5)
     return loop
@@ -70,7 +75,7 @@ def test_different_output_width():
     assert check_all_paths(x, r, params, "gelu").shape == (2, 5, 10)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(g=st.integers(1, 3), s=st.integers(1, 9), e=st.integers(1, 6), k=st.integers(1, 3),
        cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]),
        activation=st.sampled_from(["swiglu", "gelu", "relu"]), bias=st.booleans(),
@@ -84,3 +89,30 @@ def test_paths_agree_random(g, s, e, k, cf, activation, bias, seed, masked):
     r = route(jnp.asarray(rng.normal(size=(g, s, e)) * 2, jnp.float32), top_k=k,
               renormalize=bool(seed % 2), capacity_factor=cf, token_mask=mask)
     check_all_paths(x, r, make_params(rng, e, d, f, activation, bias), activation)
+
+
+def test_pair_path_by_size():
+    # E = 8, K = 2: batch-1 decode gathers, batched decode broadcasts, prompts sort
+    assert pair_path(1, 2, 8, "blocked") == "gather"
+    assert pair_path(2, 2, 8, "blocked") == "broadcast"
+    assert pair_path(BROADCAST_TOKENS, 2, 8, "blocked") == "broadcast"
+    assert pair_path(BROADCAST_TOKENS + 1, 2, 8, "blocked") == "sorted"
+    assert pair_path(4, 2, 8, "ragged_dot") == "sorted"          # a grouped GEMM off CPU
+    assert pair_path(512, 2, 8, "blocked", path="broadcast") == "broadcast"
+    with pytest.raises(ValueError, match="'scatter'"):
+        pair_path(4, 2, 8, "blocked", path="scatter")
+
+
+def test_broadcast_reads_pool_slots():
+    """With a slot pool (moex.offload), broadcast runs every slot and picks each pair's slot."""
+    rng = np.random.default_rng(3)
+    e, d, f = 4, 6, 8
+    params = make_params(rng, e, d, f, "swiglu", bias=True)
+    x = jnp.asarray(rng.normal(size=(1, 5, d)), jnp.float32)
+    r = route(jnp.asarray(rng.normal(size=(1, 5, e)), jnp.float32), top_k=2, renormalize=True)
+    order = np.array([2, 0, 3, 1])                       # slot i holds expert order[i]
+    pool = {n: v[order] for n, v in params.items()}
+    slot_of = jnp.asarray(np.argsort(order), jnp.int32)
+    want = experts_loop(params, x, r, "swiglu")
+    got = experts_ragged(pool, x, r, "swiglu", jnp.float32, "blocked", slot_of, "broadcast")
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""Expert computation for hard routing: three paths that must agree.
+"""Expert computation for hard routing: three computations that must agree.
 
 Shape letters: G groups, S tokens per group, D model width, E experts, F expert width, K choices per
 token, C capacity, N = G*S*K token-expert pairs.
@@ -9,7 +9,15 @@ Expert params are a plain dict, stacked over experts:
 
   ragged  sort the N pairs by expert, one grouped matmul per weight (`jax.lax.ragged_dot`
           semantics; see moex.nn.grouped for its CPU implementation), unsort, weighted sum over
-          K. Dropless, FLOPs of the chosen pairs only; the fast path.
+          K. Dropless, FLOPs of the chosen pairs only; the fast path. On CPU (the blocked
+          implementation) few tokens take one of two other routes, chosen by `pair_path`:
+            gather     each pair's weights gathered (at most E/4 pairs: batch-1 decode);
+            broadcast  every expert on every token, as batched matmuls that read each expert's
+                       weights in place (at most BROADCAST_TOKENS tokens: batched decode). The
+                       blocked loop copies each expert's weights out of the stack and runs
+                       windows of at least 32 rows, so with few rows per expert it moves ~3x the
+                       weight bytes; broadcast spends E/K times the FLOPs instead, which is cheap
+                       while the step is bound by reading weights.
   dense   GShard one-hot einsum: dispatch (G, S, E, C) -> expert buffers (E, G, C, D) -> combine.
           The reference path; C = capacity (S when dropless).
   loop    a plain Python loop over experts on host arrays. Tests only.
@@ -33,10 +41,29 @@ def _hidden(params, activation, up, gate=None):
     return activation_fn(activation)(up)
 
 
+PATHS = ("auto", "sorted", "gather", "broadcast")
+BROADCAST_TOKENS = 32   # tokens up to which the blocked implementation runs every expert on all
+
+
+def pair_path(n_tokens: int, k: int, num_experts: int, impl: str, path: str = "auto") -> str:
+    """How `experts_ragged` computes G*S tokens x K choices over E experts: 'gather',
+    'broadcast' or 'sorted' (see the module docstring); decided from static shapes. `path`
+    forces one."""
+    if path not in PATHS:
+        raise ValueError(f"expert path must be one of {PATHS}, found {path!r}")
+    if path != "auto":
+        return path
+    if resolve(impl) != "blocked":
+        return "sorted"                      # ragged_dot is a grouped GEMM on GPU / TPU
+    if 4 * n_tokens * k <= num_experts:
+        return "gather"
+    return "broadcast" if n_tokens <= BROADCAST_TOKENS else "sorted"
+
+
 def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
-                   impl: str = "auto", slot_of=None):
+                   impl: str = "auto", slot_of=None, path: str = "auto"):
     """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot (on CPU, the blocked
-    loop; with at most E/2 pairs, as in decode, a gather of each pair's weights).
+    loop, or for few tokens a gather or broadcast: `pair_path`; `path` forces one).
 
     slot_of: optional (E,) int32; expert e's weights are then params[w][slot_of[e]] (a slot pool,
     moex.offload). Every expert that receives tokens must have a slot.
@@ -47,20 +74,45 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     xf = x.reshape(g * s, d).astype(dtype)
     ids = routing.expert_ids.reshape(-1)
     keep = routing.kept.reshape(-1)
-    blocked = resolve(impl) == "blocked"
-    if blocked and 2 * ids.shape[0] <= e:
-        # decode-sized batches (at most E/2 pairs): gather each pair's weights
-        # (exactly the weights needed) instead of sorting
-        p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
-        slots = ids if slot_of is None else slot_of[ids]
-        rows = xf[jnp.arange(ids.shape[0]) // k]         # pair n belongs to token n // K
-        ys = jax.vmap(lambda xr, i: _expert_fn(p, i, activation)(xr[None])[0])(rows, slots)
-        pairs = jnp.where(keep[:, None], ys, 0).reshape(g * s, k, ys.shape[-1])
-    else:
-        pairs = _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
-        pairs = pairs.reshape(g * s, k, pairs.shape[-1])
+    pairs = pair_outputs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of, path)
+    pairs = pairs.reshape(g * s, k, pairs.shape[-1])
     w = routing.weights.reshape(g * s, k, 1).astype(dtype)
     return jnp.sum(pairs * w, axis=1).reshape(g, s, pairs.shape[-1])
+
+
+def pair_outputs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of=None,
+                 path: str = "auto"):
+    """Expert outputs (N, Dout) of the N = T*K token-expert pairs of xf (T, D), in pair order
+    (pair n is token n // K through expert ids[n]; pairs not kept give 0), by the route
+    `pair_path` picks."""
+    how = pair_path(xf.shape[0], k, e, impl, path)
+    if how == "gather":
+        return _gathered_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
+    if how == "broadcast":
+        return _broadcast_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
+    return _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
+
+
+def _gathered_pairs(params, xf, ids, keep, k, activation, dtype, slot_of):
+    """Expert outputs of every pair (N, Dout), each through its own expert's gathered weights
+    (exactly the weights needed; for a handful of pairs)."""
+    p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
+    slots = ids if slot_of is None else slot_of[ids]
+    rows = xf[jnp.arange(ids.shape[0]) // k]             # pair n belongs to token n // K
+    ys = jax.vmap(lambda xr, i: _expert_fn(p, i, activation)(xr[None])[0])(rows, slots)
+    return jnp.where(keep[:, None], ys, 0)
+
+
+def _broadcast_pairs(params, xf, ids, keep, k, activation, dtype, slot_of):
+    """Expert outputs of every pair (N, Dout): every expert (or pool slot) on every token as
+    batched matmuls over the stacked weights (read in place, never copied), then each pair's
+    row picked out."""
+    p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
+    stacks = p["w_down"].shape[0]
+    every = experts_all(p, jnp.broadcast_to(xf, (stacks,) + xf.shape), activation, dtype)
+    slots = ids if slot_of is None else slot_of[ids]
+    ys = every[slots, jnp.arange(ids.shape[0]) // k]     # (E, G*S, Dout) -> (N, Dout)
+    return jnp.where(keep[:, None], ys, 0)
 
 
 def _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of):

@@ -39,8 +39,7 @@ from moex.generate import (GREEDY, GenerationResult, Sampling, check_inputs, res
 from moex.model import build
 from moex.nn.attention import Attention
 from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_cache
-from moex.nn.experts import _expert_fn, _sorted_pairs
-from moex.nn.grouped import resolve
+from moex.nn.experts import pair_outputs
 from moex.nn.layers import MLP, Dense, make_norm
 from moex.nn.routing import Router
 from moex.nn.vlm import splice_image_tokens
@@ -61,8 +60,10 @@ class EngineStats:
 def expert_pairs(pool, h, routing, active, slot_of, activation, dtype, impl):
     """Outputs (B*T, K, D) of the token-expert pairs whose expert is active (others 0).
 
-    Inactive pairs are dropped before sorting, so the active experts' rows go through the same
-    row windows as when every expert is active: a pair's output does not depend on the round.
+    The route (`moex.nn.experts.pair_path`) depends on shapes only, never on the pool or the
+    round. Inactive pairs are dropped before sorting, so the active experts' rows go through the
+    same row windows as when every expert is active; the broadcast route runs every pool slot on
+    every token. Either way a pair's output does not depend on the round or the budget.
     """
     b, t, d = h.shape
     k = routing.expert_ids.shape[-1]
@@ -70,13 +71,7 @@ def expert_pairs(pool, h, routing, active, slot_of, activation, dtype, impl):
     xf = h.reshape(b * t, d).astype(dtype)
     ids = routing.expert_ids.reshape(-1)
     keep = routing.kept.reshape(-1) & active[ids]
-    if resolve(impl) == "blocked" and 2 * ids.shape[0] <= e:
-        p = {n: jnp.asarray(v, dtype) for n, v in pool.items()}
-        rows = xf[jnp.arange(ids.shape[0]) // k]
-        ys = jax.vmap(lambda xr, i: _expert_fn(p, i, activation)(xr[None])[0])(rows, slot_of[ids])
-        pairs = jnp.where(keep[:, None], ys, 0)
-    else:
-        pairs = _sorted_pairs(pool, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
+    pairs = pair_outputs(pool, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
     return pairs.reshape(b * t, k, -1)
 
 
