@@ -98,13 +98,16 @@ def test_pair_path_by_size():
     assert pair_path(BROADCAST_TOKENS, 2, 8, "blocked") == "broadcast"
     assert pair_path(BROADCAST_TOKENS + 1, 2, 8, "blocked") == "sorted"
     assert pair_path(4, 2, 8, "ragged_dot") == "sorted"          # a grouped GEMM off CPU
+    # from a slot pool (every layer's experts): gather up to E/2 pairs, else sort
+    assert pair_path(2, 2, 8, "blocked", pooled=True) == "gather"
+    assert pair_path(3, 2, 8, "blocked", pooled=True) == "sorted"
     assert pair_path(512, 2, 8, "blocked", path="broadcast") == "broadcast"
     with pytest.raises(ValueError, match="'scatter'"):
         pair_path(4, 2, 8, "blocked", path="scatter")
 
 
 def test_broadcast_reads_pool_slots():
-    """With a slot pool (moex.offload), broadcast runs every slot and picks each pair's slot."""
+    """Forced onto a slot pool, broadcast runs every slot and picks each pair's slot."""
     rng = np.random.default_rng(3)
     e, d, f = 4, 6, 8
     params = make_params(rng, e, d, f, "swiglu", bias=True)

@@ -13,7 +13,8 @@ Expert params are a plain dict, stacked over experts:
           implementation) few tokens take one of two other routes, chosen by `pair_path`:
             gather     each pair's weights gathered (at most E/4 pairs: batch-1 decode);
             broadcast  every expert on every token, as batched matmuls that read each expert's
-                       weights in place (at most BROADCAST_TOKENS tokens: batched decode). The
+                       weights in place (at most BROADCAST_TOKENS tokens: batched decode; not
+                       from a slot pool, which holds other layers' experts too). The
                        blocked loop copies each expert's weights out of the stack and runs
                        windows of at least 32 rows, so with few rows per expert it moves ~3x the
                        weight bytes; broadcast spends E/K times the FLOPs instead, which is cheap
@@ -45,17 +46,22 @@ PATHS = ("auto", "sorted", "gather", "broadcast")
 BROADCAST_TOKENS = 32   # tokens up to which the blocked implementation runs every expert on all
 
 
-def pair_path(n_tokens: int, k: int, num_experts: int, impl: str, path: str = "auto") -> str:
+def pair_path(n_tokens: int, k: int, num_experts: int, impl: str, path: str = "auto",
+              pooled: bool = False) -> str:
     """How `experts_ragged` computes G*S tokens x K choices over E experts: 'gather',
     'broadcast' or 'sorted' (see the module docstring); decided from static shapes. `path`
-    forces one."""
+    forces one. pooled: the weights are a slot pool (moex.offload) that may hold every layer's
+    experts, which broadcasting would all run; pooled pairs gather (up to E/2 pairs) or sort."""
     if path not in PATHS:
         raise ValueError(f"expert path must be one of {PATHS}, found {path!r}")
     if path != "auto":
         return path
     if resolve(impl) != "blocked":
         return "sorted"                      # ragged_dot is a grouped GEMM on GPU / TPU
-    if 4 * n_tokens * k <= num_experts:
+    pairs = n_tokens * k
+    if pooled:
+        return "gather" if 2 * pairs <= num_experts else "sorted"
+    if 4 * pairs <= num_experts:
         return "gather"
     return "broadcast" if n_tokens <= BROADCAST_TOKENS else "sorted"
 
@@ -85,7 +91,7 @@ def pair_outputs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of=N
     """Expert outputs (N, Dout) of the N = T*K token-expert pairs of xf (T, D), in pair order
     (pair n is token n // K through expert ids[n]; pairs not kept give 0), by the route
     `pair_path` picks."""
-    how = pair_path(xf.shape[0], k, e, impl, path)
+    how = pair_path(xf.shape[0], k, e, impl, path, pooled=slot_of is not None)
     if how == "gather":
         return _gathered_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
     if how == "broadcast":

@@ -60,10 +60,10 @@ class EngineStats:
 def expert_pairs(pool, h, routing, active, slot_of, activation, dtype, impl):
     """Outputs (B*T, K, D) of the token-expert pairs whose expert is active (others 0).
 
-    The route (`moex.nn.experts.pair_path`) depends on shapes only, never on the pool or the
-    round. Inactive pairs are dropped before sorting, so the active experts' rows go through the
-    same row windows as when every expert is active; the broadcast route runs every pool slot on
-    every token. Either way a pair's output does not depend on the round or the budget.
+    The route (`moex.nn.experts.pair_path`, pooled: gathered or sorted pairs) depends on shapes
+    only, never on the pool or the round, and inactive pairs are dropped before sorting, so the
+    active experts' rows go through the same row windows as when every expert is active: a
+    pair's output does not depend on the round or the budget.
     """
     b, t, d = h.shape
     k = routing.expert_ids.shape[-1]
