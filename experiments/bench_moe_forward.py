@@ -38,7 +38,7 @@ import transformers
 from tqdm import tqdm
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moex.bench.output import write_outputs
+from moex.bench.output import md_table, write_outputs
 from moex.bench.timing import Timing, measure
 from moex.config import DecoderConfig, MoEConfig, VLMConfig
 from moex.model import build, forward, init_params
@@ -218,33 +218,29 @@ def expert_block_rows(hf, params, batches: list[int], seq: int, warmup: int,
 
 
 def expert_block_markdown(rows: list[dict]) -> str:
-    lines = ["| batch | rows per expert | moex block | exact-rows loop (bound) | transformers block "
-             "| moex vs transformers | bound vs transformers |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        hf = r["transformers_ms"]
-        lines.append(f"| {r['batch']} | {r['rows_min']}-{r['rows_max']} | {r['moex_ms']:.1f} ms "
-                     f"| {r['exact_rows_ms']:.1f} ms | {hf:.1f} ms | {hf / r['moex_ms']:.2f}x "
-                     f"| {hf / r['exact_rows_ms']:.2f}x |")
-    return "\n".join(lines)
+    header = ["batch", "rows per expert", "moex block", "exact-rows loop (bound)",
+              "transformers block", "moex vs transformers", "bound vs transformers"]
+    return md_table(header, [
+        [str(r["batch"]), f"{r['rows_min']}-{r['rows_max']}", f"{r['moex_ms']:.1f} ms",
+         f"{r['exact_rows_ms']:.1f} ms", f"{r['transformers_ms']:.1f} ms",
+         f"{r['transformers_ms'] / r['moex_ms']:.2f}x",
+         f"{r['transformers_ms'] / r['exact_rows_ms']:.2f}x"] for r in rows])
 
 
 def kernel_markdown(rows: list[dict]) -> str:
-    lines = ["| batch | GEMM (rows x k x n) | jax GFLOP/s | torch GFLOP/s | jax / torch |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['batch']} | {r['rows']} x {r['k']} x {r['n']} | {r['jax_gflops']:.0f} "
-                     f"| {r['torch_gflops']:.0f} | {r['jax_over_torch']:.2f}x |")
-    return "\n".join(lines)
+    header = ["batch", "GEMM (rows x k x n)", "jax GFLOP/s", "torch GFLOP/s", "jax / torch"]
+    return md_table(header, [
+        [str(r["batch"]), f"{r['rows']} x {r['k']} x {r['n']}", f"{r['jax_gflops']:.0f}",
+         f"{r['torch_gflops']:.0f}", f"{r['jax_over_torch']:.2f}x"] for r in rows])
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| implementation | batch | seq | median tok/s | min / max tok/s | vs transformers |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['implementation']} | {r['batch']} | {r['seq']} "
-                     f"| {r['tokens_per_s_median']:.0f} | {r['tokens_per_s_min']:.0f} / "
-                     f"{r['tokens_per_s_max']:.0f} | {r['ratio_vs_transformers']:.2f}x |")
-    return "\n".join(lines)
+    header = ["implementation", "batch", "seq", "median tok/s", "min / max tok/s",
+              "vs transformers"]
+    return md_table(header, [
+        [r["implementation"], str(r["batch"]), str(r["seq"]), f"{r['tokens_per_s_median']:.0f}",
+         f"{r['tokens_per_s_min']:.0f} / {r['tokens_per_s_max']:.0f}",
+         f"{r['ratio_vs_transformers']:.2f}x"] for r in rows])
 
 
 def main(args) -> None:

@@ -12,6 +12,12 @@ from moex.bench.timing import environment
 from moex.checkpoint import staged
 
 
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: one header row, a rule, then the rows (cells already formatted)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def write_outputs(out, rows: list[dict], config: dict, report_md: str,
                   extra: Callable[[pathlib.Path], object] | None = None) -> pathlib.Path:
     """`extra(tmp_dir)` writes further files (plots) into the staged dir before it is published."""
