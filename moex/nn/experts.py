@@ -88,8 +88,8 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
 
 def pair_outputs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of=None,
                  path: str = "auto"):
-    """Expert outputs (N, Dout) of the N = T*K token-expert pairs of xf (T, D), in pair order
-    (pair n is token n // K through expert ids[n]; pairs not kept give 0), by the route
+    """Expert outputs (N, Dout) of the N = G*S*K token-expert pairs of xf (G*S, D), in pair
+    order (pair n is token n // K through expert ids[n]; pairs not kept give 0), by the route
     `pair_path` picks."""
     how = pair_path(xf.shape[0], k, e, impl, path, pooled=slot_of is not None)
     if how == "gather":
