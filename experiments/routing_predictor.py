@@ -48,15 +48,12 @@ def main(argv=None) -> int:
     from moex.cli import main as moex
     from moex.offload.trace import Trace
     from moex.predict.lm import LMTrainConfig, record_traces, train_lm
-    from moex.training import claim_run_dir
+    from moex.training import trained_model_dir
 
     runs, out = pathlib.Path(args.runs), pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lc = LMTrainConfig(preset=args.preset, steps=args.lm_steps, out=str(runs / "lm"))
-    claim_run_dir(lc.run_dir, lc)
-    if not (lc.run_dir / "model").exists():
-        train_lm(lc)
-    model_dir = lc.run_dir / "model"
+    model_dir = trained_model_dir(lc.run_dir, lc, lambda: train_lm(lc))
     cfg, params, _ = checkpoint.load(model_dir)
 
     traces = {}

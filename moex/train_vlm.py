@@ -41,7 +41,8 @@ from moex.data.synthetic import SyntheticSpec, write_synthetic
 from moex.model import aux_loss, build, init_params
 from moex.predict.lm import train_model_config
 from moex.tokenizer import ByteTokenizer, left_pad
-from moex.training import TrainState, adamw, claim_run_dir, fit, make_step, publish_model
+from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
+                           trained_model_dir)
 
 TARGETS = ("letter", "likelihood")
 ANSWER_FORMATS = {"letter": lambda q: q.answer_letter,
@@ -187,12 +188,9 @@ def trained_model(tc: VLMTrainConfig, progress: bool = True):
     """(cfg, params) of the model `tc` trains: loaded from run_dir/model when this config has
     trained it before (the cache), else trained now."""
     from moex import checkpoint
-    claim_run_dir(tc.run_dir, tc)
-    if (tc.run_dir / "model").exists():
-        cfg, params, _ = checkpoint.load(tc.run_dir / "model")
-        return cfg, params
-    params, _ = train_vlm(tc, progress=progress)
-    return get_config(tc.preset), params
+    model_dir = trained_model_dir(tc.run_dir, tc, lambda: train_vlm(tc, progress=progress))
+    cfg, params, _ = checkpoint.load(model_dir)
+    return cfg, params
 
 
 # -- command line: moex vlm train | data, moex efficiency ------------------------------------------

@@ -67,6 +67,16 @@ def claim_run_dir(run_dir, config) -> None:
                          f"retrain.")
 
 
+def trained_model_dir(run_dir, config, train) -> pathlib.Path:
+    """run_dir/model as trained with `config`: the folder is claimed for it (`claim_run_dir`),
+    and `train()` runs only when no model is there yet (the cache)."""
+    claim_run_dir(run_dir, config)
+    model_dir = pathlib.Path(run_dir) / "model"
+    if not model_dir.exists():
+        train()
+    return model_dir
+
+
 def publish_model(run_dir, state: "TrainState", steps: int, cfg, metadata: dict, log: list) -> bool:
     """Once a run has reached `steps`, save its params as the moex checkpoint run_dir/model (with
     `metadata` and the log) and the log as run_dir/log.json; True if it did so now."""
