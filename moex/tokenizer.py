@@ -1,8 +1,14 @@
-"""Byte-level tokenizer for the tiny and small presets: 256 byte ids plus special tokens.
+"""Tokenizers behind one `encode` / `decode` contract, and the word-level tokenizer builder.
 
-No files, no download: id b (0..255) is the byte b; specials follow. The image placeholder stands
-for one image token; `expand_images` repeats it to the number of image tokens the vision tower
-makes, LLaVA-style, so the VLM splices image features at exactly those positions.
+  ByteTokenizer     256 byte ids plus specials; no files (the tiny / small presets, the stdlib
+                    language-model study)
+  HFTextTokenizer   a `tokenizers.Tokenizer` (a converted checkpoint's tokenizer.json, or a
+                    trained checkpoint's task tokenizer)
+  word_tokenizer    a word-level `tokenizers.Tokenizer` built from a task's corpus: every word
+                    and punctuation run of the corpus gets an id, anything else is <unk>
+
+Every `<image>` in a text becomes `num_image_tokens` placeholder ids, LLaVA-style, so the VLM
+splices image features at exactly those positions.
 """
 
 from __future__ import annotations
@@ -54,6 +60,88 @@ class ByteTokenizer:
         """Left-padded (ids, mask), both (B, T) int32, T = longest prompt or `length`."""
         seqs = [self.encode(t, num_image_tokens=num_image_tokens) for t in texts]
         return left_pad(seqs, self.pad_id, length)
+
+
+class HFTextTokenizer:
+    """A `tokenizers.Tokenizer` (or the path of its tokenizer.json) behind ByteTokenizer's
+    `encode` contract.
+
+    `encode` splits the text on "<image>", encodes each part without special tokens, puts
+    `num_image_tokens` x `image_token_id` between parts and prepends `bos_id` (if any).
+    """
+
+    def __init__(self, tokenizer, image_token_id: int, bos_id: int | None = None,
+                 pad_id: int = 0, eos_id: int | None = None):
+        from tokenizers import Tokenizer   # imported here: byte-level users never need it
+        self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else \
+            Tokenizer.from_file(str(tokenizer))
+        self.image_id = image_token_id
+        self.bos_id, self.pad_id, self.eos_id = bos_id, pad_id, eos_id
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, *, bos: bool = True, num_image_tokens: int = 0) -> list[int]:
+        parts = text.split(IMAGE_TAG)
+        if len(parts) > 1 and num_image_tokens < 1:
+            raise ValueError(f"text contains {IMAGE_TAG} but num_image_tokens={num_image_tokens}; "
+                             "pass the vision tower's number of image tokens")
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        for i, part in enumerate(parts):
+            if i:
+                ids.extend([self.image_id] * num_image_tokens)
+            if part:
+                ids.extend(self.tokenizer.encode(part, add_special_tokens=False).ids)
+        return ids
+
+    def decode(self, ids) -> str:
+        """Text of `ids`, stopping at eos; image placeholders become "<image>"."""
+        out, run = [], []
+        for t in map(int, ids):
+            if t == self.eos_id:
+                break
+            if t == self.image_id:
+                out.append(self.tokenizer.decode(run) + IMAGE_TAG)
+                run = []
+            else:
+                run.append(t)
+        return "".join(out) + self.tokenizer.decode(run)
+
+
+# -- word-level tokenizers for tasks with a closed vocabulary -------------------------------------
+
+WORD_SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TAG)   # ids 0..4, in this order
+PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(len(WORD_SPECIALS))
+
+
+def word_tokenizer(texts):
+    """A word-level `tokenizers.Tokenizer` over `texts` (an iterable of strings).
+
+    Pre-tokenization splits on whitespace and between word characters and punctuation
+    ("Answer:" -> "Answer", ":"; "option's" -> "option", "'", "s"). Ids: WORD_SPECIALS first
+    (0..4), then the corpus words by decreasing count (ties alphabetical), so the same corpus
+    always gives the same ids. A word outside the corpus encodes to <unk> (UNK_ID); decoding
+    joins words with single spaces.
+    """
+    import collections
+    import re
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    counts = collections.Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t))
+    for s in WORD_SPECIALS:
+        counts.pop(s, None)
+    words = sorted(counts, key=lambda w: (-counts[w], w))
+    vocab = {w: i for i, w in enumerate(list(WORD_SPECIALS) + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # <unk> stays a plain word, so decoding shows it; the others are skipped when decoding
+    tok.add_special_tokens([s for s in WORD_SPECIALS if s != "<unk>"])
+    return tok
+
+
+def word_tokenizer_of(tokenizer) -> HFTextTokenizer:
+    """A word tokenizer (from `word_tokenizer`) behind the encode contract, with its special ids."""
+    return HFTextTokenizer(tokenizer, IMAGE_ID, bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None):

@@ -18,7 +18,7 @@ import numpy as np
 from moex.data.images import preprocess
 from moex.data.prompts import build_prompt
 from moex.data.records import Question
-from moex.tokenizer import IMAGE_TAG, left_pad
+from moex.tokenizer import HFTextTokenizer, left_pad  # noqa: F401  (HFTextTokenizer: re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,48 +71,3 @@ def batches(questions: Iterable[Question], batch_size: int) -> Iterator[list[Que
             group = []
     if group:
         yield group
-
-
-class HFTextTokenizer:
-    """A HuggingFace `tokenizer.json` behind ByteTokenizer's `encode` contract (converted models).
-
-    `encode` splits the text on "<image>", encodes each part without special tokens, puts
-    `num_image_tokens` x `image_token_id` between parts and prepends `bos_id` (if any).
-    """
-
-    def __init__(self, path, image_token_id: int, bos_id: int | None = None, pad_id: int = 0,
-                 eos_id: int | None = None):
-        from tokenizers import Tokenizer   # imported here: only converted models need it
-        self.tokenizer = Tokenizer.from_file(str(path))
-        self.image_id = image_token_id
-        self.bos_id, self.pad_id, self.eos_id = bos_id, pad_id, eos_id
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str, *, bos: bool = True, num_image_tokens: int = 0) -> list[int]:
-        parts = text.split(IMAGE_TAG)
-        if len(parts) > 1 and num_image_tokens < 1:
-            raise ValueError(f"text contains {IMAGE_TAG} but num_image_tokens={num_image_tokens}; "
-                             "pass the vision tower's number of image tokens")
-        ids = [self.bos_id] if bos and self.bos_id is not None else []
-        for i, part in enumerate(parts):
-            if i:
-                ids.extend([self.image_id] * num_image_tokens)
-            if part:
-                ids.extend(self.tokenizer.encode(part, add_special_tokens=False).ids)
-        return ids
-
-    def decode(self, ids) -> str:
-        """Text of `ids`, stopping at eos; image placeholders become "<image>"."""
-        out, run = [], []
-        for t in map(int, ids):
-            if t == self.eos_id:
-                break
-            if t == self.image_id:
-                out.append(self.tokenizer.decode(run) + IMAGE_TAG)
-                run = []
-            else:
-                run.append(t)
-        return "".join(out) + self.tokenizer.decode(run)

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from moex.data.mmbench import write_mmbench
-from moex.data.records import MAX_OPTIONS, MIN_OPTIONS, Question
+from moex.data.records import LETTERS, MAX_OPTIONS, MIN_OPTIONS, Question
 from moex.data.seedbench import write_seedbench
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -48,6 +48,8 @@ HINT_RATE = 0.3
 SIZE_RANGE = (0.22, 0.31)       # shape side as a fraction of the image side
 SPEC_FILE = "spec.json"         # written last: its presence (and match) marks a complete folder
 FORMAT_VERSION = 1
+FRESH_STREAM = 7919
+CAPTION_PROMPT = "Describe the image."             # first seed word of `fresh_questions`' stream
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +169,22 @@ def _make(category: str, rng, image_size: int) -> tuple[list[Shape], str, str, t
     return shapes, f"Where is the {target.color} {target.kind}?", where, POSITIONS
 
 
+def _check_size(image_size: int) -> None:
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 px for shapes to stay visible, found "
+                         f"{image_size}")
+
+
+def make_question(rng: np.random.Generator, category: str, image_size: int, qid: str = ""):
+    """(Question without its image, the scene's shapes): one question of `category` drawn from
+    `rng`; `render(shapes, image_size)` draws its image."""
+    shapes, text, correct, vocabulary = _make(category, rng, image_size)
+    options, answer = _options(rng, correct, vocabulary)
+    hint = str(rng.choice(HINTS)) if rng.random() < HINT_RATE else ""
+    return Question(qid=qid, question=text, options=options, answer=answer, category=category,
+                    hint=hint, source="synthetic"), shapes
+
+
 def generate_questions(n: int, seed: int, image_size: int = 64) -> list[Question]:
     """n synthetic questions (PNG images in `image_bytes`), deterministic in (seed, i).
 
@@ -174,21 +192,84 @@ def generate_questions(n: int, seed: int, image_size: int = 64) -> list[Question
     """
     if not 0 <= n < 1_000_000:
         raise ValueError(f"n must be in [0, 1_000_000), found {n}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be >= 32 px for shapes to stay visible, found "
-                         f"{image_size}")
+    _check_size(image_size)
     questions = []
     for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        category = CATEGORIES[i % len(CATEGORIES)]
-        shapes, text, correct, vocabulary = _make(category, rng, image_size)
-        options, answer = _options(rng, correct, vocabulary)
-        hint = str(rng.choice(HINTS)) if rng.random() < HINT_RATE else ""
-        questions.append(Question(qid=str(seed * 1_000_000 + i), question=text, options=options,
-                                  answer=answer, category=category, hint=hint,
-                                  image_bytes=_png(render(shapes, image_size)),
-                                  source="synthetic"))
+        q, shapes = make_question(np.random.default_rng([seed, i]), CATEGORIES[i % len(CATEGORIES)],
+                                  image_size, qid=str(seed * 1_000_000 + i))
+        questions.append(dataclasses.replace(q, image_bytes=_png(render(shapes, image_size))))
     return questions
+
+
+def fresh_questions(seed: int, step: int, n: int, image_size: int = 64, weights=None):
+    """n new questions for training step `step`, with their rendered images and scenes:
+    [(Question, PIL image, shapes)], deterministic in (seed, step, i) and drawn from a stream no
+    split uses (split seeds are scalars; these are (FRESH_STREAM, seed, step, i)).
+
+    Categories take turns from a random start, so every batch is balanced; `weights` (one per
+    CATEGORIES entry) draws them in those proportions instead (a curriculum)."""
+    _check_size(image_size)
+    rng = np.random.default_rng([FRESH_STREAM, seed, step])
+    if weights is None:
+        start = int(rng.integers(len(CATEGORIES)))
+        cats = [CATEGORIES[(start + i) % len(CATEGORIES)] for i in range(n)]
+    else:
+        w = np.asarray(weights, np.float64)
+        if w.shape != (len(CATEGORIES),) or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights: one non-negative weight per category {CATEGORIES}, not "
+                             f"all zero; found {tuple(weights)}")
+        cats = [CATEGORIES[i] for i in rng.choice(len(CATEGORIES), n, p=w / w.sum())]
+    out = []
+    for i, category in enumerate(cats):
+        rng = np.random.default_rng([FRESH_STREAM, seed, step, i])
+        q, shapes = make_question(rng, category, image_size, qid=f"fresh-{seed}-{step}-{i}")
+        out.append((q, render(shapes, image_size), shapes))
+    return out
+
+
+def caption(shapes, category: str, image_size: int) -> str:
+    """A scene description for caption training (LLaVA's stage-1 alignment task, on the synthetic
+    scenes): " N shapes : COLOR KIND WHERE , ...". WHERE is the 2x2 grid cell ("top left") for
+    grid scenes; for a position scene, the side along its axis ("left" / "right" or "top" /
+    "bottom"), as its question asks."""
+    half = image_size / 2
+    if category == "position":
+        a, b = shapes
+        horizontal = abs(a.cx - b.cx) > abs(a.cy - b.cy)
+        where = [(("left" if s.cx < half else "right") if horizontal else
+                  ("top" if s.cy < half else "bottom")) for s in shapes]
+    else:
+        shapes = sorted(shapes, key=lambda s: (s.cy >= half, s.cx >= half))
+        where = [f"{'top' if s.cy < half else 'bottom'} {'left' if s.cx < half else 'right'}"
+                 for s in shapes]
+    parts = [f"{s.color} {s.kind} {w}" for s, w in zip(shapes, where)]
+    return f" {len(shapes)} shapes : " + " , ".join(parts)
+
+
+def question_texts():
+    """Every question text `_make` can ask."""
+    yield "What color is the shape?"
+    yield "Which shape is in the image?"
+    yield "How many shapes are in the image?"
+    for color in COLORS:
+        for kind in SHAPES:
+            yield f"Where is the {color} {kind}?"
+
+
+def corpus():
+    """Every text the synthetic benchmark can show a model: questions (each colour and shape of
+    the position questions), hints, option words, and the scaffolding of each prompt style and of
+    the likelihood prompt: what the task-sized tokenizer is built from (`moex.data.vocab`)."""
+    from moex.data.prompts import STYLES, build_prompt, likelihood_prompt
+    scaffold = Question("0", "?", tuple(LETTERS), 0, "color", hint=HINTS[0])
+    yield from (build_prompt(scaffold, style, image_tag="") for style in STYLES)
+    yield likelihood_prompt(scaffold, image_tag="")
+    yield from question_texts()
+    yield from HINTS
+    yield " ".join((*COLORS, *SHAPES, *COUNTS, *POSITIONS))
+    yield " ".join(f"({letter})" for letter in LETTERS)      # "text (B)" answers
+    yield CAPTION_PROMPT
+    yield caption([Shape(k, c, 0, 0, 1) for k, c in zip(SHAPES, COLORS)], "count", 64)
 
 
 def _paths(root: Path, spec: SyntheticSpec) -> dict[str, Path]:
