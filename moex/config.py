@@ -22,6 +22,7 @@ from typing import Literal
 MoEKind = Literal["dense", "hard", "soft"]
 Activation = Literal["swiglu", "gelu", "gelu_tanh", "quick_gelu", "relu"]
 NormKind = Literal["rms", "layer"]
+TokenizerKind = Literal["byte", "synthetic-words"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +103,8 @@ class VisionConfig:
     # pixel normalisation (x / 255 - mean) / std per channel; CLIP's values, SigLIP uses 0.5 / 0.5
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    spatial_merge: int = 1        # m: each m x m block of patch features becomes one image token
+                                  # (concatenated, D * m^2 wide: Qwen2/3-VL's patch merger)
     moe: MoEConfig = DENSE
 
     @property
@@ -110,7 +113,18 @@ class VisionConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.num_patches + (self.class_token and not self.drop_class_token)
+        return (self.num_patches // self.spatial_merge ** 2
+                + (self.class_token and not self.drop_class_token))
+
+    def validate(self) -> None:
+        side = self.image_size // self.patch_size
+        if self.spatial_merge < 1 or side % self.spatial_merge:
+            raise ValueError(f"vision.spatial_merge {self.spatial_merge} must divide the patch "
+                             f"grid side {side} ({self.image_size} px / {self.patch_size} px)")
+        if self.spatial_merge > 1 and self.class_token and not self.drop_class_token:
+            raise ValueError("vision.spatial_merge > 1 merges a square grid of patches: drop "
+                             "the class token (drop_class_token=True) or use none")
+        self.moe.validate("vision.moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +199,7 @@ class VLMConfig:
     image_token_id: int = 259     # placeholder id (byte tokenizer); converted models override
     pad_token_id: int = 256
     eos_token_id: int = 258
+    tokenizer: TokenizerKind = "byte"   # without a tokenizer.json: moex.data.vocab.tokenizer_for
     description: str = ""
 
     def validate(self) -> "VLMConfig":
@@ -192,7 +207,7 @@ class VLMConfig:
         if (self.vision is None) != (self.projector is None):
             raise ValueError(f"{self.name}: vision and projector must both be set or both be None")
         if self.vision is not None:
-            self.vision.moe.validate("vision.moe")
+            self.vision.validate()
             self.projector.moe.validate("projector.moe")
             if self.vision.moe.kind == "soft" and self.vision.moe.soft_slots < 1:
                 raise ValueError("vision.moe.soft_slots must be >= 1")
@@ -238,7 +253,8 @@ def config_from_dict(raw: dict) -> VLMConfig:
         dtype=raw.get("dtype", "float32"),
         param_dtype=raw.get("param_dtype", "float32"),
         description=raw.get("description", ""),
-        **{k: raw[k] for k in ("image_token_id", "pad_token_id", "eos_token_id") if k in raw},
+        **{k: raw[k] for k in ("image_token_id", "pad_token_id", "eos_token_id", "tokenizer")
+           if k in raw},
     ).validate()
 
 
@@ -336,6 +352,53 @@ def _small_soft():
     return VLMConfig("small-soft", dataclasses.replace(_SMALL_DECODER, moe=dec),
                      dataclasses.replace(_SMALL_VISION, moe=vis), _SMALL_PROJ,
                      description="CPU benchmark-size soft-MoE VLM")
+
+
+# --- learning size on CPU: the main job trains these in minutes ---------------------------------
+# Sized with the task (moex.data.synthetic) and its word tokenizer (moex.data.vocab, 65 words):
+# 48 px images in 8 px patches -> 36 image tokens, plus ~30-40 text tokens per question, and ~1M
+# parameters, so a training step of 64 questions takes a few tenths of a second on 2 cores. The
+# vision tower feeds the projector from its last block (feature_layer -1), so its MoE blocks run.
+# mini-hard and mini-soft are mini-dense sparsely upcycled (moex.upcycle; `moex upcycle
+# runs/vlm/mini-dense/model OUT --like mini-hard`): hard = 4 copies of each decoder FFN, top-2
+# renormalised, and 4 copies of the odd vision MLPs; soft = each decoder FFN split into 4
+# soft-gated experts of 1/4 the width (active parameters match dense), and Soft MoE in the odd
+# vision blocks (4 copies of the MLP x 9 slots = 36 slots for 36 tokens).
+
+_MINI_VISION = VisionConfig(image_size=48, patch_size=8, d_model=128, num_layers=4, num_heads=4,
+                            mlp_dim=256, class_token=False, drop_class_token=False,
+                            feature_layer=-1)
+_MINI_DECODER = DecoderConfig(vocab_size=80, d_model=128, num_layers=4, num_heads=4,
+                              num_kv_heads=2, ffn_dim=256, max_seq_len=512)
+_MINI_WORDS = dict(tokenizer="synthetic-words", image_token_id=4, pad_token_id=0, eos_token_id=2)
+
+
+@preset("mini-dense")
+def _mini_dense():
+    return VLMConfig("mini-dense", _MINI_DECODER, _MINI_VISION, ProjectorConfig(hidden_dim=128),
+                     description="dense VLM sized to learn the synthetic benchmark on 2 CPU cores",
+                     **_MINI_WORDS)
+
+
+@preset("mini-hard")
+def _mini_hard():
+    moe = MoEConfig(kind="hard", num_experts=4, top_k=2, expert_dim=256)
+    vmoe = dataclasses.replace(moe, every_n=2, layer_offset=1)
+    return _mini_dense().replace(
+        name="mini-hard", decoder=dataclasses.replace(_MINI_DECODER, moe=moe),
+        vision=dataclasses.replace(_MINI_VISION, moe=vmoe),
+        description="mini-dense upcycled: 4 experts top-2 (decoder; odd vision blocks)")
+
+
+@preset("mini-soft")
+def _mini_soft():
+    dec = MoEConfig(kind="soft", num_experts=4, expert_dim=64)
+    vis = MoEConfig(kind="soft", num_experts=4, expert_dim=256, soft_slots=9, every_n=2,
+                    layer_offset=1)
+    return _mini_dense().replace(
+        name="mini-soft", decoder=dataclasses.replace(_MINI_DECODER, moe=dec),
+        vision=dataclasses.replace(_MINI_VISION, moe=vis),
+        description="mini-dense upcycled: soft-gated split decoder FFNs, Soft MoE vision")
 
 
 # --- published scale ---------------------------------------------------------------------------

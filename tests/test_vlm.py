@@ -80,3 +80,27 @@ def test_wrong_image_shape_is_named():
     cfg, model, params = tiny("tiny-dense")
     with pytest.raises(ValueError, match=r"expected images of shape \(B, 32, 32, 3\)"):
         model.apply({"params": params}, jnp.zeros((1, 16, 16, 3)), method="encode_images")
+
+
+def test_spatial_merge_concatenates_neighbouring_patches():
+    import dataclasses
+    from moex.nn.vision import merge_patches
+    x = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 3)   # a 4 x 4 patch grid
+    y = np.asarray(merge_patches(x, 4, 2))
+    assert y.shape == (2, 4, 12)
+    for block, patches in enumerate(([0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13],
+                                     [10, 11, 14, 15])):
+        np.testing.assert_array_equal(y[1, block], np.asarray(x[1, patches]).reshape(-1))
+    cfg = get_config("mini-dense")
+    merged = cfg.replace(vision=dataclasses.replace(cfg.vision, spatial_merge=2)).validate()
+    assert merged.vision.num_image_tokens == cfg.vision.num_image_tokens // 4 == 9
+    params = init_params(merged)
+    assert params["projector"]["fc1"]["kernel"].shape[0] == 4 * cfg.vision.d_model
+    tokens, _ = build(merged).apply({"params": params}, random_images(merged, 2),
+                                    method="encode_images")
+    assert tokens.shape == (2, 9, merged.decoder.d_model)
+    with pytest.raises(ValueError, match="spatial_merge 4 must divide the patch grid side 6"):
+        cfg.replace(vision=dataclasses.replace(cfg.vision, spatial_merge=4)).validate()
+    with pytest.raises(ValueError, match="drop the class token"):
+        get_config("tiny-dense").replace(vision=dataclasses.replace(
+            get_config("tiny-dense").vision, spatial_merge=2, drop_class_token=False)).validate()

@@ -89,7 +89,18 @@ class VisionTower(nn.Module):
                 x = y
         if c.class_token and c.drop_class_token:
             x = x[:, 1:]
+        if c.spatial_merge > 1:
+            x = merge_patches(x, c.image_size // c.patch_size, c.spatial_merge)
         return x, aux
+
+
+def merge_patches(x, side: int, m: int):
+    """(B, side*side, D) row-major patch features -> (B, (side/m)^2, m*m*D): each m x m block of
+    neighbouring patches concatenated (row-major within the block), blocks row-major."""
+    b, _, d = x.shape
+    g = side // m
+    x = x.reshape(b, g, m, g, m, d).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * g, m * m * d)
 
 
 class Projector(nn.Module):
