@@ -40,24 +40,51 @@ def staging_dir(out: pathlib.Path) -> pathlib.Path:
 def write(tmp: pathlib.Path, cfg: VLMConfig, params, metadata: dict | None = None,
           copy_from: pathlib.Path | None = None) -> None:
     """Write a checkpoint into an (empty) staging dir."""
-    import orbax.checkpoint as ocp
-    (tmp / "config.json").write_text(cfg.to_json())
-    (tmp / "moex.json").write_text(json.dumps(metadata or {}, indent=2))
-    root = (tmp / "params").absolute()
-    root.mkdir()
-    chunks = []
-    ckpt = ocp.StandardCheckpointer()
+    put = _chunk_writer(tmp, cfg, metadata, copy_from)
     for top, sub in params.items():
         for name, leaf in (sub.items() if isinstance(sub, dict) else [("", sub)]):
-            chunk = f"{top}.{name}" if name else top
-            ckpt.save(root / chunk, {"value": leaf})
-            ckpt.wait_until_finished()
-            chunks.append(chunk)
-    (root / "index.json").write_text(json.dumps({"format": "moex-params-v1", "chunks": chunks}))
-    if copy_from is not None:
-        for name in TOKENIZER_FILES:
-            if (copy_from / name).is_file():
-                shutil.copy2(copy_from / name, tmp / name)
+            put(f"{top}.{name}" if name else top, leaf)
+    put.close()
+
+
+class _chunk_writer:
+    """Writes config.json, moex.json, tokenizer files and then params chunks one at a time;
+    `close()` writes params/index.json."""
+
+    def __init__(self, tmp: pathlib.Path, cfg: VLMConfig, metadata: dict | None,
+                 copy_from: pathlib.Path | None):
+        import orbax.checkpoint as ocp
+        (tmp / "config.json").write_text(cfg.to_json())
+        (tmp / "moex.json").write_text(json.dumps(metadata or {}, indent=2))
+        self.root = (tmp / "params").absolute()
+        self.root.mkdir()
+        self.chunks, self.ckpt = [], ocp.StandardCheckpointer()
+        if copy_from is not None:
+            for name in TOKENIZER_FILES:
+                if (copy_from / name).is_file():
+                    shutil.copy2(copy_from / name, tmp / name)
+
+    def __call__(self, chunk: str, value) -> None:
+        """Save params chunk `chunk` ("decoder.layer_0"; "top" for a leaf at the top level)."""
+        if chunk in self.chunks:
+            raise ValueError(f"params chunk {chunk!r} written twice")
+        self.ckpt.save(self.root / chunk, {"value": value})
+        self.ckpt.wait_until_finished()
+        self.chunks.append(chunk)
+
+    def close(self) -> None:
+        (self.root / "index.json").write_text(json.dumps({"format": "moex-params-v1",
+                                                          "chunks": self.chunks}))
+
+
+@contextlib.contextmanager
+def writer(out, cfg: VLMConfig, metadata: dict | None = None, copy_from=None):
+    """Write checkpoint OUT chunk by chunk (for models too big to hold twice): yields
+    `write(chunk, value)`; OUT appears, complete, only when the block succeeds."""
+    with staged(out) as tmp:
+        put = _chunk_writer(tmp, cfg, metadata, copy_from and pathlib.Path(copy_from))
+        yield put
+        put.close()
 
 
 def publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
@@ -97,22 +124,35 @@ def load_config(path) -> VLMConfig:
     return VLMConfig.from_json((path / "config.json").read_text())
 
 
+def chunk_names(path) -> list[str]:
+    """The params chunks of checkpoint `path`, in the order they were written."""
+    index = pathlib.Path(path).absolute() / "params" / "index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{path}: not a moex checkpoint (no params/index.json)")
+    return json.loads(index.read_text())["chunks"]
+
+
+def load_chunk(path, chunk: str):
+    """One params chunk of checkpoint `path` (numpy arrays)."""
+    import orbax.checkpoint as ocp
+    value = ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute() / "params" / chunk)
+    return jax.tree.map(np.asarray, value["value"])
+
+
 def load(path, as_numpy: bool = False):
     """(cfg, params, tokenizer or None). Params come back as numpy (as_numpy) or jax arrays."""
-    import orbax.checkpoint as ocp
     path = pathlib.Path(path)
     cfg = load_config(path)
-    root = (path / "params").absolute()
-    index = json.loads((root / "index.json").read_text())
-    ckpt, params = ocp.StandardCheckpointer(), {}
-    for chunk in index["chunks"]:
-        value = ckpt.restore(root / chunk)["value"]
+    params = {}
+    for chunk in chunk_names(path):
+        value = load_chunk(path, chunk)
         top, _, name = chunk.partition(".")
         if name:
             params.setdefault(top, {})[name] = value
         else:
             params[top] = value
-    params = jax.tree.map(np.asarray, params) if as_numpy else jax.tree.map(jax.numpy.asarray, params)
+    if not as_numpy:
+        params = jax.tree.map(jax.numpy.asarray, params)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

@@ -10,6 +10,8 @@
     moex compare [...]                 dense vs hard-MoE vs soft-MoE throughput and memory
     moex efficiency [...]              the main experiment (= experiments/vlm_efficiency.py)
     moex vlm data OUT | train PRESET   synthetic MMBench / SEED-Bench data; train a preset VLM
+    moex vlm trace MODEL --out F       routing traces of a trained VLM on MMBench-format prompts
+    moex upcycle SRC OUT --to hard|soft   sparse upcycling of a dense moex checkpoint
     moex compare-hf SRC [--prompts F]  a converted HF checkpoint against transformers
 """
 
@@ -95,6 +97,28 @@ def _offload_engine(cfg, params, args, ids, mask, images):
     return OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
 
 
+def _upcycle(args) -> int:
+    from moex.config import get_config
+    from moex.upcycle import UpcycleSpec, upcycle_checkpoint
+    if args.like:
+        if args.to:
+            raise ValueError("--like takes the whole MoE layout from a preset; drop --to")
+        out = upcycle_checkpoint(args.src, args.out, like=get_config(args.like), seed=args.seed)
+    else:
+        if not args.to:
+            raise ValueError("say what to upcycle to: --to hard or --to soft (or --like PRESET)")
+        spec = UpcycleSpec(args.to, experts=args.experts, top_k=args.top_k, layers=args.layers,
+                           vision_layers=args.vision_layers, vision_experts=args.vision_experts,
+                           slots=args.slots, projector=args.projector, noise=args.noise,
+                           name=args.name)
+        out = upcycle_checkpoint(args.src, args.out, spec, seed=args.seed)
+    from moex.info import format_info, model_info
+    from moex import checkpoint
+    print(format_info(model_info(checkpoint.load_config(out))))
+    print(f"wrote {out}")
+    return 0
+
+
 def _compare_hf(args) -> int:
     from checkpoints_convert.compare import main as compare_main
     return compare_main(args)
@@ -138,6 +162,31 @@ def main(argv=None) -> int:
     add_commands(sub)
     from moex import train_vlm
     train_vlm.add_commands(sub)
+    p = sub.add_parser("upcycle", help="sparse upcycling: a dense moex checkpoint -> hard- or "
+                       "soft-MoE (experts start from the dense FFN)")
+    p.add_argument("src", help="dense moex checkpoint folder")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--to", choices=["hard", "soft"])
+    p.add_argument("--like", metavar="PRESET",
+                   help="take the MoE layout from a preset with the same shapes "
+                        "(e.g. llava-1.5-7b-hard on a converted LLaVA-1.5-7B)")
+    p.add_argument("--experts", type=int, default=4,
+                   help="decoder experts (soft: the dense FFN splits into this many)")
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--layers", default="all",
+                   help="decoder blocks: all, none, even, odd, or indices / ranges (0,2,5-9, "
+                        "13-23:2)")
+    p.add_argument("--vision-layers", default="none", help="vision blocks, the same way")
+    p.add_argument("--vision-experts", type=int, help="experts in the vision tower "
+                   "(default: --experts)")
+    p.add_argument("--slots", type=int, help="Soft MoE slots per expert (default: tokens / "
+                   "experts, rounded up)")
+    p.add_argument("--projector", action="store_true", help="upcycle the projector MLP too")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="hard routers: logit noise (|x| / sqrt(D) units) that breaks the tie")
+    p.add_argument("--name", help="name of the new config (default: SRC's name -hard / -soft)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_upcycle)
     p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
     p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
     p.add_argument("--prompts", help="text file, one prompt per line")
