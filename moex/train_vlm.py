@@ -1,25 +1,37 @@
-"""Train a preset VLM on a multiple-choice training split (the synthetic MMBench-format one by
-default), so that its accuracy, and its routing, mean something.
+"""Train a VLM on multiple-choice questions (the synthetic MMBench by default), so that its
+accuracy, and its routing, mean something.
 
-    moex vlm train small-hard --steps 1500            # -> runs/vlm/small-hard/{train/, model/}
+    moex vlm train mini-dense                                    # -> runs/vlm/mini-dense/model
+    moex vlm train mini-hard --init runs/vlm/mini-dense/model    # sparse upcycling, then fine-tune
 
-Every step draws `batch_size` training questions from (seed, step) (resumed runs are exact), each
-with its options rotated by a random k, and trains one of two targets, alternating by step:
+Every step draws `batch_size` examples from (seed, step), so a resumed run is exact. On the
+synthetic benchmark each example is a fresh question (`moex.data.synthetic.fresh_questions`: no
+epochs, no memorised split; the dev split is another stream); with `train_file` (any
+MMBench-format TSV) they are drawn from its questions. Each example is one of three rows:
 
-  letter       the "compact" prompt (question + lettered options) -> the answer's letter + EOS
-               (what MMBench's letter / generated-letter scoring and CircularEval ask)
-  likelihood   the question without options -> the answer's text + EOS (what SEED-Bench's
-               likelihood ranking scores)
+  choice      the "compact" prompt (question + lettered options, rotated by a random k) ->
+              the answer in `answer_format` + EOS; "text" (the option's text, e.g. " red") is
+              read back by MMBench's matcher (`moex.eval.scorer.parse_letter`), and CircularEval
+              still applies. Small models trained from scratch learn "image -> attribute word" long
+              before "find the line that says it and copy its letter".
+  likelihood  the question without options -> the answer's text + EOS (what SEED-Bench's
+              likelihood ranking scores); a `likelihood_rate` share of the rows
+  caption     "Describe the image." -> the scene description (`synthetic.caption`; LLaVA's
+              stage-1 alignment task): every shape's colour, kind and place, ~15 supervised
+              tokens per image instead of one; a `caption_rate` share (synthetic data only)
 
 Loss: cross-entropy on the target tokens only, plus the config's load-balance and z losses.
-Hard-MoE blocks train through the one-hot dispatch with a capacity factor (inference stays
-dropless), as in `moex.predict.lm`. optax AdamW with warmup + cosine decay; orbax checkpoints with
-resume (`moex.training.fit`); held-out letter accuracy on the dev split at the end. The trained
-model is saved as a moex checkpoint with the preset's inference config.
+Hard-MoE blocks train through the one-hot dispatch (`train_model_config`; dropless unless
+`train_capacity_factor` is set). optax AdamW with warmup + cosine decay; orbax checkpoints with
+resume (`moex.training.fit`); held-out accuracy on the dev split every `eval_every` steps and at
+the end (the learning curve, in the log). The model is saved as a moex checkpoint with the preset's
+inference config and its tokenizer.json (`moex.data.vocab.tokenizer_for` reads it back).
 
-A run folder (out/PRESET) belongs to the config that first trained in it (`run.json`):
-`trained_model` loads its model as a cache, and a config that differs in anything but where output
-goes or how often it logs is refused with the differing fields named, never silently reused.
+`init`: a dense moex checkpoint to start from instead of random weights; it is upcycled to the
+preset's MoE layout (`moex.upcycle.upcycle_params`). A run folder (out/PRESET) belongs to the
+config that first trained in it (`run.json`): `trained_model` loads its model as a cache, and a
+config that differs in anything but where output goes or how often it logs is refused with the
+differing fields named, never silently reused.
 """
 
 from __future__ import annotations
@@ -37,35 +49,42 @@ from moex.config import get_config
 from moex.data.images import preprocess
 from moex.data.mmbench import read_mmbench
 from moex.data.prompts import build_prompt, continuation, likelihood_prompt, rotate
-from moex.data.synthetic import SyntheticSpec, write_synthetic
+from moex.data.synthetic import (CAPTION_PROMPT, CATEGORIES, SyntheticSpec, caption,
+                                 fresh_questions, write_synthetic)
+from moex.data.vocab import tokenizer_for, write_tokenizer
 from moex.model import aux_loss, build, init_params
-from moex.predict.lm import train_model_config
-from moex.tokenizer import ByteTokenizer, left_pad
+from moex.tokenizer import left_pad
 from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
-                           trained_model_dir)
+                           train_model_config, trained_model_dir)
 
-TARGETS = ("letter", "likelihood")
-ANSWER_FORMATS = {"letter": lambda q: q.answer_letter,
+KINDS = ("choice", "likelihood", "caption")
+ANSWER_FORMATS = {"text": lambda q: continuation(q.options[q.answer]),
+                  "letter": lambda q: q.answer_letter,
                   "text-letter": lambda q: f" {q.options[q.answer]} ({q.answer_letter})"}
 
 
 @dataclasses.dataclass(frozen=True)
 class VLMTrainConfig:
-    preset: str = "small-dense"
-    data: str = "runs/data/synthetic"   # synthetic data root (written there if missing)
-    train_file: str | None = None       # an MMBench-format TSV instead of the synthetic train split
-    dev_file: str | None = None
-    steps: int = 400
-    batch_size: int = 16
-    lr: float = 1e-3
+    preset: str = "mini-dense"
+    data: str = "runs/data/synthetic"   # synthetic data root (dev split written there if missing)
+    train_file: str | None = None       # an MMBench-format TSV to train on instead
+    dev_file: str | None = None         # MMBench-format TSV for held-out accuracy
+    steps: int = 1200
+    batch_size: int = 64
+    lr: float = 3e-3
     warmup: int = 50
     weight_decay: float = 0.01
-    answer_format: str = "text-letter"  # ANSWER_FORMATS
-    likelihood_every: int = 2           # every n-th step trains the likelihood target (0: never)
-    train_capacity_factor: float = 1.5
-    dev_questions: int = 128            # held-out accuracy at the end (and every eval_every)
-    eval_every: int = 100
-    ckpt_every: int = 100
+    answer_format: str = "text"         # ANSWER_FORMATS
+    likelihood_rate: float = 0.25       # share of rows with the likelihood target
+    caption_rate: float = 0.3           # share of caption rows (synthetic training only)
+    category_weights: tuple[float, ...] | None = None   # fresh questions per category
+                                        # (color, shape, count, position); None: equal turns
+    train_capacity_factor: float | None = None   # hard MoE in training; None = dropless
+    init: str | None = None             # dense moex checkpoint to upcycle from (None: random)
+    init_digest: str = ""               # digest of init's training record (set by train_family)
+    dev_questions: int = 200            # held-out accuracy (every eval_every and at the end)
+    eval_every: int = 200
+    ckpt_every: int = 200
     seed: int = 0
     out: str = "runs/vlm"
 
@@ -73,53 +92,134 @@ class VLMTrainConfig:
     def run_dir(self) -> pathlib.Path:
         return pathlib.Path(self.out) / self.preset
 
+    def validate(self) -> "VLMTrainConfig":
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {sorted(ANSWER_FORMATS)}, found "
+                             f"{self.answer_format!r}")
+        if not (0 <= self.likelihood_rate and 0 <= self.caption_rate
+                and self.likelihood_rate + self.caption_rate <= 1):
+            raise ValueError(f"likelihood_rate ({self.likelihood_rate}) and caption_rate "
+                             f"({self.caption_rate}) must be >= 0 and sum to at most 1")
+        if self.train_file is not None and self.caption_rate:
+            raise ValueError("caption rows need the synthetic scenes; with train_file set "
+                             "caption_rate to 0")
+        if self.train_file is not None and self.dev_file is None:
+            raise ValueError("train_file needs a dev_file (held-out accuracy on the same data)")
+        return self
 
-def split_files(tc: VLMTrainConfig) -> tuple[pathlib.Path, pathlib.Path]:
-    """(train TSV, dev TSV): the given files, or the synthetic splits (generated once)."""
-    if tc.train_file is not None:
-        if tc.dev_file is None:
-            raise ValueError("train_file needs a dev_file for held-out accuracy")
-        return pathlib.Path(tc.train_file), pathlib.Path(tc.dev_file)
-    paths = write_synthetic(tc.data, SyntheticSpec(seed=tc.seed))
-    return paths["mmbench/train"], paths["mmbench/dev"]
+
+def split_files(tc: VLMTrainConfig) -> tuple[pathlib.Path | None, pathlib.Path]:
+    """(train TSV or None for fresh synthetic questions, dev TSV: the given one, else the
+    synthetic dev split, written once)."""
+    dev = tc.dev_file or write_synthetic(tc.data, SyntheticSpec(seed=tc.seed))["mmbench/dev"]
+    return (pathlib.Path(tc.train_file) if tc.train_file else None), pathlib.Path(dev)
 
 
-class Examples:
-    """Training rows from questions: token ids, loss masks and preprocessed images."""
+# -- examples -------------------------------------------------------------------------------------
 
-    def __init__(self, questions, cfg, tokenizer=None, answer_format: str = "letter"):
-        self.questions, self.cfg, self.answer_format = questions, cfg, answer_format
-        self.tok = tokenizer or ByteTokenizer()
-        v = cfg.vision
-        self.images = np.stack([preprocess(q.load_image(), v.image_size, v.image_mean, v.image_std)
-                                for q in questions]).astype(np.float32)
-        self.lengths = {t: self._longest(t) for t in TARGETS}
+class Rows:
+    """Token rows of the three kinds for one model and tokenizer, padded to one length."""
 
-    def _row(self, q, target: str) -> tuple[list[int], int]:
+    def __init__(self, cfg, tokenizer, answer_format: str = "text"):
+        self.cfg, self.tok, self.answer_format = cfg, tokenizer, answer_format
+        self.n_img = cfg.vision.num_image_tokens
+
+    def row(self, q, kind: str, scene_caption: str | None = None) -> tuple[list[int], int]:
         """(ids of prompt + target + EOS, number of target tokens incl. EOS)."""
-        n_img = self.cfg.vision.num_image_tokens
-        if target == "letter":
+        if kind == "choice":
             head, tail = build_prompt(q, "compact"), ANSWER_FORMATS[self.answer_format](q)
-        else:
+        elif kind == "likelihood":
             head, tail = likelihood_prompt(q), continuation(q.options[q.answer])
-        ids = self.tok.encode(head, num_image_tokens=n_img)
+        else:
+            head, tail = f"<image>{CAPTION_PROMPT}\nAnswer:", scene_caption
+        ids = self.tok.encode(head, num_image_tokens=self.n_img)
         body = self.tok.encode(tail, bos=False) + [self.tok.eos_id]
         return ids + body, len(body)
 
-    def _longest(self, target: str) -> int:
-        n = max(len(self._row(q, target)[0]) for q in self.questions)
-        return -(-n // 32) * 32
-
-    def batch(self, index, rotations, target: str):
-        """(ids, mask, images, targets, loss_mask) for questions `index` rotated by `rotations`."""
-        rows, n_target = zip(*[self._row(rotate(self.questions[i], int(k)), target)
-                               for i, k in zip(index, rotations)])
-        ids, mask = left_pad(list(rows), self.tok.pad_id, self.lengths[target])
+    def batch(self, rows, images, length: int):
+        """(ids, mask, images, targets, loss_mask) from [(ids, n_target)] and (B, H, W, C)."""
+        seqs, n_target = zip(*rows)
+        ids, mask = left_pad(list(seqs), self.tok.pad_id, length)
         targets = np.concatenate([ids[:, 1:], np.full((len(ids), 1), self.tok.pad_id)], 1)
         loss_mask = np.zeros(ids.shape, np.float32)
         for r, n in enumerate(n_target):       # position j predicts token j + 1
-            loss_mask[r, ids.shape[1] - 1 - n:ids.shape[1] - 1] = 1
-        return ids, mask, self.images[np.asarray(index)], targets.astype(np.int32), loss_mask
+            loss_mask[r, length - 1 - n:length - 1] = 1
+        return ids, mask, images, targets.astype(np.int32), loss_mask
+
+
+def draw_kinds(rng: np.random.Generator, n: int, tc: VLMTrainConfig) -> list[str]:
+    u = rng.random(n)
+    return [("caption" if x < tc.caption_rate else
+             "likelihood" if x < tc.caption_rate + tc.likelihood_rate else "choice") for x in u]
+
+
+def _bucket(n: int, step: int = 8) -> int:
+    return -(-n // step) * step
+
+
+class FreshExamples:
+    """Batches of fresh synthetic questions: example i of step s is a pure function of
+    (seed, s, i)."""
+
+    def __init__(self, cfg, tokenizer, tc: VLMTrainConfig, image_size: int):
+        self.cfg, self.tc, self.image_size = cfg, tc, image_size
+        self.rows = Rows(cfg, tokenizer, tc.answer_format)
+        self.length = _bucket(max(self._longest_rows()))
+
+    def _longest_rows(self):
+        """Row lengths of the longest prompt and caption the generator can make: its longest
+        question, hint and four longest option words, and four shapes of its longest words."""
+        from moex.data.records import MAX_OPTIONS, Question
+        from moex.data.synthetic import (COLORS, COUNTS, HINTS, POSITIONS, SHAPES, Shape,
+                                         question_texts)
+        size = lambda w: len(self.rows.tok.encode(w, bos=False))
+        longest = lambda words: max(words, key=size)
+        options = sorted({*COLORS, *SHAPES, *COUNTS, *POSITIONS}, key=size)[-MAX_OPTIONS:]
+        q = Question("", longest(question_texts()), tuple(options), 0, "color",
+                     hint=longest(HINTS))
+        scene = [Shape(longest(SHAPES), longest(COLORS), 0, 0, 1)] * 4
+        return [len(self.rows.row(q, "choice")[0]), len(self.rows.row(q, "likelihood")[0]),
+                len(self.rows.row(q, "caption", caption(scene, "count", self.image_size))[0])]
+
+    def __call__(self, step: int):
+        tc, v = self.tc, self.cfg.vision
+        rng = np.random.default_rng([tc.seed, step])
+        drawn = fresh_questions(tc.seed, step, tc.batch_size, self.image_size,
+                                tc.category_weights)
+        kinds = draw_kinds(rng, tc.batch_size, tc)
+        rotations = rng.integers(0, 4, tc.batch_size)
+        rows, images = [], []
+        for (q, image, shapes), kind, k in zip(drawn, kinds, rotations):
+            text = caption(shapes, q.category, self.image_size) if kind == "caption" else None
+            rows.append(self.rows.row(rotate(q, int(k)), kind, text))
+            images.append(preprocess(image, v.image_size, v.image_mean, v.image_std))
+        return self.rows.batch(rows, np.stack(images).astype(np.float32), self.length)
+
+
+class SplitExamples:
+    """Batches drawn (with replacement) from a fixed list of questions, images preprocessed once."""
+
+    def __init__(self, questions, cfg, tokenizer, tc: VLMTrainConfig):
+        if tc.caption_rate:
+            raise ValueError("caption rows need synthetic scenes; set caption_rate to 0")
+        self.questions, self.cfg, self.tc = questions, cfg, tc
+        self.rows = Rows(cfg, tokenizer, tc.answer_format)
+        v = cfg.vision
+        self.images = np.stack([preprocess(q.load_image(), v.image_size, v.image_mean,
+                                           v.image_std) for q in questions]).astype(np.float32)
+        self.length = _bucket(max(len(self.rows.row(rotate(q, k), kind)[0])
+                                  for q in questions for kind in ("choice", "likelihood")
+                                  for k in range(len(q.options))))
+
+    def __call__(self, step: int):
+        tc = self.tc
+        rng = np.random.default_rng([tc.seed, step])
+        index = rng.integers(0, len(self.questions), tc.batch_size)
+        kinds = draw_kinds(rng, tc.batch_size, tc)
+        rotations = rng.integers(0, 4, tc.batch_size)
+        rows = [self.rows.row(rotate(self.questions[i], int(k)), kind)
+                for i, kind, k in zip(index, kinds, rotations)]
+        return self.rows.batch(rows, self.images[index], self.length)
 
 
 def vlm_loss(model, cfg):
@@ -133,75 +233,167 @@ def vlm_loss(model, cfg):
     return loss_fn
 
 
-def step_target(tc: VLMTrainConfig, step: int) -> str:
-    return "likelihood" if tc.likelihood_every and step % tc.likelihood_every == \
-        tc.likelihood_every - 1 else "letter"
-
-
-def batch_for(tc: VLMTrainConfig, examples: Examples):
-    n = len(examples.questions)
-
-    def draw(step: int):
-        rng = np.random.default_rng([tc.seed, step])
-        index = rng.integers(0, n, tc.batch_size)
-        rotations = rng.integers(0, 4, tc.batch_size)
-        return tuple(jnp.asarray(x) for x in examples.batch(index, rotations, step_target(tc, step)))
-    return draw
-
-
-def dev_accuracy(cfg, dev_questions):
-    """Held-out plain accuracy of generated answers and of likelihood ranking (moex.eval)."""
+def dev_accuracy(cfg, tokenizer, dev_questions):
+    """Held-out plain accuracy of generated answers and of likelihood ranking (moex.eval), and
+    the generated answers' accuracy per category."""
     from moex.eval.scorer import ScoreConfig, Scorer
     answers = np.asarray([q.answer for q in dev_questions])
+    categories = np.asarray([q.category for q in dev_questions])
 
     def evaluate(state) -> dict:
-        scorer = Scorer(cfg, state.params, sc=ScoreConfig(batch_size=32, max_new_tokens=12))
-        return {f"dev_{m}": float(np.mean(scorer.predict(dev_questions, m) == answers))
-                for m in ("generate", "likelihood")}
+        scorer = Scorer(cfg, state.params, tokenizer, ScoreConfig(batch_size=50,
+                                                                  max_new_tokens=4))
+        out = {}
+        for method in ("generate", "likelihood"):
+            right = scorer.predict(dev_questions, method) == answers
+            out[f"dev_{method}"] = float(np.mean(right))
+            if method == "generate":
+                out.update({f"dev_{c}": float(np.mean(right[categories == c]))
+                            for c in CATEGORIES if (categories == c).any()})
+        return out
     return evaluate
+
+
+def initial_params(tc: VLMTrainConfig, cfg):
+    """Random init, or the `init` checkpoint upcycled to cfg's MoE layout (same shapes: as is)."""
+    if tc.init is None:
+        return init_params(cfg, tc.seed)
+    from moex import checkpoint
+    from moex.upcycle import upcycle_params
+    src_cfg, params, _ = checkpoint.load(tc.init, as_numpy=True)
+    return jax.tree.map(jnp.asarray, upcycle_params(src_cfg, params, cfg, seed=tc.seed)
+                        if src_cfg != cfg else params)
 
 
 def train_vlm(tc: VLMTrainConfig, progress: bool = True, stop_at: int | None = None):
     """Train (resuming from run_dir/train), save run_dir/model; returns (params, log)."""
+    tc = tc.validate()
     cfg = get_config(tc.preset)
     if cfg.vision is None:
         raise ValueError(f"{tc.preset} has no vision tower; train_vlm trains VLMs")
     claim_run_dir(tc.run_dir, tc)
     train_file, dev_file = split_files(tc)
-    train_q, dev_q = read_mmbench(train_file), read_mmbench(dev_file)[:tc.dev_questions]
+    dev_q = read_mmbench(dev_file)[:tc.dev_questions]
+    tokenizer = tokenizer_for(cfg)
+    if train_file is None:
+        examples = FreshExamples(cfg, tokenizer, tc, SyntheticSpec(seed=tc.seed).image_size)
+    else:
+        examples = SplitExamples(read_mmbench(train_file), cfg, tokenizer, tc)
     tcfg = train_model_config(cfg, tc.train_capacity_factor)
-    model = build(tcfg)
     optimizer = adamw(tc.lr, tc.warmup, tc.steps, tc.weight_decay)
-    state = TrainState.create(init_params(cfg, tc.seed), optimizer)
-    step = make_step(vlm_loss(model, tcfg), optimizer)
-    state, log = fit(state, step, batch_for(tc, Examples(train_q, cfg, answer_format=tc.answer_format)), tc.steps,
-                     ckpt_dir=tc.run_dir / "train", ckpt_every=tc.ckpt_every,
-                     desc=f"vlm {tc.preset}", progress=progress,
-                     evaluate=dev_accuracy(cfg, dev_q), eval_every=tc.eval_every, stop_at=stop_at)
+    state = TrainState.create(initial_params(tc, cfg), optimizer)
+    step = make_step(vlm_loss(build(tcfg), tcfg), optimizer)
+    draw = lambda i: tuple(jnp.asarray(x) for x in examples(i))
+    state, log = fit(state, step, draw, tc.steps, ckpt_dir=tc.run_dir / "train",
+                     ckpt_every=tc.ckpt_every, desc=f"vlm {tc.preset}", progress=progress,
+                     evaluate=dev_accuracy(cfg, tokenizer, dev_q), eval_every=tc.eval_every,
+                     stop_at=stop_at)
+    write_tokenizer(tokenizer, tc.run_dir) if hasattr(tokenizer, "tokenizer") else None
     publish_model(tc.run_dir, state, tc.steps, cfg,
-                  {"trained": f"multiple choice on {train_file}", "config": dataclasses.asdict(tc)},
-                  log)
+                  {"trained": f"multiple choice on {train_file or 'fresh synthetic questions'}",
+                   "config": dataclasses.asdict(tc)}, log, copy_from=tc.run_dir)
     return state.params, log
 
 
 def trained_model(tc: VLMTrainConfig, progress: bool = True):
-    """(cfg, params) of the model `tc` trains: loaded from run_dir/model when this config has
-    trained it before (the cache), else trained now."""
+    """(cfg, params, model dir) of the model `tc` trains: loaded from run_dir/model when this
+    config has trained it before (the cache), else trained now."""
     from moex import checkpoint
     model_dir = trained_model_dir(tc.run_dir, tc, lambda: train_vlm(tc, progress=progress))
     cfg, params, _ = checkpoint.load(model_dir)
-    return cfg, params
+    return cfg, params, model_dir
 
 
-# -- command line: moex vlm train | data, moex efficiency ------------------------------------------
+# -- the default recipe: dense first, then upcycle and fine-tune ----------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How `train_family` trains FAMILY-dense, -hard and -soft: the dense model from scratch;
+    each MoE model sparsely upcycled from it (when its preset is an upcycling of the dense one,
+    `moex.upcycle.check_upcyclable`; else from scratch, with the dense step count) and fine-tuned."""
+
+    dense_steps: int = 1200
+    finetune_steps: int = 300
+    finetune_lr: float = 1e-3
+    finetune_warmup: int = 20
+    batch_size: int = 64
+    seed: int = 0
+    data: str = "runs/data/synthetic"
+    dev_file: str | None = None         # held-out split (default: the synthetic dev split)
+    dev_questions: int = 200
+    out: str = "runs/vlm"
+
+    def dense(self, family: str) -> VLMTrainConfig:
+        return VLMTrainConfig(preset=f"{family}-dense", data=self.data, dev_file=self.dev_file,
+                              steps=self.dense_steps, batch_size=self.batch_size,
+                              dev_questions=self.dev_questions, seed=self.seed, out=self.out)
+
+    def moe(self, family: str, kind: str, dense_dir: pathlib.Path | None) -> VLMTrainConfig:
+        base = dataclasses.replace(self.dense(family), preset=f"{family}-{kind}")
+        if dense_dir is None:
+            return base
+        return dataclasses.replace(base, steps=self.finetune_steps, lr=self.finetune_lr,
+                                   warmup=self.finetune_warmup, init=str(dense_dir),
+                                   init_digest=record_digest(dense_dir))
+
+
+def record_digest(model_dir) -> str:
+    """A short digest of a trained checkpoint's training record (its moex.json config), so a
+    model fine-tuned from it is never reused for another dense model in the same folder."""
+    import hashlib
+    from moex import checkpoint
+    record = checkpoint.metadata(model_dir).get("config", {})
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def upcyclable(family: str, kind: str) -> bool:
+    from moex.upcycle import check_upcyclable
+    try:
+        check_upcyclable(get_config(f"{family}-dense"), get_config(f"{family}-{kind}"))
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def train_family(family: str, recipe: Recipe = Recipe(), progress: bool = True):
+    """[(cfg, params, model dir)] of FAMILY-dense, -hard, -soft trained by `recipe` (each
+    cached in its run folder)."""
+    cfg, params, dense_dir = trained_model(recipe.dense(family), progress)
+    out = [(cfg, params, dense_dir)]
+    for kind in ("hard", "soft"):
+        init = dense_dir if upcyclable(family, kind) else None
+        out.append(trained_model(recipe.moe(family, kind, init), progress))
+    return out
+
+
+# -- command line: moex vlm train | data | trace, moex efficiency -----------------------------------
 
 def _train_cmd(a) -> int:
     tc = VLMTrainConfig(preset=a.preset, data=a.data, train_file=a.train_file,
                         dev_file=a.dev_file, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                        seed=a.seed, out=a.out)
+                        caption_rate=a.caption_rate if a.train_file is None else 0.0,
+                        init=a.init, seed=a.seed, out=a.out)
     _, log = train_vlm(tc)
     print(json.dumps(log[-1]))
     print(f"model: {tc.run_dir / 'model'}")
+    return 0
+
+
+def _trace_cmd(a) -> int:
+    from moex import checkpoint
+    from moex.predict.vlm import record_vlm_traces
+    cfg, params, _ = checkpoint.load(a.model)
+    if a.mmbench:
+        questions = read_mmbench(a.mmbench)
+    else:
+        paths = write_synthetic(a.data, SyntheticSpec(seed=a.seed))
+        questions = read_mmbench(paths[f"mmbench/{a.split}"])
+    questions = questions[:a.questions or None]
+    trace = record_vlm_traces(cfg, params, tokenizer_for(cfg, a.model), questions,
+                              new_tokens=a.new_tokens, batch=a.batch)
+    path = trace.save(a.out)
+    print(f"{path}: {len(trace)} tokens of {len(questions)} questions, MoE layers "
+          f"{trace.moe_layers}")
     return 0
 
 
@@ -226,9 +418,24 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--caption-rate", type=float, default=d.caption_rate)
+    p.add_argument("--init", help="dense moex checkpoint to upcycle to the preset and fine-tune")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=d.out)
     p.set_defaults(fn=_train_cmd)
+    p = vlm.add_parser("trace", help="routing traces of a trained VLM on MMBench-format prompts "
+                       "(the vlm domain of moex predictor and moex bench offload)")
+    p.add_argument("model", help="moex checkpoint of a hard-MoE VLM (e.g. runs/vlm/mini-hard/model)")
+    p.add_argument("--out", required=True, help="trace file (.npz)")
+    p.add_argument("--split", default="dev", choices=["train", "dev"],
+                   help="synthetic split to take the questions from")
+    p.add_argument("--mmbench", help="an MMBench-format TSV instead of the synthetic split")
+    p.add_argument("--questions", type=int, default=256, help="how many (0: all)")
+    p.add_argument("--new-tokens", type=int, default=4)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--data", default=d.data)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.set_defaults(fn=_trace_cmd)
     s = SyntheticSpec()
     p = vlm.add_parser("data", help="write the synthetic MMBench / SEED-Bench splits")
     p.add_argument("out")

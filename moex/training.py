@@ -77,16 +77,32 @@ def trained_model_dir(run_dir, config, train) -> pathlib.Path:
     return model_dir
 
 
-def publish_model(run_dir, state: "TrainState", steps: int, cfg, metadata: dict, log: list) -> bool:
+def publish_model(run_dir, state: "TrainState", steps: int, cfg, metadata: dict, log: list,
+                  copy_from=None) -> bool:
     """Once a run has reached `steps`, save its params as the moex checkpoint run_dir/model (with
-    `metadata` and the log) and the log as run_dir/log.json; True if it did so now."""
+    `metadata`, the log, and the tokenizer files found in `copy_from`) and the log as
+    run_dir/log.json; True if it did so now."""
     from moex import checkpoint
     run_dir = pathlib.Path(run_dir)
     if int(state.step) != steps or (run_dir / "model").exists():
         return False
-    checkpoint.save(run_dir / "model", cfg, state.params, {**metadata, "log": log})
+    checkpoint.save(run_dir / "model", cfg, state.params, {**metadata, "log": log}, copy_from)
     (run_dir / "log.json").write_text(json.dumps(log, indent=1))
     return True
+
+
+def train_model_config(cfg, capacity_factor: float | None):
+    """The config a model trains with: every hard-MoE block (decoder, vision tower, projector)
+    through the differentiable one-hot dispatch (the blocked CPU loop has no gradient), with a
+    capacity factor (Switch-style token dropping; None: dropless); everything else, and every
+    param shape, unchanged. Inference stays dropless."""
+    def train(part):
+        if part is None or part.moe.kind != "hard":
+            return part
+        return dataclasses.replace(part, moe=dataclasses.replace(
+            part.moe, compute="dense", capacity_factor=capacity_factor))
+    return cfg.replace(decoder=train(cfg.decoder), vision=train(cfg.vision),
+                       projector=train(cfg.projector))
 
 
 def warmup_cosine(lr: float, warmup: int, steps: int, final_fraction: float = 0.1):

@@ -29,7 +29,8 @@ import optax
 from moex.config import VLMConfig, get_config
 from moex.model import aux_loss, build, init_params
 from moex.predict.corpus import DOMAINS, samples
-from moex.training import TrainState, adamw, claim_run_dir, fit, make_step, publish_model
+from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
+                           train_model_config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,19 +53,6 @@ class LMTrainConfig:
     @property
     def run_dir(self) -> pathlib.Path:
         return pathlib.Path(self.out) / self.preset
-
-
-def train_model_config(cfg: VLMConfig, capacity_factor: float) -> VLMConfig:
-    """The config a preset trains with: every hard-MoE block (decoder, vision tower, projector)
-    through the differentiable dense dispatch with a capacity factor; everything else (and every
-    param shape) unchanged."""
-    def train(part):
-        if part is None or part.moe.kind != "hard":
-            return part
-        return dataclasses.replace(part, moe=dataclasses.replace(
-            part.moe, compute="dense", capacity_factor=capacity_factor))
-    return cfg.replace(decoder=train(cfg.decoder), vision=train(cfg.vision),
-                       projector=train(cfg.projector))
 
 
 def lm_loss(model, cfg: VLMConfig):
@@ -142,4 +130,6 @@ def record_traces(cfg: VLMConfig, params, domain: str, split: str, requests: int
         eng.generate(ids, np.ones_like(ids), max_new_tokens=new_tokens, stop_tokens=(),
                      request_ids=np.arange(start, start + len(ids)))
         traces.append(eng.trace())
-    return Trace.concat(traces)
+    trace = Trace.concat(traces)
+    trace.domain = domain
+    return trace
