@@ -9,12 +9,16 @@
   6. the token scheduler at every decode step of held-out requests (on the predictor's routes):
      distinct experts per batch vs FIFO order, scheduling time, and the decode tokens/s of both
      orders replayed through the simulator (lru, 25 %)
+  7. the third domain, VLM prompts: the trained mini-hard VLM of the main job (trained by its
+     recipe if missing; --no-vlm skips it) answers synthetic MMBench questions; traces of the
+     train and dev splits, a predictor trained on the first and evaluated on the second (per
+     question category too), and `moex bench offload --domain vlm`
 
     python experiments/routing_predictor.py
     python experiments/routing_predictor.py --lm-steps 100 --requests 32 --predictor-steps 300
 
-Results: --out/{predictor_eval.md, predictor_eval.json, scheduler.json, report.md} and
---out/offload/ (the bench's files).
+Results: --out/{predictor_eval.md, predictor_eval.json, scheduler.json, vlm_eval.md,
+vlm_eval.json} and --out/offload/, --out/offload_vlm/ (the bench's files).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--predictor-steps", type=int, default=1500)
     p.add_argument("--bench-repeats", type=int, default=3)
+    p.add_argument("--vlm-family", default="mini", help="the VLM family of step 7")
+    p.add_argument("--vlm-questions", type=int, default=512, help="training-trace questions")
+    p.add_argument("--no-vlm", action="store_true", help="skip step 7")
     p.add_argument("--runs", default="runs")
     p.add_argument("--out", default="results/routing_predictor")
     args = p.parse_args(argv)
@@ -95,7 +102,38 @@ def main(argv=None) -> int:
                             args)
     (out / "scheduler.json").write_text(json.dumps(sched, indent=1))
     print(json.dumps(sched, indent=1))
+    if not args.no_vlm:
+        vlm_domain(args, runs, out, moex)
     return 0
+
+
+def vlm_domain(args, runs: pathlib.Path, out: pathlib.Path, moex) -> None:
+    """Step 7: traces, predictor and offload bench on the trained hard-MoE VLM's prompts."""
+    from moex.predict.evaluate import evaluate_predictor, markdown
+    from moex.train_vlm import Recipe, train_family
+    recipe = Recipe(data=str(runs / "data" / "synthetic"), out=str(runs / "vlm"))
+    _, _, model_dir = train_family(args.vlm_family, recipe)[1]
+    traces = {}
+    for split, n in (("train", args.vlm_questions), ("dev", 128)):
+        path = runs / "traces" / f"{args.vlm_family}-hard-vlm-{split}.npz"
+        if not path.exists():
+            moex(["vlm", "trace", str(model_dir), "--split", split, "--questions", str(n),
+                  "--data", recipe.data, "--out", str(path)])
+        traces[split] = path
+    predictor = runs / "rpp" / f"{args.vlm_family}-hard-vlm"
+    if not predictor.exists():
+        moex(["predictor", "train", str(traces["train"]), "--out", str(predictor),
+              "--gen-len", "4", "--steps", str(args.predictor_steps)])
+    result = evaluate_predictor(predictor, [traces["dev"]], traces["train"])
+    (out / "vlm_eval.json").write_text(json.dumps(result, indent=1))
+    text = "## Predictor trained on VLM prompts (train split), evaluated on the dev split\n\n"
+    (out / "vlm_eval.md").write_text(text + markdown(result) + "\n")
+    print(text + markdown(result))
+    moex(["bench", "offload", "--checkpoint", str(model_dir), "--domain", "vlm",
+          "--data", recipe.data, "--policies", "all-resident", "lru", "pregated",
+          f"predictive:{predictor}", "predictive:oracle", "--budgets", "100%", "25%", "12.5%",
+          "--batch", "1", "4", "--new-tokens", "4", "--repeats", str(args.bench_repeats),
+          "--out", str(out / "offload_vlm")])
 
 
 def scheduler_study(cfg, params, predictor, trace, args, batch: int = 4) -> dict:

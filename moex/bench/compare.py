@@ -46,14 +46,18 @@ class CompareConfig:
 
 
 def make_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator):
-    """B prompts of exactly seq_len tokens: BOS, one image's placeholders, then text bytes."""
+    """B prompts of exactly seq_len tokens: BOS, one image's placeholders, then text bytes
+    (taken modulo the vocabulary for word-level models)."""
     tok = ByteTokenizer()
     n_img = cfg.vision.num_image_tokens
     head = [cfg.image_token_id if t == tok.image_id else t     # converted models: their id
             for t in tok.encode("<image>\n", num_image_tokens=n_img)]
     if seq_len <= len(head):
         raise ValueError(f"seq_len {seq_len} must exceed the {len(head)} tokens of the image prompt")
-    body = list(TEXT.encode()) * (seq_len // len(TEXT) + 1)
+    vocab = cfg.decoder.vocab_size       # word-level models: any valid id but the image's
+    text = [t % vocab if t % vocab != cfg.image_token_id else (t + 1) % vocab
+            for t in TEXT.encode()]
+    body = text * (seq_len // len(TEXT) + 1)
     ids = np.asarray([head + body[:seq_len - len(head)]] * batch, np.int32)
     images = rng.normal(size=(batch, cfg.vision.image_size, cfg.vision.image_size,
                               cfg.vision.channels)).astype(np.float32)

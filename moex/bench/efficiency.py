@@ -1,27 +1,33 @@
 """The research question end to end: dense vs hard-MoE vs soft-MoE VLMs across batch sizes and
-sequence lengths -- throughput, memory, accuracy, and expert offloading.
+sequence lengths -- throughput, memory, accuracy, routing, and expert offloading.
 
-    python experiments/vlm_efficiency.py                 # small presets, synthetic data, CPU grid
+    python experiments/vlm_efficiency.py                 # mini (trained) + small (grid), CPU grid
     python experiments/vlm_efficiency.py --grid full     # batch 1..32 x seq 256..2048
 
 Pipeline (each step cached, so a rerun only measures):
   1. data: the synthetic MMBench / SEED-Bench splits (`moex.data.synthetic`), or the given files;
-  2. models: the family's presets trained on the synthetic training split (`moex.train_vlm`,
-     orbax checkpoints under runs/vlm), or the given moex checkpoints (e.g. converted LLaVA);
+  2. models: the `family` presets trained by the default recipe (`moex.train_vlm.train_family`:
+     dense from scratch on fresh synthetic questions, then sparsely upcycled to hard and soft and
+     fine-tuned; orbax checkpoints under runs/vlm), or the given moex checkpoints (converted
+     LLaVA, ...);
   3. accuracy of each model on the benchmark split: MMBench CircularEval and plain accuracy,
-     SEED-Bench likelihood ranking and generated letter (`moex.eval`), per category;
-  4. throughput and memory over batch x sequence length (the jitted model: prefill tokens/s,
-     decode tokens/s, multiple-choice questions/s = B / prefill time (the answer is read from the
-     prefill's last logits), parameter bytes (experts / rest), KV-cache bytes, XLA's compiled
-     prefill peak or the allocator's peak where the backend reports one); warm-up, >= 5 repeats,
-     medians with min / max;
-  5. expert offloading for models with hard-MoE decoders: the live engine
-     (`moex.offload.engine`) under each policy and budget, at the offload grid points.
+     SEED-Bench likelihood ranking and generated answer (`moex.eval`), per category, and the
+     learning curves of the trained models;
+  4. routing of the hard-MoE models on the benchmark prompts: expert load per block and the
+     routing signature of each question category (`moex.eval.routing`);
+  5. throughput and memory over batch x sequence length of the `grid_family` presets (random
+     weights: speed and memory do not depend on them; the trained family when it is the same):
+     prefill tokens/s, decode tokens/s, multiple-choice questions/s = B / prefill time (the answer
+     is read from the prefill's last logits), parameter bytes (experts / rest), KV-cache bytes,
+     XLA's compiled prefill peak or the allocator's peak where the backend reports one; warm-up,
+     >= 5 repeats, medians with min / max;
+  6. expert offloading for the trained hard-MoE models: the live engine (`moex.offload.engine`)
+     on benchmark prompts (their routing is the trained model's) under each policy and budget.
 
 Output under --out: results.csv / results.json (one row per (model, batch, seq_len, policy,
-budget); `policy` "resident-jit" = the whole jitted model, every expert resident), accuracy.json, report.md with the
-tables, and PNG plots: throughput vs batch size per sequence length, memory vs batch size,
-throughput vs device-memory budget.
+budget); `policy` "resident-jit" = the whole jitted model, every expert resident),
+accuracy.json, routing.json, report.md with the tables, and PNG plots: throughput vs batch size
+per sequence length, memory vs batch size, throughput vs device-memory budget, learning curves.
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import pathlib
 import statistics
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-JIT = "resident-jit"    # policy label of the whole jitted model (no offload engine)
+from moex.bench.efficiency_report import JIT   # policy label of the whole jitted model
 
 GRIDS = {   # (batch sizes, sequence lengths incl. image tokens, max B x T per point)
     "cpu": ((1, 4, 16), (256, 1024, 2048), 16384),
@@ -46,10 +53,14 @@ GRIDS = {   # (batch sizes, sequence lengths incl. image tokens, max B x T per p
 
 @dataclasses.dataclass(frozen=True)
 class EfficiencyConfig:
-    family: str = "small"                       # presets {family}-dense / -hard / -soft
-    checkpoints: tuple[str, ...] = ()           # moex checkpoints instead of the family's presets
-    train: bool = True                          # train the family's presets (cached) first
-    train_steps: int = 400
+    family: str = "mini"                        # presets {family}-dense / -hard / -soft: accuracy,
+                                                # routing, offloading
+    grid_family: str = "small"                  # presets of the throughput / memory grid ("" or
+                                                # the family: the family's own models)
+    checkpoints: tuple[str, ...] = ()           # moex checkpoints instead of both families
+    train: bool = True                          # train the family (the recipe; cached) first
+    train_steps: int = 1200                     # dense steps of the recipe
+    finetune_steps: int = 300                   # upcycled hard / soft fine-tuning steps
     grid: str = "auto"                          # GRIDS key; auto: cpu on CPU, else full
     batch_sizes: tuple[int, ...] = ()           # override the grid's
     seq_lens: tuple[int, ...] = ()
@@ -60,7 +71,7 @@ class EfficiencyConfig:
     policies: tuple[str, ...] = ("lru", "pregated")
     budgets: tuple[str, ...] = ("50%", "25%")
     offload_batches: tuple[int, ...] = (1, 4)
-    offload_seq: int = 256
+    offload_new_tokens: int = 8                 # decode steps timed per offload run
     offload_repeats: int = 3
     mmbench: str | None = None                  # MMBench TSV (default: synthetic dev split)
     seed_json: str | None = None                # SEED-Bench JSON + image folder (default: synthetic)
@@ -69,8 +80,9 @@ class EfficiencyConfig:
     template: str = "{prompt}"                  # chat template, e.g. "USER: {prompt} ASSISTANT:"
     style: str = "compact"                      # prompt style (moex.data.prompts.STYLES)
     image_mode: str = "crop"                    # "crop" (CLIP) or "pad" (LLaVA-1.5)
-    eval_questions: int = 100                   # per benchmark (0: all)
-    eval_batch: int = 16
+    eval_questions: int = 200                   # per benchmark (0: all)
+    eval_batch: int = 50
+    routing_questions: int = 400                # dev questions whose routing is counted
     data: str = "runs/data/synthetic"
     runs: str = "runs/vlm"
     seed: int = 0
@@ -87,31 +99,64 @@ class EfficiencyConfig:
 
 # -- models and data ------------------------------------------------------------------------------
 
-def models(ec: EfficiencyConfig, progress: bool = True):
-    """[(name, cfg, params, tokenizer)]: the given checkpoints (with the checkpoint's
-    tokenizer.json, or --tokenizer), or the family's presets (trained, cached; byte tokenizer)."""
+@dataclasses.dataclass
+class Model:
+    """One model of the study: where it comes from decides what it is measured for."""
+
+    name: str
+    cfg: object
+    params: object
+    tokenizer: object
+    source: str                      # "trained", "random weights", or a checkpoint path
+    log: list = dataclasses.field(default_factory=list)   # training log (learning curve)
+
+
+def recipe(ec: EfficiencyConfig):
+    from moex.train_vlm import Recipe
+    return Recipe(dense_steps=ec.train_steps, finetune_steps=ec.finetune_steps, seed=ec.seed,
+                  data=ec.data, out=ec.runs)
+
+
+def models(ec: EfficiencyConfig, progress: bool = True) -> list[Model]:
+    """The models whose accuracy, routing and offloading are measured: the given checkpoints
+    (with their tokenizer.json, or --tokenizer), or the family trained by the recipe (cached),
+    or with --no-train the family's random weights."""
     from moex import checkpoint
-    from moex.config import get_config
-    from moex.model import init_params
+    from moex.data.vocab import tokenizer_for
     if ec.checkpoints:
         out = []
         for path in ec.checkpoints:
             cfg, params, _ = checkpoint.load(path)
-            out.append((cfg.name, cfg, params, tokenizer_for(ec, cfg, pathlib.Path(path))))
+            out.append(Model(cfg.name, cfg, params, tokenizer_for(cfg, path, ec.tokenizer),
+                             str(path)))
         return out
+    if not ec.train:
+        return random_models(ec.family, ec.seed)
+    from moex.train_vlm import train_family
+    return [Model(cfg.name, cfg, params, tokenizer_for(cfg, model_dir), "trained",
+                  checkpoint.metadata(model_dir).get("log", []))
+            for cfg, params, model_dir in train_family(ec.family, recipe(ec), progress)]
+
+
+def random_models(family: str, seed: int) -> list[Model]:
+    from moex.config import get_config
+    from moex.data.vocab import tokenizer_for
+    from moex.model import init_params
     out = []
     for kind in ("dense", "hard", "soft"):
-        name = f"{ec.family}-{kind}"
-        if ec.train:
-            from moex.train_vlm import VLMTrainConfig, trained_model
-            cfg, params = trained_model(VLMTrainConfig(preset=name, data=ec.data,
-                                                       steps=ec.train_steps, out=ec.runs,
-                                                       seed=ec.seed), progress)
-        else:
-            cfg = get_config(name)
-            params = init_params(cfg, ec.seed)
-        out.append((name, cfg, params, tokenizer_for(ec, cfg)))
+        cfg = get_config(f"{family}-{kind}")
+        out.append(Model(cfg.name, cfg, init_params(cfg, seed), tokenizer_for(cfg),
+                         "random weights"))
     return out
+
+
+def grid_models(ec: EfficiencyConfig, studied: list[Model]) -> list[Model]:
+    """The models of the throughput / memory grid: the studied ones when they are the grid's
+    (checkpoints, or grid_family == family), else the grid family's random weights (throughput
+    and memory depend on shapes, not on weights)."""
+    if ec.checkpoints or ec.grid_family in ("", ec.family):
+        return studied
+    return random_models(ec.grid_family, ec.seed)
 
 
 def benchmark_questions(ec: EfficiencyConfig):
@@ -131,36 +176,39 @@ def benchmark_questions(ec: EfficiencyConfig):
     return mm[:n], seed[:n], {"mmbench": str(mm_file), "seed": str(seed_file)}
 
 
-def tokenizer_for(ec: EfficiencyConfig, cfg, checkpoint_dir: pathlib.Path | None = None):
-    """--tokenizer, else the checkpoint's tokenizer.json, else the byte tokenizer (tiny / small
-    presets). HF tokenizers get BOS = "<s>" where the vocabulary has it (Llama / Mistral)."""
-    from moex.tokenizer import ByteTokenizer
-    path = ec.tokenizer or (checkpoint_dir / "tokenizer.json" if checkpoint_dir is not None
-                            and (checkpoint_dir / "tokenizer.json").is_file() else None)
-    if path is None:
-        if cfg.decoder.vocab_size < ByteTokenizer().num_tokens:
-            raise ValueError(f"{cfg.name}: vocabulary {cfg.decoder.vocab_size} is smaller than the "
-                             "byte tokenizer's and no tokenizer.json was found; pass --tokenizer")
-        return ByteTokenizer()
-    from moex.data import HFTextTokenizer
-    tok = HFTextTokenizer(path, cfg.image_token_id, pad_id=cfg.pad_token_id,
-                          eos_id=cfg.eos_token_id)
-    tok.bos_id = tok.tokenizer.token_to_id("<s>")
-    return tok
+def scorer(ec: EfficiencyConfig, m: Model):
+    from moex.eval import ScoreConfig, Scorer
+    return Scorer(m.cfg, m.params, m.tokenizer,
+                  ScoreConfig(style=ec.style, template=ec.template, batch_size=ec.eval_batch,
+                              mode=ec.image_mode, max_new_tokens=12))
 
 
-def accuracy(ec: EfficiencyConfig, name, cfg, params, tokenizer, mm, seed) -> dict:
-    from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_seed
-    scorer = Scorer(cfg, params, tokenizer,
-                    ScoreConfig(style=ec.style, template=ec.template, batch_size=ec.eval_batch,
-                                mode=ec.image_mode, max_new_tokens=12))
-    got = evaluate_mmbench(scorer, mm)
-    s = evaluate_seed(scorer, seed)
-    tables = {**got["tables"], **s["tables"]}
-    return {"model": name, "tables": tables,
-            "questions_per_s": {**got["questions_per_s"], **s["questions_per_s"]},
+def accuracy(ec: EfficiencyConfig, m: Model, mm, seed) -> dict:
+    from moex.eval import chance, evaluate_mmbench, evaluate_seed
+    s = scorer(ec, m)
+    got = evaluate_mmbench(s, mm)
+    sd = evaluate_seed(s, seed)
+    tables = {**got["tables"], **sd["tables"]}
+    curve = [{k: v for k, v in e.items() if k == "step" or k.startswith("dev_")}
+             for e in m.log if any(k.startswith("dev_") for k in e)]
+    return {"model": m.name, "source": m.source, "tables": tables,
+            "questions_per_s": {**got["questions_per_s"], **sd["questions_per_s"]},
             "chance": {"mmbench_circular": chance(mm, circular=True),
-                       "mmbench_plain": chance(mm), "seed": chance(seed)}}
+                       "mmbench_plain": chance(mm), "seed": chance(seed)},
+            "learning_curve": curve}
+
+
+def routing(ec: EfficiencyConfig, m: Model, questions) -> dict | None:
+    """Expert load and per-category routing signatures of a hard-MoE model (None otherwise)."""
+    from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
+    if m.cfg.decoder.moe.kind != "hard" and (m.cfg.vision is None
+                                             or m.cfg.vision.moe.kind != "hard"):
+        return None
+    usage = routing_usage(m.cfg, m.params, m.tokenizer, questions, batch_size=ec.eval_batch,
+                          style=ec.style, mode=ec.image_mode, template=ec.template)
+    return {"model": m.name, "source": m.source, "questions": len(questions),
+            "load": load_rows(usage), "signatures": signature_rows(usage),
+            "markdown": markdown(usage)}
 
 
 # -- throughput and memory -----------------------------------------------------------------------
@@ -173,13 +221,9 @@ def resident_row(gen, params, cfg, batch: int, seq_len: int, ec: EfficiencyConfi
     device_peak = r.pop("device_peak_bytes")
     peak = device_peak if device_peak > 0 else r["prefill_peak_bytes"]
     return {**_keys(cfg, batch, seq_len, JIT, "100%"),
-            "prefill_tokens_per_s": r["prefill_tokens_per_s"],
-            "prefill_s_median": r["prefill_s_median"], "prefill_s_min": r["prefill_s_min"],
-            "prefill_s_max": r["prefill_s_max"],
-            "decode_tokens_per_s": r["decode_tokens_per_s"],
-            "decode_step_s_median": r["decode_step_s_median"],
-            "decode_step_s_min": r["decode_step_s_min"],
-            "decode_step_s_max": r["decode_step_s_max"],
+            **{k: r[k] for k in ("prefill_tokens_per_s", "prefill_s_median", "prefill_s_min",
+                                 "prefill_s_max", "decode_tokens_per_s", "decode_step_s_median",
+                                 "decode_step_s_min", "decode_step_s_max")},
             "mc_questions_per_s": batch / r["prefill_s_median"],
             "param_bytes_experts": r["param_bytes_experts"],
             "param_bytes_rest": r["param_bytes_rest"],
@@ -195,23 +239,28 @@ def _keys(cfg, batch, seq_len, policy, budget) -> dict:
             "policy": policy, "budget": budget}
 
 
-def offload_rows(cfg, params, ec: EfficiencyConfig, progress_bar=None) -> list[dict]:
-    """The live offload engine at (offload batch, offload_seq) x (all-resident, policies x
-    budgets): prefill and decode tokens/s (medians of cold-pool repeats), device bytes."""
-    from moex.bench.compare import make_batch
+def offload_rows(m: Model, ec: EfficiencyConfig, questions, progress_bar=None) -> list[dict]:
+    """The live offload engine on the benchmark's first B questions (their prompts and images,
+    in the model's tokenizer: the routing is the model's own on its task) x (all-resident,
+    policies x budgets): prefill and decode tokens/s (medians of cold-pool repeats), hit rate,
+    bytes moved, device bytes."""
     from moex.bench.memory import tree_bytes
+    from moex.nn.decoder import init_cache
     from moex.offload.bench import parse_budget
     from moex.offload.engine import OffloadEngine
     from moex.offload.store import ExpertStore
-    from moex.nn.decoder import init_cache
-    store = ExpertStore.from_params(cfg, params)
+    from moex.predict.vlm import vlm_prompts
+    cfg = m.cfg
+    store = ExpertStore.from_params(cfg, m.params)
     total, rest = store.total_bytes, tree_bytes(store.dense_params)
     rows = []
     specs = [("all-resident", "100%")] + [(p, b) for b in ec.budgets for p in ec.policies]
     for batch in ec.offload_batches:
-        ids, mask, images = make_batch(cfg, batch, ec.offload_seq, np.random.default_rng(ec.seed))
+        ids, mask, images = vlm_prompts(cfg, m.tokenizer, questions[:batch], ec.style,
+                                        ec.image_mode, ec.template)
+        images, seq = jnp.asarray(images), ids.shape[1]
         kv = tree_bytes(jax.eval_shape(lambda: init_cache(   # shapes only, as in resident rows
-            cfg.decoder, batch, ec.offload_seq + ec.decode_steps, np.dtype(cfg.dtype)))["layers"])
+            cfg.decoder, batch, seq + ec.offload_new_tokens, np.dtype(cfg.dtype)))["layers"])
         warm = set()
         for policy, label in specs:
             if progress_bar is not None:
@@ -221,7 +270,8 @@ def offload_rows(cfg, params, ec: EfficiencyConfig, progress_bar=None) -> list[d
             slots = budget // store.expert_bytes
             for i in range(ec.offload_repeats + (slots not in warm)):
                 eng = OffloadEngine(cfg, None, policy, budget, store=store)
-                eng.generate(ids, mask, images, max_new_tokens=ec.decode_steps, stop_tokens=())
+                eng.generate(ids, mask, images, max_new_tokens=ec.offload_new_tokens,
+                             stop_tokens=())
                 t = eng.timings
                 if i < (slots not in warm):
                     continue
@@ -232,14 +282,8 @@ def offload_rows(cfg, params, ec: EfficiencyConfig, progress_bar=None) -> list[d
                 moved.append(eng.pool.bytes_loaded)
             warm.add(slots)
             pool = eng.pool.pool_bytes
-            rows.append({**_keys(cfg, batch, ec.offload_seq, policy, label),
-                         "prefill_tokens_per_s": batch * ec.offload_seq / statistics.median(pre),
-                         "prefill_s_median": statistics.median(pre), "prefill_s_min": min(pre),
-                         "prefill_s_max": max(pre),
-                         "decode_tokens_per_s": batch / statistics.median(dec),
-                         "decode_step_s_median": statistics.median(dec),
-                         "decode_step_s_min": min(dec), "decode_step_s_max": max(dec),
-                         "mc_questions_per_s": batch / statistics.median(pre),
+            rows.append({**_keys(cfg, batch, seq, policy, label),
+                         **_timing_cells(batch * seq, batch, pre, dec),
                          "param_bytes_experts": pool, "param_bytes_rest": rest,
                          "device_param_bytes": rest + pool, "kv_cache_bytes": kv,
                          "peak_device_bytes": rest + pool + kv, "peak_source": "accounted",
@@ -249,67 +293,99 @@ def offload_rows(cfg, params, ec: EfficiencyConfig, progress_bar=None) -> list[d
     return rows
 
 
+def _timing_cells(prefill_tokens: int, batch: int, prefill_s: list, step_s: list) -> dict:
+    """The timing columns of a row from per-run prefill seconds and per-step decode seconds."""
+    pre, dec = statistics.median(prefill_s), statistics.median(step_s)
+    return {"prefill_tokens_per_s": prefill_tokens / pre, "prefill_s_median": pre,
+            "prefill_s_min": min(prefill_s), "prefill_s_max": max(prefill_s),
+            "decode_tokens_per_s": batch / dec, "decode_step_s_median": dec,
+            "decode_step_s_min": min(step_s), "decode_step_s_max": max(step_s),
+            "mc_questions_per_s": batch / pre}
+
+
 def run(ec: EfficiencyConfig, progress: bool = True):
-    """(rows, accuracy per model, grid points skipped, the benchmark files used)."""
+    """(rows, accuracy per model, routing per hard-MoE model, grid points skipped, the
+    benchmark files used, which models each part measured)."""
     from tqdm import tqdm
     from moex.generate import Generator
     from moex.model import build
     batch_sizes, seq_lens, cap = ec.grid_points()
-    ms = models(ec, progress)
+    studied = models(ec, progress)
+    gridded = grid_models(ec, studied)
     mm, seed, data = benchmark_questions(ec)
+    routing_q = benchmark_questions(dataclasses.replace(ec, eval_questions=ec.routing_questions))[0]
     points = [(b, s) for s in seq_lens for b in batch_sizes if b * s <= cap]
     skipped = [f"B={b} T={s} (B x T > {cap})" for s in seq_lens for b in batch_sizes
                if b * s > cap]
-    n_off = sum(len(ec.offload_batches) * (1 + len(ec.policies) * len(ec.budgets))
-                for _, cfg, _, _ in ms if cfg.decoder.moe.kind == "hard")
-    bar = tqdm(total=len(ms) * (1 + len(points)) + n_off, desc="vlm_efficiency",
-               disable=not progress)
-    rows, acc = [], []
-    for name, cfg, params, tokenizer in ms:
-        bar.set_postfix_str(f"{name} accuracy")
-        acc.append(accuracy(ec, name, cfg, params, tokenizer, mm, seed))
+    hard = [m for m in studied if m.cfg.decoder.moe.kind == "hard"]
+    n_off = len(hard) * len(ec.offload_batches) * (1 + len(ec.policies) * len(ec.budgets))
+    bar = tqdm(total=len(studied) + len(gridded) * len(points) + n_off + len(hard),
+               desc="vlm_efficiency", disable=not progress)
+    rows, acc, routes = [], [], []
+    for m in studied:
+        bar.set_postfix_str(f"{m.name} accuracy")
+        acc.append(accuracy(ec, m, mm, seed))
         bar.update()
-        gen = Generator(build(cfg))
-        for b, s in points:
-            bar.set_postfix_str(f"{name} B={b} T={s}")
-            rows.append(resident_row(gen, params, cfg, b, s, ec))
+        if m in hard:
+            bar.set_postfix_str(f"{m.name} routing")
+            routes.append(routing(ec, m, routing_q))
             bar.update()
-        if cfg.decoder.moe.kind == "hard" and ec.policies:
+    for m in gridded:
+        gen = Generator(build(m.cfg))
+        for b, s in points:
+            bar.set_postfix_str(f"{m.name} B={b} T={s}")
+            rows.append({**resident_row(gen, m.params, m.cfg, b, s, ec), "weights": m.source})
+            bar.update()
+    if ec.policies:
+        for m in hard:
             before = len(rows)
-            rows += offload_rows(cfg, params, ec, bar)
+            rows += [{**r, "weights": m.source} for r in offload_rows(m, ec, mm, bar)]
             bar.update(len(rows) - before)
     bar.close()
     scores = {a["model"]: a for a in acc}
     for r in rows:
-        t = scores[r["model"]]["tables"]
-        for k, v in t.items():
-            r[f"acc_{k}"] = v["overall"]
-    return rows, acc, skipped, data
+        t = scores[r["model"]]["tables"] if r["model"] in scores else {}
+        for k in acc[0]["tables"]:
+            r[f"acc_{k}"] = t[k]["overall"] if k in t else float("nan")
+    roles = {"accuracy": [m.name for m in studied], "routing": [m.name for m in hard],
+             "grid": [m.name for m in gridded], "offload": [m.name for m in hard] if ec.policies
+             else [], "sources": {m.name: m.source for m in studied + gridded}}
+    return rows, acc, routes, skipped, data, roles
 
 
 # -- outputs and command line ---------------------------------------------------------------------
 
-def write_results(rows, acc, skipped, ec: EfficiencyConfig, data: dict) -> pathlib.Path:
+def write_results(rows, acc, routes, skipped, ec: EfficiencyConfig, data: dict,
+                  roles: dict) -> pathlib.Path:
     from moex.bench.efficiency_report import report_md, write_plots
     from moex.bench.output import write_outputs
 
     def extra(tmp: pathlib.Path):
         (tmp / "accuracy.json").write_text(json.dumps(acc, indent=2))
-        write_plots(rows, tmp)
+        (tmp / "routing.json").write_text(json.dumps(routes, indent=2))
+        write_plots(rows, acc, tmp, routes)
     return write_outputs(ec.out, rows, {**dataclasses.asdict(ec), "skipped": skipped,
-                                        "data": data},
-                         report_md(rows, acc, skipped, ec, data), extra)
+                                        "data": data, "models": roles},
+                         report_md(rows, acc, routes, skipped, ec, data, roles), extra)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = EfficiencyConfig()
-    p.add_argument("--family", default=d.family, help="presets FAMILY-dense/-hard/-soft")
+    p.add_argument("--family", default=d.family,
+                   help="presets FAMILY-dense/-hard/-soft: trained, then accuracy, routing, "
+                        "offloading")
+    p.add_argument("--grid-family", default=d.grid_family,
+                   help="presets of the throughput / memory grid (random weights; '' = the "
+                        "family's own models)")
     p.add_argument("--checkpoint", action="append", default=[], dest="checkpoints",
-                   help="a moex checkpoint (e.g. a converted LLaVA) instead of the family; "
+                   help="a moex checkpoint (e.g. a converted LLaVA) instead of the families; "
                         "repeat for several")
     p.add_argument("--no-train", action="store_true",
                    help="random weights instead of trained presets (accuracy is then chance)")
-    p.add_argument("--train-steps", type=int, default=d.train_steps)
+    p.add_argument("--train-steps", type=int, default=d.train_steps,
+                   help="dense training steps of the recipe")
+    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
+                   help="fine-tuning steps of the upcycled hard / soft models")
     p.add_argument("--grid", default=d.grid, help=f"{sorted(GRIDS)} or auto")
     p.add_argument("--batch", type=int, nargs="+", default=[])
     p.add_argument("--seq", type=int, nargs="+", default=[])
@@ -321,7 +397,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offload policies (none: no offloading)")
     p.add_argument("--budgets", nargs="+", default=list(d.budgets))
     p.add_argument("--offload-batch", type=int, nargs="+", default=list(d.offload_batches))
-    p.add_argument("--offload-seq", type=int, default=d.offload_seq)
+    p.add_argument("--offload-new-tokens", type=int, default=d.offload_new_tokens)
     p.add_argument("--offload-repeats", type=int, default=d.offload_repeats)
     p.add_argument("--mmbench", help="MMBench TSV (default: the synthetic dev split)")
     p.add_argument("--seed-json", help="SEED-Bench v1 JSON")
@@ -333,6 +409,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-mode", default=d.image_mode, help="crop (CLIP) or pad (LLaVA-1.5)")
     p.add_argument("--eval-questions", type=int, default=d.eval_questions)
     p.add_argument("--eval-batch", type=int, default=d.eval_batch)
+    p.add_argument("--routing-questions", type=int, default=d.routing_questions)
     p.add_argument("--data", default=d.data)
     p.add_argument("--runs", default=d.runs)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -341,23 +418,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(a: argparse.Namespace) -> EfficiencyConfig:
     return EfficiencyConfig(
-        family=a.family, checkpoints=tuple(a.checkpoints), train=not a.no_train,
-        train_steps=a.train_steps, grid=a.grid, batch_sizes=tuple(a.batch),
-        seq_lens=tuple(a.seq), max_tokens=a.max_tokens, decode_steps=a.decode_steps,
-        warmup=a.warmup, repeats=a.repeats, policies=tuple(p for p in a.policies if p != "none"),
+        family=a.family, grid_family=a.grid_family, checkpoints=tuple(a.checkpoints),
+        train=not a.no_train, train_steps=a.train_steps, finetune_steps=a.finetune_steps,
+        grid=a.grid, batch_sizes=tuple(a.batch), seq_lens=tuple(a.seq),
+        max_tokens=a.max_tokens, decode_steps=a.decode_steps, warmup=a.warmup,
+        repeats=a.repeats, policies=tuple(p for p in a.policies if p != "none"),
         budgets=tuple(a.budgets), offload_batches=tuple(a.offload_batch),
-        offload_seq=a.offload_seq, offload_repeats=a.offload_repeats, mmbench=a.mmbench,
-        seed_json=a.seed_json, seed_images=a.seed_images, tokenizer=a.tokenizer,
-        template=a.template, style=a.style, image_mode=a.image_mode, eval_questions=a.eval_questions,
-        eval_batch=a.eval_batch, data=a.data, runs=a.runs, seed=a.seed, out=a.out)
+        offload_new_tokens=a.offload_new_tokens, offload_repeats=a.offload_repeats,
+        mmbench=a.mmbench, seed_json=a.seed_json, seed_images=a.seed_images,
+        tokenizer=a.tokenizer, template=a.template, style=a.style, image_mode=a.image_mode,
+        eval_questions=a.eval_questions, eval_batch=a.eval_batch,
+        routing_questions=a.routing_questions, data=a.data, runs=a.runs, seed=a.seed,
+        out=a.out)
 
 
 def main(args: argparse.Namespace) -> int:
     from moex.bench.efficiency_report import accuracy_md, relative_md, throughput_md
     ec = config_from_args(args)
-    rows, acc, skipped, data = run(ec)
-    out = write_results(rows, acc, skipped, ec, data)
+    rows, acc, routes, skipped, data, roles = run(ec)
+    out = write_results(rows, acc, routes, skipped, ec, data, roles)
     print(accuracy_md(acc).split("\n\n")[0], throughput_md(rows), relative_md(rows), sep="\n\n")
-    print(f"\nwrote {out}/results.csv, results.json, accuracy.json, report.md and "
-          "throughput_vs_batch.png, memory_vs_batch.png, throughput_vs_memory.png")
+    print(f"\nwrote {out}/results.csv, results.json, accuracy.json, routing.json, report.md "
+          "and the PNG plots")
     return 0

@@ -1,16 +1,15 @@
 """Tables and plots of `moex.bench.efficiency` results.
 
-  report_md(rows, acc, skipped, ec)   the markdown report
-  write_plots(rows, out_dir)          throughput_vs_batch.png, memory_vs_batch.png,
-                                      throughput_vs_memory.png
+  report_md(rows, acc, routes, skipped, ec, data, roles)   the markdown report
+  write_plots(rows, acc, out_dir)     throughput_vs_batch.png, memory_vs_batch.png,
+                                      throughput_vs_memory.png, learning_curves.png
 """
 
 from __future__ import annotations
 
 import pathlib
 
-from moex.bench.efficiency import JIT
-
+JIT = "resident-jit"    # policy label of the whole jitted model (no offload engine)
 MB = 1e6
 
 
@@ -21,19 +20,58 @@ def _mb(x) -> str:
 def accuracy_md(acc: list[dict]) -> str:
     from moex.eval.circular import markdown
     metrics = list(acc[0]["tables"])
-    lines = ["| model | " + " | ".join(metrics) + " | questions/s (mmbench gen) |",
-             "|---|" + "---|" * (len(metrics) + 1)]
+    lines = ["| model | weights | " + " | ".join(metrics) + " | questions/s (mmbench gen) |",
+             "|---|---|" + "---|" * (len(metrics) + 1)]
     for a in acc:
         cells = [f"{a['tables'][m]['overall']:.3f}" for m in metrics]
-        lines.append(f"| {a['model']} | " + " | ".join(cells)
+        lines.append(f"| {a['model']} | {a.get('source', '')} | " + " | ".join(cells)
                      + f" | {a['questions_per_s']['mmbench']:.1f} |")
     c = acc[0]["chance"]
-    lines.append("| *chance* | " + " | ".join(f"{c.get(m, c['seed']):.3f}" for m in metrics)
+    lines.append("| *chance* | | " + " | ".join(f"{c.get(m, c['seed']):.3f}" for m in metrics)
                  + " | |")
     parts = ["\n".join(lines)]
     for a in acc:
         parts.append(f"**{a['model']}** per category\n\n{markdown(a['tables'])}")
     return "\n\n".join(parts)
+
+
+def learning_md(acc: list[dict]) -> str:
+    """Dev accuracy against training step, per trained model (from its training log)."""
+    curves = [a for a in acc if a.get("learning_curve")]
+    if not curves:
+        return "(no training logs: the models were not trained here)"
+    lines = ["| model | step | dev generated | dev likelihood | " +
+             " | ".join(CATS) + " |", "|" + "---|" * (4 + len(CATS))]
+    for a in curves:
+        for e in a["learning_curve"]:
+            cats = " | ".join(f"{e[f'dev_{c}']:.2f}" if f"dev_{c}" in e else "–" for c in CATS)
+            lines.append(f"| {a['model']} | {e['step']} | {e.get('dev_generate', 0):.3f} "
+                         f"| {e.get('dev_likelihood', 0):.3f} | {cats} |")
+    return "\n".join(lines)
+
+
+CATS = ("color", "shape", "count", "position")
+
+
+def routing_md(routes: list[dict]) -> str:
+    if not routes:
+        return "(no hard-MoE model)"
+    return "\n\n".join(
+        f"**{r['model']}** ({r['source']}), {r['questions']} dev questions: expert load per "
+        "MoE block (entropy of the load / log E: 1 = uniform; the busiest expert's share), and "
+        "the mean Jensen-Shannon divergence (bits) between two categories' expert-usage "
+        "distributions against the divergence between two halves of one category, with each "
+        f"category's two most used experts.\n\n{r['markdown']}" for r in routes)
+
+
+def models_md(roles: dict) -> str:
+    src = roles["sources"]
+    fmt = lambda names: ", ".join(f"{n} ({src[n]})" for n in names) or "none"
+    return "\n".join([
+        f"- accuracy and learning curves: {fmt(roles['accuracy'])}",
+        f"- routing: {fmt(roles['routing'])}",
+        f"- throughput and memory grid: {fmt(roles['grid'])}",
+        f"- expert offloading: {fmt(roles['offload'])}"])
 
 
 def throughput_md(rows: list[dict]) -> str:
@@ -85,10 +123,11 @@ def offload_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_md(rows, acc, skipped, ec, data: dict) -> str:
+def report_md(rows, acc, routes, skipped, ec, data: dict, roles: dict) -> str:
     b, s, cap = ec.grid_points()
     return "\n\n".join([
         "# Dense vs hard-MoE vs soft-MoE VLMs: throughput, memory, accuracy, offloading",
+        f"## Models\n\n{models_md(roles)}",
         f"Grid: batch {list(b)} x sequence length {list(s)} (image tokens + text), B x T <= {cap}; "
         f"{ec.repeats} repeats after {ec.warmup} warm-up, medians (min-max). Decode: one step "
         f"over the KV cache ({ec.decode_steps}+ steps timed). MC q/s: multiple-choice questions "
@@ -96,18 +135,23 @@ def report_md(rows, acc, skipped, ec, data: dict) -> str:
         "prefill peak (arguments + outputs + temporaries) on CPU, the allocator's peak where the "
         "backend reports it; offload rows: dense params + slot pool + KV (accounted).",
         f"## Accuracy\n\nData: `{data['mmbench']}` (MMBench format), `{data['seed']}` (SEED "
-        "format). MMBench: generated answers, CircularEval and plain (rotation 0); SEED: "
-        f"likelihood ranking of the option texts and generated letter.\n\n{accuracy_md(acc)}",
+        "format). MMBench: generated answers read by MMBench's matcher (a letter, else the "
+        "option's text), CircularEval and plain (rotation 0); SEED: likelihood ranking of the "
+        f"option texts and the generated answer.\n\n{accuracy_md(acc)}",
+        f"## Learning curves (held-out dev split)\n\n{learning_md(acc)}",
+        f"## Routing of the hard-MoE models\n\n{routing_md(routes)}",
         f"## Throughput and memory (all experts resident)\n\n{throughput_md(rows)}",
         f"## Relative to dense\n\n{relative_md(rows)}",
-        f"## Expert offloading (live engine, layer by layer; all-resident = the same engine "
-        f"with every expert in the pool)\n\n{offload_md(rows)}",
+        f"## Expert offloading (live engine, layer by layer, on the benchmark's prompts; "
+        f"all-resident = the same engine with every expert in the pool)\n\n{offload_md(rows)}",
         "Skipped grid points: " + (", ".join(skipped) if skipped else "none"),
-        "Plots: throughput_vs_batch.png, memory_vs_batch.png, throughput_vs_memory.png",
+        "Plots: throughput_vs_batch.png, memory_vs_batch.png, throughput_vs_memory.png, "
+        "learning_curves.png" + "".join(f", routing_{r['model']}.png" for r in routes),
     ])
 
 
-def write_plots(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
+def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
+                routes: list[dict] | None = None) -> list[pathlib.Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -171,4 +215,48 @@ def write_plots(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
     paths.append(out / "throughput_vs_memory.png")
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for a in acc:
+        curve = a.get("learning_curve") or []
+        for ax, key in zip(axes, ("dev_generate", "dev_likelihood")):
+            pts = [(e["step"], e[key]) for e in curve if key in e]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=a["model"])
+    for ax, title in zip(axes, ("MMBench dev, generated answer", "dev, likelihood ranking")):
+        ax.set_xlabel("training step (upcycled models: fine-tuning step)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out / "learning_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    for r in routes or []:
+        paths.append(_signature_plot(plt, r, out / f"routing_{r['model']}.png"))
     return paths
+
+
+def _signature_plot(plt, route: dict, path: pathlib.Path) -> pathlib.Path:
+    """One heatmap per MoE block: question category x expert, the share of the category's
+    token-expert choices that went to the expert (its routing signature)."""
+    import numpy as np
+    sigs = route["signatures"]
+    fig, axes = plt.subplots(1, len(sigs), figsize=(2.6 * len(sigs) + 1, 2.8), squeeze=False)
+    for ax, s in zip(axes[0], sigs):
+        cats = list(s["signatures"])
+        grid = np.asarray([s["signatures"][c] for c in cats])
+        im = ax.imshow(grid, vmin=0, vmax=max(grid.max(), 1e-9), cmap="viridis")
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(len(cats)), cats if ax is axes[0][0] else [""] * len(cats))
+        ax.set_title(f"{s['tower']} {s['layer']}\nJS {s['between_js']:.3f} / "
+                     f"{s['within_js']:.3f}", fontsize=8)
+        ax.set_xlabel("expert")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"{route['model']}: routing signature per question category "
+                 "(JS between / within categories)", fontsize=9)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -29,6 +29,7 @@ import dataclasses
 import re
 import statistics
 
+import jax.numpy as jnp
 import numpy as np
 
 from moex.bench.memory import tree_bytes
@@ -54,7 +55,9 @@ class OffloadBenchConfig:
     new_tokens: int = 16
     repeats: int = 5
     seed: int = 0
-    domain: str = "random"                 # prompts: random tokens, or stdlib code / prose
+    domain: str = "random"                 # prompts: random tokens, stdlib code / prose, or
+                                           # vlm (synthetic MMBench dev questions with images)
+    data: str = "runs/data/synthetic"      # synthetic benchmark root (domain vlm)
     out: str = "results/offload"
 
 
@@ -100,25 +103,39 @@ def load_model(bc: OffloadBenchConfig):
     return cfg, init_params(cfg, bc.seed)
 
 
-def prompts(cfg, batch: int, length: int, seed: int, domain: str = "random"):
-    """B prompts: random tokens of lengths in [T/2, T] (left-padded), or held-out windows of
-    T bytes of the stdlib corpus (`domain` code / prose)."""
+def prompts(cfg, batch: int, length: int, seed: int, domain: str = "random",
+            checkpoint: str | None = None, data: str = "runs/data/synthetic"):
+    """(ids, mask, images or None) of B prompts: random tokens of lengths in [T/2, T]
+    (left-padded), held-out windows of T bytes of the stdlib corpus (`domain` code / prose), or
+    (vlm) the compact prompts of B synthetic MMBench dev questions from `seed` on, with their
+    images, in the model's tokenizer (T is then their own length)."""
+    if domain == "vlm":
+        if cfg.vision is None:
+            raise ValueError(f"domain vlm needs a VLM; {cfg.name} has no vision tower")
+        from moex.data import SyntheticSpec, read_mmbench, write_synthetic
+        from moex.data.vocab import tokenizer_for
+        from moex.predict.vlm import vlm_prompts
+        questions = read_mmbench(write_synthetic(data, SyntheticSpec())["mmbench/dev"])
+        start = seed % max(1, len(questions) - batch)
+        ids, mask, images = vlm_prompts(cfg, tokenizer_for(cfg, checkpoint),
+                                        questions[start:start + batch])
+        return ids, mask, jnp.asarray(images)
     if domain != "random":
         from moex.predict.corpus import samples
         ids = samples(domain, "heldout", batch, length, seed)
-        return ids, np.ones_like(ids)
+        return ids, np.ones_like(ids), None
     rng = np.random.default_rng(seed)
     high = min(cfg.decoder.vocab_size, 256)
     rows = [rng.integers(0, high, rng.integers(max(1, length // 2), length + 1)).tolist()
             for _ in range(batch)]
-    return left_pad(rows, cfg.pad_token_id)
+    return (*left_pad(rows, cfg.pad_token_id), None)
 
 
 def _median(xs):
     return statistics.median(xs), min(xs), max(xs)
 
 
-def run_point(cfg, store, policy, forecaster, budget, ids, mask, bc,
+def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, bc,
               warmup: bool = False) -> tuple[dict, OffloadEngine]:
     """Medians over `repeats` cold-pool generates (after one untimed one with `warmup`: a new
     pool size compiles its slot update and expert pieces)."""
@@ -126,7 +143,7 @@ def run_point(cfg, store, policy, forecaster, budget, ids, mask, bc,
     eng = None
     for i in range(bc.repeats + warmup):
         eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
-        eng.generate(ids, mask, max_new_tokens=bc.new_tokens, stop_tokens=())
+        eng.generate(ids, mask, images, max_new_tokens=bc.new_tokens, stop_tokens=())
         t = eng.timings
         if i < warmup:
             continue
@@ -155,13 +172,16 @@ def run(bc: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list
                            store=store).calibrate_copy()
     rows, skipped = [], []
     for batch in bc.batch_sizes:
-        ids, mask = prompts(cfg, batch, bc.prompt_len, bc.seed + batch, bc.domain)
+        ids, mask, images = prompts(cfg, batch, bc.prompt_len, bc.seed + batch, bc.domain,
+                                    bc.checkpoint, bc.data)
         bar.set_postfix_str(f"B={batch} all-resident baseline")
-        base, ref = run_point(cfg, store, "all-resident", None, total, ids, mask, bc, True)
+        base, ref = run_point(cfg, store, "all-resident", None, total, ids, mask, images, bc,
+                              True)
         warm = {ref.pool.num_slots}
         trace = ref.trace()
         calib = OffloadEngine(cfg, None, "all-resident", total, store=store)
-        calib.generate(*prompts(cfg, batch, bc.prompt_len, bc.seed + 1000 + batch, bc.domain),
+        calib.generate(*prompts(cfg, batch, bc.prompt_len, bc.seed + 1000 + batch, bc.domain,
+                                bc.checkpoint, bc.data),
                        max_new_tokens=bc.new_tokens, stop_tokens=())
         forecasters = {"oracle": OracleForecast(trace),
                        "prior": PriorForecast.from_trace(calib.trace())}
@@ -178,7 +198,7 @@ def run(bc: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list
             try:
                 slots = budget // store.expert_bytes
                 timing, eng = run_point(cfg, store, policy, forecasters.get(forecast), budget,
-                                        ids, mask, bc, warmup=slots not in warm)
+                                        ids, mask, images, bc, warmup=slots not in warm)
                 warm.add(slots)
             except ValueError as e:                 # a budget below the policy's minimum
                 skipped.append(f"B={batch} {label} {name}: {e}")
@@ -191,7 +211,7 @@ def run(bc: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list
             transfer_bound = decode_tokens / copy_decode if copy_decode else float("inf")
             belady = belady_bound(stream_from_trace(trace), slots)
             rows.append({
-                "model": cfg.name, "batch": batch, "prompt_len": bc.prompt_len,
+                "model": cfg.name, "batch": batch, "prompt_len": int(ids.shape[1]),
                 "new_tokens": bc.new_tokens, "budget": label, "budget_bytes": budget,
                 "budget_fraction": budget / total, "policy": name, "slots": slots,
                 **timing,
@@ -246,15 +266,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--domain", default=d.domain, choices=["random", "code", "prose"],
-                   help="prompts: random tokens or held-out stdlib code / prose bytes")
+    p.add_argument("--domain", default=d.domain, choices=["random", "code", "prose", "vlm"],
+                   help="prompts: random tokens, held-out stdlib code / prose bytes, or "
+                        "synthetic MMBench questions with their images (vlm: a trained VLM "
+                        "--checkpoint, e.g. runs/vlm/mini-hard/model)")
+    p.add_argument("--data", default=d.data, help="synthetic benchmark root (--domain vlm)")
     p.add_argument("--out", default=d.out)
 
 
 def main(args: argparse.Namespace) -> int:
     bc = OffloadBenchConfig(args.preset, args.checkpoint, tuple(args.policies),
                             tuple(args.budgets), tuple(args.batch), args.prompt_len,
-                            args.new_tokens, args.repeats, args.seed, args.domain, args.out)
+                            args.new_tokens, args.repeats, args.seed, args.domain, args.data,
+                            args.out)
     for spec in bc.policies:
         split_policy(spec)
     if bc.new_tokens < 2 or bc.repeats < 1:

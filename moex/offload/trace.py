@@ -3,7 +3,9 @@ predictor and the replay simulator.
 
 File format (`.npz`, written to a temp file and renamed):
   meta        JSON string: {"format": "moex-trace-v2", "model": name, "moe_layers": [decoder
-              layer indices], "num_experts": E, "top_k": K}
+              layer indices], "num_experts": E, "top_k": K}; optional: "domain" (code, prose,
+              vlm, ...) and "request_labels" (a label per request id 0..R-1, e.g. the question
+              category of a VLM prompt)
   request     (N,) int32   request id of each traced token
   position    (N,) int32   the token's position in its request (0 = first prompt token)
   phase       (N,) int8    0 prompt (prefill), 1 generated (decode)
@@ -48,6 +50,8 @@ class Trace:
     forward: np.ndarray | None = None
     pregate: np.ndarray | None = None
     token: np.ndarray | None = None
+    domain: str | None = None
+    request_labels: list[str] | None = None
 
     def __post_init__(self):
         if self.forward is None:
@@ -71,6 +75,8 @@ class Trace:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "model": self.model, "moe_layers": self.moe_layers,
                 "num_experts": self.num_experts, "top_k": self.top_k}
+        meta.update({k: getattr(self, k) for k in ("domain", "request_labels")
+                     if getattr(self, k) is not None})
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -108,7 +114,8 @@ class Trace:
                 raise ValueError(f"{path}: {name} has shape {data[name].shape}, expected {shape}")
         return Trace(meta["model"], list(meta["moe_layers"]), meta["num_experts"], k,
                      data["request"], data["position"], data["phase"], data["experts"],
-                     data["probs"], data.get("forward"), data.get("pregate"), data.get("token"))
+                     data["probs"], data.get("forward"), data.get("pregate"), data.get("token"),
+                     meta.get("domain"), meta.get("request_labels"))
 
     @staticmethod
     def concat(traces: list["Trace"]) -> "Trace":

@@ -1,0 +1,52 @@
+"""Routing traces of a VLM on MMBench-format prompts: the third trace domain ("vlm"), beside the
+stdlib's code and prose.
+
+    moex vlm trace runs/vlm/mini-hard/model --out runs/traces/vlm-dev.npz --split dev
+    moex predictor train runs/traces/vlm-train.npz --out runs/rpp/vlm
+
+Each request is one question: its compact prompt (image placeholders + question + options),
+answered greedily by the all-resident offload engine, which records every token's routing, its
+pre-gate prediction and its token id (`moex.offload.trace`). The trace's meta also names each
+request's question category (`request_labels`), so predictors and caches can be scored per
+category.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from moex.data.batching import batches, encode_batch
+
+
+def vlm_prompts(cfg, tokenizer, questions: Sequence, style: str = "compact",
+                mode: str = "crop", template: str = "{prompt}"):
+    """(ids (B, T), mask (B, T), images (B, H, W, C)) of the questions' prompts, left-padded."""
+    b = encode_batch(questions, tokenizer, cfg.vision, style, mode=mode, template=template)
+    return b.ids, b.mask, b.images
+
+
+def record_vlm_traces(cfg, params, tokenizer, questions: Sequence, new_tokens: int = 4,
+                      batch: int = 8, progress: bool = True, style: str = "compact"):
+    """One Trace of greedy answers to `questions` (request i = question i), with
+    `request_labels` = the questions' categories."""
+    from tqdm import tqdm
+    from moex.offload.engine import OffloadEngine
+    from moex.offload.store import ExpertStore
+    from moex.offload.trace import Trace
+    store = ExpertStore.from_params(cfg, params)
+    traces = []
+    groups = list(batches(questions, batch))
+    start = 0
+    for group in tqdm(groups, desc="trace vlm", disable=not progress):
+        ids, mask, images = vlm_prompts(cfg, tokenizer, group, style)
+        eng = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
+        eng.generate(ids, mask, images, max_new_tokens=new_tokens, stop_tokens=(),
+                     request_ids=np.arange(start, start + len(group)))
+        traces.append(eng.trace())
+        start += len(group)
+    trace = Trace.concat(traces)
+    trace.domain = "vlm"
+    trace.request_labels = [q.category for q in questions]
+    return trace
