@@ -61,3 +61,48 @@ def test_generate_with_offload_gives_the_same_tokens(capsys):
     assert stats["offload"]["policy"] == "pregated" and stats["offload"]["slots"] == 3
     assert main(args + ["--offload", "lru", "--expert-budget", "1B"]) == 2
     assert "holds no expert" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def vlm_checkpoint(tmp_path_factory):
+    """A mini-hard VLM checkpoint (random weights) with its task tokenizer, and the synthetic
+    data it reads questions from."""
+    from moex import checkpoint
+    from moex.config import get_config
+    from moex.data import SyntheticSpec, write_synthetic
+    from moex.data.vocab import synthetic_tokenizer, write_tokenizer
+    from moex.model import init_params
+    root = tmp_path_factory.mktemp("vlm")
+    write_tokenizer(synthetic_tokenizer(), root)
+    path = checkpoint.save(root / "model", get_config("mini-hard"), init_params("mini-hard"),
+                           copy_from=root)
+    data = root / "data"
+    write_synthetic(data, SyntheticSpec())
+    return path, data
+
+
+def test_bench_offload_on_vlm_prompts_with_images(tmp_path, vlm_checkpoint):
+    model, data = vlm_checkpoint
+    out = tmp_path / "offload"
+    assert main(["bench", "offload", "--checkpoint", str(model), "--domain", "vlm", "--data",
+                 str(data), "--batch", "2", "--budgets", "100%", "50%", "--policies",
+                 "all-resident", "lru", "--new-tokens", "2", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["budget"], r["policy"]) for r in rows] == [
+        ("100%", "all-resident"), ("100%", "lru"), ("50%", "lru")]
+    # the prompts are the questions' compact prompts: 36 image tokens and the text
+    assert all(int(r["prompt_len"]) > 36 for r in rows)
+
+
+def test_vlm_trace_command_labels_requests_by_category(tmp_path, vlm_checkpoint):
+    from moex.offload.trace import Trace
+    model, data = vlm_checkpoint
+    path = tmp_path / "vlm.npz"
+    assert main(["vlm", "trace", str(model), "--out", str(path), "--questions", "6",
+                 "--batch", "4", "--new-tokens", "2", "--data", str(data)]) == 0
+    trace = Trace.load(path)
+    assert trace.domain == "vlm" and trace.request_labels == [
+        "color", "shape", "count", "position", "color", "shape"]
+    assert sorted(set(trace.request.tolist())) == list(range(6))
+    assert (trace.phase == 1).sum() == 6 * 1 and trace.token is not None
