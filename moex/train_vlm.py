@@ -75,8 +75,9 @@ class VLMTrainConfig:
     warmup: int = 50
     weight_decay: float = 0.01
     answer_format: str = "text"         # ANSWER_FORMATS
-    likelihood_rate: float = 0.25       # share of rows with the likelihood target
-    caption_rate: float = 0.3           # share of caption rows (synthetic training only)
+    likelihood_rate: float = 0.15       # share of rows with the likelihood target
+    caption_rate: float = 0.6           # share of caption rows (synthetic training only); 0.6
+                                        # beat 0.3 / 0.8 / a 1.0 -> 0.3 schedule (ARCHITECTURE.md)
     category_weights: tuple[float, ...] | None = None   # fresh questions per category
                                         # (color, shape, count, position); None: equal turns
     train_capacity_factor: float | None = None   # hard MoE in training; None = dropless
@@ -312,8 +313,8 @@ class Recipe:
     each MoE model sparsely upcycled from it (when its preset is an upcycling of the dense one,
     `moex.upcycle.check_upcyclable`; else from scratch, with the dense step count) and fine-tuned."""
 
-    dense_steps: int = 1200
-    finetune_steps: int = 300
+    dense_steps: int = 900
+    finetune_steps: int = 100
     finetune_lr: float = 1e-3
     finetune_warmup: int = 20
     batch_size: int = 64
@@ -334,6 +335,7 @@ class Recipe:
             return base
         return dataclasses.replace(base, steps=self.finetune_steps, lr=self.finetune_lr,
                                    warmup=self.finetune_warmup, init=str(dense_dir),
+                                   eval_every=max(1, self.finetune_steps // 2),
                                    init_digest=record_digest(dense_dir))
 
 

@@ -64,7 +64,8 @@ def test_experiment_end_to_end(tmp_path, capsys):
     assert [a["model"] for a in acc] == ["wtest-dense", "wtest-hard", "wtest-soft"]
     assert all(a["tables"]["mmbench_circular"]["count"] == 6 for a in acc)
     assert [e["step"] for e in acc[0]["learning_curve"]] == [6]
-    assert [e["step"] for e in acc[1]["learning_curve"]] == [4]      # fine-tuning steps
+    # an upcycled model's steps continue from the dense start's last step (6)
+    assert [(e["step"], e["finetune_step"]) for e in acc[1]["learning_curve"]] == [(10, 4)]
     routes = json.loads((out / "routing.json").read_text())
     assert [r["model"] for r in routes] == ["wtest-hard"]
     assert [r["layer"] for r in routes[0]["load"]] == [0, 1]

@@ -45,7 +45,7 @@ import numpy as np
 from moex.bench.efficiency_report import JIT   # policy label of the whole jitted model
 
 GRIDS = {   # (batch sizes, sequence lengths incl. image tokens, max B x T per point)
-    "cpu": ((1, 4, 16), (256, 1024, 2048), 16384),
+    "cpu": ((1, 4, 16), (256, 1024, 2048), 8192),
     "full": ((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), 1 << 30),
     "tiny": ((1, 2), (64,), 1 << 30),
 }
@@ -59,8 +59,8 @@ class EfficiencyConfig:
                                                 # the family: the family's own models)
     checkpoints: tuple[str, ...] = ()           # moex checkpoints instead of both families
     train: bool = True                          # train the family (the recipe; cached) first
-    train_steps: int = 1200                     # dense steps of the recipe
-    finetune_steps: int = 300                   # upcycled hard / soft fine-tuning steps
+    train_steps: int = 900                      # dense steps of the recipe
+    finetune_steps: int = 100                   # upcycled hard / soft fine-tuning steps
     grid: str = "auto"                          # GRIDS key; auto: cpu on CPU, else full
     batch_sizes: tuple[int, ...] = ()           # override the grid's
     seq_lens: tuple[int, ...] = ()
@@ -134,8 +134,20 @@ def models(ec: EfficiencyConfig, progress: bool = True) -> list[Model]:
         return random_models(ec.family, ec.seed)
     from moex.train_vlm import train_family
     return [Model(cfg.name, cfg, params, tokenizer_for(cfg, model_dir), "trained",
-                  checkpoint.metadata(model_dir).get("log", []))
+                  training_log(model_dir))
             for cfg, params, model_dir in train_family(ec.family, recipe(ec), progress)]
+
+
+def training_log(model_dir) -> list[dict]:
+    """A trained model's log; an upcycled model's steps continue from its dense start's last
+    step, so the family's learning curves share one axis of total training steps."""
+    from moex import checkpoint
+    meta = checkpoint.metadata(model_dir)
+    log, init = meta.get("log", []), meta.get("config", {}).get("init")
+    if not init:
+        return log
+    start = (checkpoint.metadata(init).get("log") or [{"step": 0}])[-1]["step"]
+    return [{**e, "step": e["step"] + start, "finetune_step": e["step"]} for e in log]
 
 
 def random_models(family: str, seed: int) -> list[Model]:
@@ -189,7 +201,8 @@ def accuracy(ec: EfficiencyConfig, m: Model, mm, seed) -> dict:
     got = evaluate_mmbench(s, mm)
     sd = evaluate_seed(s, seed)
     tables = {**got["tables"], **sd["tables"]}
-    curve = [{k: v for k, v in e.items() if k == "step" or k.startswith("dev_")}
+    keep = lambda k: k in ("step", "finetune_step") or k.startswith("dev_")
+    curve = [{k: v for k, v in e.items() if keep(k)}
              for e in m.log if any(k.startswith("dev_") for k in e)]
     return {"model": m.name, "source": m.source, "tables": tables,
             "questions_per_s": {**got["questions_per_s"], **sd["questions_per_s"]},

@@ -138,7 +138,8 @@ def report_md(rows, acc, routes, skipped, ec, data: dict, roles: dict) -> str:
         "format). MMBench: generated answers read by MMBench's matcher (a letter, else the "
         "option's text), CircularEval and plain (rotation 0); SEED: likelihood ranking of the "
         f"option texts and the generated answer.\n\n{accuracy_md(acc)}",
-        f"## Learning curves (held-out dev split)\n\n{learning_md(acc)}",
+        f"## Learning curves (held-out dev split)\n\nSteps are total training steps: an upcycled "
+        f"model's fine-tuning continues from its dense start's last step.\n\n{learning_md(acc)}",
         f"## Routing of the hard-MoE models\n\n{routing_md(routes)}",
         f"## Throughput and memory (all experts resident)\n\n{throughput_md(rows)}",
         f"## Relative to dense\n\n{relative_md(rows)}",
@@ -224,7 +225,7 @@ def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=a["model"])
     for ax, title in zip(axes, ("MMBench dev, generated answer", "dev, likelihood ranking")):
-        ax.set_xlabel("training step (upcycled models: fine-tuning step)")
+        ax.set_xlabel("training step (upcycled models continue from the dense model's last step)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
         ax.set_title(title)
