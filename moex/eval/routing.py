@@ -38,8 +38,8 @@ def _blocks(cfg) -> list[tuple[str, int]]:
 def routing_usage(cfg, params, tokenizer, questions: Sequence, batch_size: int = 32,
                   style: str = "compact", mode: str = "crop", template: str = "{prompt}") -> dict:
     """Expert-usage counts of `questions`' prompts: {"blocks": [(tower, layer)], "categories":
-    [names], "counts": (blocks, C, E) int, "halves": (blocks, C, 2, E) int (even / odd
-    questions of each category), "num_experts": E}."""
+    [names], "counts": (blocks, C, E) int, "halves": (blocks, C, 2, E) int (each category's
+    even- / odd-numbered questions), "num_experts": E}."""
     blocks = _blocks(cfg)
     if not blocks:
         raise ValueError(f"{cfg.name} has no hard-MoE blocks whose routing could be counted")
@@ -54,20 +54,21 @@ def routing_usage(cfg, params, tokenizer, questions: Sequence, batch_size: int =
     e = max(cfg.decoder.moe.num_experts if cfg.decoder.moe.kind == "hard" else 0,
             cfg.vision.moe.num_experts if cfg.vision is not None else 0)
     counts = np.zeros((len(blocks), len(categories), 2, e), np.int64)
-    index = 0
+    seen = np.zeros(len(categories), np.int64)        # questions of each category so far
     for group in batches(questions, batch_size):
         n = len(group)
         padded = list(group) + [group[-1]] * (batch_size - n)     # one compiled shape
         b = encode_batch(padded, tokenizer, cfg.vision, style, mode=mode, template=template,
                          bucket=32)
-        got = ids_of(params, jnp.asarray(b.ids), jnp.asarray(b.mask), jnp.asarray(b.images))
-        for j, (tower, _) in enumerate(blocks):
-            ids = np.asarray(got[j])                                # (B, T, K) or (B, N, K)
-            for r, q in enumerate(group):
-                rows = ids[r][b.mask[r] > 0] if tower == "decoder" else ids[r]
-                c = categories.index(q.category)
-                counts[j, c, (index + r) % 2] += np.bincount(rows.reshape(-1), minlength=e)[:e]
-        index += n
+        got = [np.asarray(g) for g in ids_of(params, jnp.asarray(b.ids), jnp.asarray(b.mask),
+                                             jnp.asarray(b.images))]   # (B, T|N, K) per block
+        for r, q in enumerate(group):
+            c = categories.index(q.category)
+            half = seen[c] % 2
+            seen[c] += 1
+            for j, (tower, _) in enumerate(blocks):
+                rows = got[j][r][b.mask[r] > 0] if tower == "decoder" else got[j][r]
+                counts[j, c, half] += np.bincount(rows.reshape(-1), minlength=e)[:e]
     return {"blocks": blocks, "categories": categories, "counts": counts.sum(2),
             "halves": counts, "num_experts": e}
 
