@@ -225,7 +225,7 @@ def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=a["model"])
     for ax, title in zip(axes, ("MMBench dev, generated answer", "dev, likelihood ranking")):
-        ax.set_xlabel("training step (upcycled models continue from the dense model's last step)")
+        ax.set_xlabel("training step (upcycled: dense steps + fine-tuning)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
         ax.set_title(title)
