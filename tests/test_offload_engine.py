@@ -52,10 +52,16 @@ def run_reference(cache, ids, mask):
     return cache[key]
 
 
-def test_engine_matches_model_forward():
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_engine_matches_model_forward(head_bias):
+    cfg = CFG.replace(decoder=dataclasses.replace(CFG.decoder, lm_head_bias=head_bias))
+    params = init_params(cfg, seed=0)
+    if head_bias:       # a bias that matters: random, not the zeros it is initialised with
+        bias = params["decoder"]["lm_head"]["bias"]
+        params["decoder"]["lm_head"]["bias"] = jax.random.normal(jax.random.key(1), bias.shape)
     ids, mask = prompts(0, 2, 5)
-    logits, _ = engine("all-resident", TOTAL).forward(ids, mask)
-    want = np.asarray(forward(build(CFG), PARAMS, ids, mask)[0])
+    logits, _ = OffloadEngine(cfg, params, "all-resident", TOTAL * EXPERT_BYTES).forward(ids, mask)
+    want = np.asarray(forward(build(cfg), params, ids, mask)[0])
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[valid], want[valid], atol=1e-5)
 

@@ -175,7 +175,8 @@ class Pieces:
             x = norm.apply({"params": p["final_norm"]}, x)
             if d.tie_embeddings:
                 return jnp.einsum("btd,vd->btv", x, p["embed"].astype(self.dtype))
-            return x @ p["lm_head"]["kernel"].astype(self.dtype)
+            y = x @ p["lm_head"]["kernel"].astype(self.dtype)
+            return y + p["lm_head"]["bias"].astype(self.dtype) if d.lm_head_bias else y
         return jax.jit(run)
 
 
