@@ -162,6 +162,10 @@ def main(argv=None) -> int:
     add_commands(sub)
     from moex import train_vlm
     train_vlm.add_commands(sub)
+    from moex.bench import efficiency
+    p = sub.add_parser("efficiency", help="the main experiment (experiments/vlm_efficiency.py)")
+    efficiency.add_arguments(p)
+    p.set_defaults(fn=efficiency.main)
     p = sub.add_parser("upcycle", help="sparse upcycling: a dense moex checkpoint -> hard- or "
                        "soft-MoE (experts start from the dense FFN)")
     p.add_argument("src", help="dense moex checkpoint folder")

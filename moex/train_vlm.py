@@ -289,7 +289,8 @@ def train_vlm(tc: VLMTrainConfig, progress: bool = True, stop_at: int | None = N
                      ckpt_every=tc.ckpt_every, desc=f"vlm {tc.preset}", progress=progress,
                      evaluate=dev_accuracy(cfg, tokenizer, dev_q), eval_every=tc.eval_every,
                      stop_at=stop_at)
-    write_tokenizer(tokenizer, tc.run_dir) if hasattr(tokenizer, "tokenizer") else None
+    if hasattr(tokenizer, "tokenizer"):            # a tokenizers model: saved with the weights
+        write_tokenizer(tokenizer, tc.run_dir)
     publish_model(tc.run_dir, state, tc.steps, cfg,
                   {"trained": f"multiple choice on {train_file or 'fresh synthetic questions'}",
                    "config": dataclasses.asdict(tc)}, log, copy_from=tc.run_dir)
@@ -368,7 +369,7 @@ def train_family(family: str, recipe: Recipe = Recipe(), progress: bool = True):
     return out
 
 
-# -- command line: moex vlm train | data | trace, moex efficiency -----------------------------------
+# -- command line: moex vlm train | data | trace ---------------------------------------------------
 
 def _train_cmd(a) -> int:
     tc = VLMTrainConfig(preset=a.preset, data=a.data, train_file=a.train_file,
@@ -408,7 +409,6 @@ def _data_cmd(a) -> int:
 
 
 def add_commands(sub) -> None:
-    from moex.bench import efficiency
     d = VLMTrainConfig()
     vlm = sub.add_parser("vlm", help="multiple-choice VLM data and training").add_subparsers(
         dest="vlm", required=True)
@@ -446,6 +446,3 @@ def add_commands(sub) -> None:
     p.add_argument("--image-size", type=int, default=s.image_size)
     p.add_argument("--seed", type=int, default=s.seed)
     p.set_defaults(fn=_data_cmd)
-    p = sub.add_parser("efficiency", help="the main experiment (experiments/vlm_efficiency.py)")
-    efficiency.add_arguments(p)
-    p.set_defaults(fn=efficiency.main)

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 
 
 def _lm_train(args) -> int:
@@ -133,8 +132,3 @@ def add_commands(sub) -> None:
                    "(the predictor's training trace)")
     p.add_argument("--out")
     p.set_defaults(fn=_predictor_eval)
-
-
-if __name__ == "__main__":
-    from moex.cli import main
-    sys.exit(main())
