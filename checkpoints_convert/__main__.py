@@ -7,6 +7,8 @@ import argparse
 import sys
 
 from checkpoints_convert.reader import CheckpointError
+from checkpoints_convert.convert import convert
+from checkpoints_convert.export import to_hf
 
 
 def main(argv=None) -> int:
@@ -21,10 +23,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         if args.to_hf:
-            from checkpoints_convert.export import to_hf
             out = to_hf(args.src, args.out)
         else:
-            from checkpoints_convert.convert import convert
             out = convert(args.src, args.out, args.dtype, progress=not args.quiet)
     except (CheckpointError, FileExistsError, FileNotFoundError) as e:
         print(f"checkpoints_convert: error: {e}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """The main job: dense vs hard-MoE vs soft-MoE VLMs -- throughput, memory, accuracy and expert
-offloading across batch sizes and sequence lengths. See moex/bench/efficiency.py.
+offloading across batch sizes and sequence lengths (`moex efficiency`; moex/experiments/efficiency.py).
 
-    python experiments/vlm_efficiency.py                      # small presets, synthetic data, CPU
+    python experiments/vlm_efficiency.py                      # mini (trained) + small (grid), CPU
     python experiments/vlm_efficiency.py --grid full          # batch 1..32 x seq 256..2048
     python experiments/vlm_efficiency.py --checkpoint ckpt/llava-1.5-7b \\
         --tokenizer hf/llava-1.5-7b-hf/tokenizer.json --template "USER: {prompt} ASSISTANT:" \\
@@ -9,13 +9,9 @@ offloading across batch sizes and sequence lengths. See moex/bench/efficiency.py
         --seed-images SEED-Bench-image --out results/vlm_efficiency_llava
 """
 
-import argparse
 import sys
 
-from moex.bench.efficiency import add_arguments, main
+from moex.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))
+    sys.exit(main(['efficiency'] + sys.argv[1:]))

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -24,7 +25,9 @@ import tempfile
 import jax
 import numpy as np
 
-from moex.config import VLMConfig
+from moex.config import PRESETS, VLMConfig, get_config
+from moex.data.vocab import tokenizer_for
+from moex.model import init_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
@@ -162,3 +165,30 @@ def load(path, as_numpy: bool = False):
 
 def metadata(path) -> dict:
     return json.loads((pathlib.Path(path) / "moex.json").read_text())
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: its config, params, tokenizer, and where it came from."""
+
+    cfg: VLMConfig
+    params: dict
+    tokenizer: object                # moex.tokenizer ByteTokenizer / HFTextTokenizer
+    source: str                      # "random weights (seed S)" or the checkpoint folder
+    checkpoint: pathlib.Path | None = None
+
+
+def load_model(source, seed: int = 0, tokenizer=None) -> LoadedModel:
+    """A moex checkpoint folder (its weights and tokenizer.json), or a preset name (random
+    weights from `seed`, the tokenizer its config names). `tokenizer`: a tokenizer.json to use
+    instead (converted checkpoints saved without one)."""
+    path = pathlib.Path(source)
+    if (path / "config.json").is_file():
+        cfg, params, _ = load(path)
+        return LoadedModel(cfg, params, tokenizer_for(cfg, path, tokenizer), str(path), path)
+    if str(source) in PRESETS:
+        cfg = get_config(str(source))
+        return LoadedModel(cfg, init_params(cfg, seed), tokenizer_for(cfg, None, tokenizer),
+                           f"random weights (seed {seed})")
+    raise FileNotFoundError(f"{source!r} is neither a moex checkpoint folder (no "
+                            f"{path / 'config.json'}) nor a preset (`moex presets` lists them)")

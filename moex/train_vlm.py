@@ -45,17 +45,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moex import checkpoint
 from moex.config import get_config
 from moex.data.images import preprocess
 from moex.data.mmbench import read_mmbench
 from moex.data.prompts import build_prompt, continuation, likelihood_prompt, rotate
-from moex.data.synthetic import (CAPTION_PROMPT, CATEGORIES, SyntheticSpec, caption,
-                                 fresh_questions, write_synthetic)
 from moex.data.vocab import tokenizer_for, write_tokenizer
 from moex.model import aux_loss, build, init_params
 from moex.tokenizer import left_pad
 from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
                            train_model_config, trained_model_dir)
+from moex.data.records import MAX_OPTIONS, Question
+from moex.data.synthetic import (CAPTION_PROMPT, CATEGORIES, COLORS, COUNTS, HINTS, POSITIONS,
+                                 SHAPES, Shape, SyntheticSpec, caption, fresh_questions,
+                                 question_texts, write_synthetic)
+from moex.eval.scorer import ScoreConfig, Scorer
+from moex.upcycle import check_upcyclable, upcycle_params
 
 KINDS = ("choice", "likelihood", "caption")
 ANSWER_FORMATS = {"text": lambda q: continuation(q.options[q.answer]),
@@ -170,9 +175,6 @@ class FreshExamples:
     def _longest_rows(self):
         """Row lengths of the longest prompt and caption the generator can make: its longest
         question, hint and four longest option words, and four shapes of its longest words."""
-        from moex.data.records import MAX_OPTIONS, Question
-        from moex.data.synthetic import (COLORS, COUNTS, HINTS, POSITIONS, SHAPES, Shape,
-                                         question_texts)
         size = lambda w: len(self.rows.tok.encode(w, bos=False))
         longest = lambda words: max(words, key=size)
         options = sorted({*COLORS, *SHAPES, *COUNTS, *POSITIONS}, key=size)[-MAX_OPTIONS:]
@@ -237,7 +239,6 @@ def vlm_loss(model, cfg):
 def dev_accuracy(cfg, tokenizer, dev_questions):
     """Held-out plain accuracy of generated answers and of likelihood ranking (moex.eval), and
     the generated answers' accuracy per category."""
-    from moex.eval.scorer import ScoreConfig, Scorer
     answers = np.asarray([q.answer for q in dev_questions])
     categories = np.asarray([q.category for q in dev_questions])
 
@@ -259,8 +260,6 @@ def initial_params(tc: VLMTrainConfig, cfg):
     """Random init, or the `init` checkpoint upcycled to cfg's MoE layout (same shapes: as is)."""
     if tc.init is None:
         return init_params(cfg, tc.seed)
-    from moex import checkpoint
-    from moex.upcycle import upcycle_params
     src_cfg, params, _ = checkpoint.load(tc.init, as_numpy=True)
     return jax.tree.map(jnp.asarray, upcycle_params(src_cfg, params, cfg, seed=tc.seed)
                         if src_cfg != cfg else params)
@@ -300,7 +299,6 @@ def train_vlm(tc: VLMTrainConfig, progress: bool = True, stop_at: int | None = N
 def trained_model(tc: VLMTrainConfig, progress: bool = True):
     """(cfg, params, model dir) of the model `tc` trains: loaded from run_dir/model when this
     config has trained it before (the cache), else trained now."""
-    from moex import checkpoint
     model_dir = trained_model_dir(tc.run_dir, tc, lambda: train_vlm(tc, progress=progress))
     cfg, params, _ = checkpoint.load(model_dir)
     return cfg, params, model_dir
@@ -344,13 +342,11 @@ def record_digest(model_dir) -> str:
     """A short digest of a trained checkpoint's training record (its moex.json config), so a
     model fine-tuned from it is never reused for another dense model in the same folder."""
     import hashlib
-    from moex import checkpoint
     record = checkpoint.metadata(model_dir).get("config", {})
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def upcyclable(family: str, kind: str) -> bool:
-    from moex.upcycle import check_upcyclable
     try:
         check_upcyclable(get_config(f"{family}-dense"), get_config(f"{family}-{kind}"))
     except (ValueError, KeyError):
@@ -367,82 +363,3 @@ def train_family(family: str, recipe: Recipe = Recipe(), progress: bool = True):
         init = dense_dir if upcyclable(family, kind) else None
         out.append(trained_model(recipe.moe(family, kind, init), progress))
     return out
-
-
-# -- command line: moex vlm train | data | trace ---------------------------------------------------
-
-def _train_cmd(a) -> int:
-    tc = VLMTrainConfig(preset=a.preset, data=a.data, train_file=a.train_file,
-                        dev_file=a.dev_file, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
-                        caption_rate=a.caption_rate if a.train_file is None else 0.0,
-                        init=a.init, seed=a.seed, out=a.out)
-    _, log = train_vlm(tc)
-    print(json.dumps(log[-1]))
-    print(f"model: {tc.run_dir / 'model'}")
-    return 0
-
-
-def _trace_cmd(a) -> int:
-    from moex import checkpoint
-    from moex.predict.vlm import record_vlm_traces
-    cfg, params, _ = checkpoint.load(a.model)
-    if a.mmbench:
-        questions = read_mmbench(a.mmbench)
-    else:
-        paths = write_synthetic(a.data, SyntheticSpec(seed=a.seed))
-        questions = read_mmbench(paths[f"mmbench/{a.split}"])
-    questions = questions[:a.questions or None]
-    trace = record_vlm_traces(cfg, params, tokenizer_for(cfg, a.model), questions,
-                              new_tokens=a.new_tokens, batch=a.batch)
-    path = trace.save(a.out)
-    print(f"{path}: {len(trace)} tokens of {len(questions)} questions, MoE layers "
-          f"{trace.moe_layers}")
-    return 0
-
-
-def _data_cmd(a) -> int:
-    paths = write_synthetic(a.out, SyntheticSpec(seed=a.seed, n_train=a.train, n_dev=a.dev,
-                                                 image_size=a.image_size))
-    for k, v in paths.items():
-        print(f"{k}: {v}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    d = VLMTrainConfig()
-    vlm = sub.add_parser("vlm", help="multiple-choice VLM data and training").add_subparsers(
-        dest="vlm", required=True)
-    p = vlm.add_parser("train", help="train a preset VLM on MMBench-format questions")
-    p.add_argument("preset")
-    p.add_argument("--data", default=d.data, help="synthetic data root (written if missing)")
-    p.add_argument("--train-file", help="MMBench-format TSV to train on instead")
-    p.add_argument("--dev-file", help="MMBench-format TSV for held-out accuracy")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--caption-rate", type=float, default=d.caption_rate)
-    p.add_argument("--init", help="dense moex checkpoint to upcycle to the preset and fine-tune")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out)
-    p.set_defaults(fn=_train_cmd)
-    p = vlm.add_parser("trace", help="routing traces of a trained VLM on MMBench-format prompts "
-                       "(the vlm domain of moex predictor and moex bench offload)")
-    p.add_argument("model", help="moex checkpoint of a hard-MoE VLM (e.g. runs/vlm/mini-hard/model)")
-    p.add_argument("--out", required=True, help="trace file (.npz)")
-    p.add_argument("--split", default="dev", choices=["train", "dev"],
-                   help="synthetic split to take the questions from")
-    p.add_argument("--mmbench", help="an MMBench-format TSV instead of the synthetic split")
-    p.add_argument("--questions", type=int, default=256, help="how many (0: all)")
-    p.add_argument("--new-tokens", type=int, default=4)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--data", default=d.data)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.set_defaults(fn=_trace_cmd)
-    s = SyntheticSpec()
-    p = vlm.add_parser("data", help="write the synthetic MMBench / SEED-Bench splits")
-    p.add_argument("out")
-    p.add_argument("--train", type=int, default=s.n_train)
-    p.add_argument("--dev", type=int, default=s.n_dev)
-    p.add_argument("--image-size", type=int, default=s.image_size)
-    p.add_argument("--seed", type=int, default=s.seed)
-    p.set_defaults(fn=_data_cmd)

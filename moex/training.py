@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
+from moex import checkpoint
 
 
 @jax.tree_util.register_dataclass
@@ -82,7 +83,6 @@ def publish_model(run_dir, state: "TrainState", steps: int, cfg, metadata: dict,
     """Once a run has reached `steps`, save its params as the moex checkpoint run_dir/model (with
     `metadata`, the log, and the tokenizer files found in `copy_from`) and the log as
     run_dir/log.json; True if it did so now."""
-    from moex import checkpoint
     run_dir = pathlib.Path(run_dir)
     if int(state.step) != steps or (run_dir / "model").exists():
         return False

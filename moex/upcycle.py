@@ -40,6 +40,8 @@ from typing import Literal
 import numpy as np
 
 from moex.config import MoEConfig, VLMConfig
+from moex import checkpoint
+from moex.model import abstract_params
 
 PARTS = ("decoder", "vision", "projector")
 
@@ -310,7 +312,6 @@ def check_shapes(params, cfg: VLMConfig, tops=None) -> None:
     """Every leaf of `params` (restricted to chunks `tops`) has cfg's shape; else a ValueError
     naming the path, expected and found."""
     import jax
-    from moex.model import abstract_params
     want = abstract_params(cfg)
     flat_want = dict(jax.tree_util.tree_flatten_with_path(want)[0])
     flat_got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
@@ -334,7 +335,6 @@ def upcycle_checkpoint(src_dir, out, spec: UpcycleSpec | None = None,
     """Upcycle the dense moex checkpoint SRC into OUT, one params chunk at a time, written
     atomically (OUT appears complete or not at all); tokenizer files are copied."""
     from tqdm import tqdm
-    from moex import checkpoint
     src_dir = pathlib.Path(src_dir)
     cfg = checkpoint.load_config(src_dir)
     if (spec is None) == (like is None):

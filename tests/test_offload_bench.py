@@ -7,7 +7,7 @@ import json
 import pytest
 
 from moex.cli import main
-from moex.offload.bench import parse_budget, split_policy
+from moex.offload.spec import PolicySpec, budget_slots, parse_budget, parse_policy
 
 
 def test_parse_budget_and_policy_specs():
@@ -17,12 +17,26 @@ def test_parse_budget_and_policy_specs():
     for bad in ("lots", "150%", "0"):
         with pytest.raises(ValueError, match="expert budget"):
             parse_budget(bad, 1000)
-    assert split_policy("predictive:oracle") == ("predictive", "oracle")
-    assert split_policy("lru") == ("lru", None)
+    assert budget_slots(parse_budget("50%", 1000), 300) == 1
+    assert parse_policy("predictive:oracle") == PolicySpec("predictive", "oracle")
+    assert parse_policy("predictive:prior").label == "predictive:prior"
+    assert parse_policy("lru") == PolicySpec("lru") and parse_policy("lru").label == "lru"
     with pytest.raises(ValueError, match="predictive takes a forecast"):
-        split_policy("predictive")
+        parse_policy("predictive")
     with pytest.raises(ValueError, match="only predictive takes a forecast"):
-        split_policy("lru:oracle")
+        parse_policy("lru:oracle")
+    with pytest.raises(ValueError, match="unknown policy 'fifo'"):
+        parse_policy("fifo")
+
+
+def test_predictor_folder_policy_is_checked(tmp_path):
+    """predictive:DIR names a trained predictor; a folder without one is refused by name."""
+    (tmp_path / "rpp").mkdir()
+    with pytest.raises(ValueError, match="neither a built-in forecast.*rpp.json"):
+        parse_policy(f"predictive:{tmp_path / 'rpp'}")
+    (tmp_path / "rpp" / "rpp.json").write_text("{}")
+    spec = parse_policy(f"predictive:{tmp_path / 'rpp'}")
+    assert spec.predictor == str(tmp_path / "rpp") and spec.label == "predictive:rpp"
 
 
 def test_bench_offload_grid_writes_every_point(tmp_path, capsys):

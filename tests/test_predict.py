@@ -18,7 +18,8 @@ from moex.predict.lm import LMTrainConfig, record_traces, train_lm
 from moex.predict.metrics import baselines, batch_acc, evaluate, topk_sets
 from moex.predict.model import RPPConfig, bce_loss
 from moex.predict.scheduler import objective, schedule, split_caches
-from moex.predict.train import (PredictorForecast, PredictorTrainConfig, load_predictor, predict,
+from moex.predict.forecast import PredictorForecast
+from moex.predict.train import (PredictorTrainConfig, load_predictor, predict,
                                 save_predictor, train_predictor)
 
 CFG = get_config("tiny-hard")
@@ -262,3 +263,17 @@ def test_predictor_cli_train_and_eval(trace, tmp_path, capsys):
     import json
     report = json.loads((tmp_path / "eval" / "predictor_eval.json").read_text())
     assert len(report["traces"]["code.npz"]["rpp"]["b_acc_32"]) == 2       # per layer
+    # predictive:DIR in `moex generate` is this predictor (it once fell back to the prior),
+    # and the tokens are those of the plain generator
+    gen = ["generate", "tiny-hard", "--prompt", "def f(x):", "--prompt", "import os",
+           "--max-new-tokens", "4"]
+    assert main(gen) == 0
+    plain = capsys.readouterr().out
+    assert main(gen + ["--offload", f"predictive:{out}", "--expert-budget", "50%"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain
+    stats = json.loads(captured.err.strip().splitlines()[-1])["offload"]
+    assert stats["policy"] == "predictive" and stats["forecast"] == "rpp"
+    assert stats["prefetches"] > 0
+    assert main(gen + ["--offload", f"predictive:{tmp_path / 'eval'}"]) == 2
+    assert "neither a built-in forecast" in capsys.readouterr().err

@@ -3,14 +3,13 @@ family (dense, then upcycled hard and soft), the grid runs on the tiny presets' 
 one CSV row per (model, batch, seq_len, policy, budget), no missing values, routing and learning
 curves reported, plots written; the report names which models each table uses."""
 
-import argparse
 import csv
 import json
 import math
 
 import pytest
 
-from moex.bench import efficiency
+from moex.cli import main
 from moex.config import PRESETS
 from moex.data import SyntheticSpec, write_synthetic
 from tests.test_train_vlm import _test_family
@@ -25,18 +24,16 @@ def test_family(monkeypatch):
 def test_experiment_end_to_end(tmp_path, capsys):
     data = tmp_path / "data"
     write_synthetic(data, SyntheticSpec(seed=0))     # the default spec, as the main job uses
-    p = argparse.ArgumentParser()
-    efficiency.add_arguments(p)
     out = tmp_path / "out"
-    args = p.parse_args([
-        "--family", "wtest", "--grid-family", "tiny", "--train-steps", "6",
+    args = [
+        "efficiency", "--family", "wtest", "--grid-family", "tiny", "--train-steps", "6",
         "--finetune-steps", "4", "--batch", "1", "2", "--seq", "48", "64",
         "--max-tokens", "100", "--repeats", "1", "--warmup", "1", "--decode-steps", "2",
-        "--policies", "lru", "pregated", "--budgets", "50%", "--offload-batch", "2",
+        "--policies", "lru", "pregated", "predictive:prior", "--budgets", "50%", "--offload-batch", "2",
         "--offload-new-tokens", "2", "--offload-repeats", "1", "--eval-questions", "6",
         "--eval-batch", "4", "--routing-questions", "8", "--data", str(data),
-        "--runs", str(tmp_path / "runs"), "--out", str(out)])
-    assert efficiency.main(args) == 0
+        "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert main(args) == 0          # the command line; predictive:prior was once refused there
     rows = list(csv.DictReader(open(out / "results.csv")))
     keys = [(r["model"], r["batch"], r["seq_len"], r["policy"], r["budget"]) for r in rows]
     resident = {(f"tiny-{k}", str(b), str(t), "resident-jit", "100%")
@@ -44,7 +41,7 @@ def test_experiment_end_to_end(tmp_path, capsys):
     offload = {(m, b, t, p, bud) for m, b, t, p, bud in keys if p != "resident-jit"}
     assert {(m, b, p, bud) for m, b, _, p, bud in offload} == {
         ("wtest-hard", "2", p, b) for p, b in (("all-resident", "100%"), ("lru", "50%"),
-                                               ("pregated", "50%"))}
+                                               ("pregated", "50%"), ("predictive:prior", "50%"))}
     assert len(keys) == len(set(keys)) and set(keys) == resident | offload
     for r in rows:
         for k, v in r.items():

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from moex.data.mmbench import write_mmbench
 from moex.data.records import LETTERS, MAX_OPTIONS, MIN_OPTIONS, Question
 from moex.data.seedbench import write_seedbench
+from moex.data.prompts import STYLES, build_prompt, likelihood_prompt
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 135, 20)}
@@ -260,7 +261,6 @@ def corpus():
     """Every text the synthetic benchmark can show a model: questions (each colour and shape of
     the position questions), hints, option words, and the scaffolding of each prompt style and of
     the likelihood prompt: what the task-sized tokenizer is built from (`moex.data.vocab`)."""
-    from moex.data.prompts import STYLES, build_prompt, likelihood_prompt
     scaffold = Question("0", "?", tuple(LETTERS), 0, "color", hint=HINTS[0])
     yield from (build_prompt(scaffold, style, image_tag="") for style in STYLES)
     yield likelihood_prompt(scaffold, image_tag="")

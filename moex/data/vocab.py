@@ -17,6 +17,7 @@ import pathlib
 
 from moex.tokenizer import (BOS_ID, ByteTokenizer, HFTextTokenizer, word_tokenizer,
                             word_tokenizer_of)
+from moex.data.synthetic import corpus
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -25,7 +26,6 @@ TOKENIZER_FILE = "tokenizer.json"
 def synthetic_tokenizer():
     """The word-level `tokenizers.Tokenizer` of the synthetic benchmark's corpus (deterministic:
     the same ids on every machine)."""
-    from moex.data.synthetic import corpus
     return word_tokenizer(corpus())
 
 

@@ -30,6 +30,7 @@ from moex.data.prompts import continuation, likelihood_prompt
 from moex.data.records import Question
 from moex.model import build
 from moex.tokenizer import ByteTokenizer, left_pad
+from moex.generate import generator_for
 
 METHODS = ("letter", "generate", "likelihood")
 
@@ -113,7 +114,6 @@ class Scorer:
 
     def generate(self, questions: Sequence[Question]) -> list[str]:
         """Greedy completions (up to max_new_tokens, stopping at EOS), decoded."""
-        from moex.generate import generator_for
         gen, texts = generator_for(self.cfg), []
         for group, n in self._groups(questions):
             ids, mask, images = self._encode(group)

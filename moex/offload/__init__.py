@@ -7,7 +7,7 @@
   forecast.py   forecasters for the predictive policy (oracle, frequency prior)
   simulator.py  trace replay with a transfer and a compute model
   engine.py     the live engine: the decoder layer by layer, experts from the slot pool
-  bench.py      `moex bench offload`: policies x budgets x batch sizes
+  spec.py       policy, forecast and budget strings as values (every command parses them here)
 """
 
 from moex.offload.store import ExpertStore, SlotPool, host_memory_kind, moe_layers  # noqa: F401
@@ -17,3 +17,4 @@ from moex.offload.policies import POLICIES, make_policy  # noqa: F401
 from moex.offload.forecast import OracleForecast, PriorForecast  # noqa: F401
 from moex.offload.simulator import ComputeModel, TransferModel, simulate  # noqa: F401
 from moex.offload.engine import OffloadEngine  # noqa: F401
+from moex.offload.spec import PolicySpec, parse_budget, parse_policy  # noqa: F401

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moex.offload.engine import OffloadEngine
+from moex.offload.store import moe_layers
 from moex.offload.trace import Trace
 
 
@@ -67,7 +69,6 @@ class PriorForecast:
         self.token_freq = np.asarray(token_freq, np.float64)         # (L, E)
 
     def check_model(self, cfg) -> None:
-        from moex.offload.store import moe_layers
         want = (len(moe_layers(cfg)), cfg.decoder.moe.num_experts)
         if self.token_freq.shape != want:
             raise ValueError(f"prior of shape {self.token_freq.shape} does not match {cfg.name}: "
@@ -91,4 +92,13 @@ class PriorForecast:
         return self._for(int(np.asarray(token_mask).sum()))
 
 
-FORECASTS = ("oracle", "prior")
+
+def reference_run(cfg, store, tokens, token_mask, images=None, *, new_tokens: int,
+                  request_ids=None):
+    """The all-resident engine after one greedy generate of the prompts (no stop token): its
+    `trace()` is their routing (the oracle's source, a prior's calibration, a study's trace) and
+    its `timings` the baseline's."""
+    engine = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
+    engine.generate(tokens, token_mask, images, max_new_tokens=new_tokens, stop_tokens=(),
+                    request_ids=request_ids)
+    return engine

@@ -26,8 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tqdm import tqdm
+
 from moex.config import VLMConfig, get_config
 from moex.model import aux_loss, build, init_params
+from moex.offload.forecast import reference_run
+from moex.offload.store import ExpertStore
+from moex.offload.trace import Trace
 from moex.predict.corpus import DOMAINS, samples
 from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
                            train_model_config)
@@ -117,19 +122,13 @@ def record_traces(cfg: VLMConfig, params, domain: str, split: str, requests: int
                   prompt_len: int, new_tokens: int, batch: int = 8, seed: int = 0,
                   corpus_limit: int | None = None, progress: bool = True):
     """Routing traces of `requests` greedy generations from `domain` prompts (one Trace)."""
-    from tqdm import tqdm
-    from moex.offload.engine import OffloadEngine
-    from moex.offload.store import ExpertStore
-    from moex.offload.trace import Trace
     store = ExpertStore.from_params(cfg, params)
     windows = samples(domain, split, requests, prompt_len, seed, corpus_limit)
     traces = []
     for start in tqdm(range(0, requests, batch), desc=f"trace {domain}", disable=not progress):
         ids = windows[start:start + batch]
-        eng = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
-        eng.generate(ids, np.ones_like(ids), max_new_tokens=new_tokens, stop_tokens=(),
-                     request_ids=np.arange(start, start + len(ids)))
-        traces.append(eng.trace())
+        traces.append(reference_run(cfg, store, ids, np.ones_like(ids), new_tokens=new_tokens,
+                                    request_ids=np.arange(start, start + len(ids))).trace())
     trace = Trace.concat(traces)
     trace.domain = domain
     return trace

@@ -23,6 +23,7 @@ Baselines, as score arrays over the same positions (`baselines`):
 from __future__ import annotations
 
 import numpy as np
+from moex.predict.data import examples
 
 BATCH_SIZES = (1, 4, 16, 32)
 
@@ -99,7 +100,6 @@ def pregate_routes(trace, ex) -> np.ndarray | None:
     """(R, P + G, L, E) multi-hot of the trace's pre-gate predictions, aligned with `ex`."""
     if trace.pregate is None:
         return None
-    from moex.predict.data import examples
     import dataclasses
     swapped = dataclasses.replace(trace, experts=np.maximum(trace.pregate, 0))
     got = examples(swapped, ex.routes.shape[1] - ex.tokens.shape[1])

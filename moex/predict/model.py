@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from moex.offload.store import moe_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,6 @@ class RPPConfig:
 
     @classmethod
     def for_model(cls, cfg, **kw) -> "RPPConfig":
-        from moex.offload.store import moe_layers
         layers = moe_layers(cfg)
         if not layers:
             raise ValueError(f"{cfg.name} has no hard-MoE decoder layers to predict")
@@ -61,7 +61,6 @@ class RPPConfig:
 
     def check_model(self, cfg) -> None:
         """Raise unless the target model has this predictor's (L, E)."""
-        from moex.offload.store import moe_layers
         want = (len(moe_layers(cfg)), cfg.decoder.moe.num_experts)
         if want != (self.num_layers, self.num_experts):
             raise ValueError(f"routing-path predictor for (L, E) = ({self.num_layers}, "

@@ -8,12 +8,6 @@ Training: multi-label BCE (`bce_loss`) over real positions, AdamW with linear wa
 decay and separate learning rates for the head (`head_lr`) and the body (`body_lr`) as in
 ExpertFlow (optax.multi_transform), batches drawn from (seed, step), orbax checkpoints with
 resume (`moex.training.fit`), deterministic given the seed.
-
-`PredictorForecast` serves the policy: at a request batch's prefill it runs the predictor once on
-the prompts (before the first MoE layer) and keeps the per-position probabilities; a forward's
-forecast is the probability that any of its tokens uses each expert
-(`moex.offload.forecast.batch_probability`): the prompt positions at prefill, generated position
-f - 1 at decode step f. Mispredictions are corrected at run time by the engine's demand loads.
 """
 
 from __future__ import annotations
@@ -28,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moex.offload.trace import Trace
+from moex.predict.data import examples
 from moex.predict.model import RPPConfig, RoutingPathPredictor, bce_loss, init_predictor
 from moex.training import TrainState, fit, make_step, warmup_cosine
+from moex.checkpoint import staged
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +111,6 @@ def predict(rcfg: RPPConfig, params, tokens, mask, batch: int = 64) -> np.ndarra
 def save_predictor(out, rcfg: RPPConfig, params, metadata: dict | None = None) -> pathlib.Path:
     """OUT/rpp.json + OUT/params (orbax), written to a temp dir and renamed into place."""
     import orbax.checkpoint as ocp
-    from moex.checkpoint import staged
     with staged(out, replace=True) as tmp:
         (tmp / "rpp.json").write_text(rcfg.to_json())
         (tmp / "meta.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
@@ -135,27 +131,41 @@ def load_predictor(path) -> tuple[RPPConfig, dict]:
     return rcfg, params
 
 
-class PredictorForecast:
-    """Forecasts for the `predictive` policy from a routing-path predictor (see the docstring)."""
+@dataclasses.dataclass(frozen=True)
+class PredictorShape:
+    """The predictor's size for `train_from_trace` (the rest of RPPConfig comes from the trace)."""
 
-    name = "rpp"
+    gen_len: int = 16                   # generated positions forecast per request
+    d_model: int = 32
+    d_ff: int = 2048
+    max_prompt: int = 512               # at least the trace's longest prompt
+    vocab_size: int = 260               # at least the trace's largest token id + 1
 
-    def __init__(self, rcfg: RPPConfig, params):
-        self.rcfg, self.params = rcfg, params
-        self.probs = None                                  # (B, P + G, L, E) of the batch
-        self.mask, self.start = None, 0                    # its prompt mask, prefill's index
 
-    def check_model(self, cfg) -> None:
-        self.rcfg.check_model(cfg)
+def train_from_trace(trace_path, out, shape: PredictorShape = PredictorShape(),
+                     tc: PredictorTrainConfig = PredictorTrainConfig()) -> list[dict]:
+    """Train a routing-path predictor on one trace file (a 90/10 request split; the validation
+    loss is logged), save it to OUT (resuming from OUT.train); returns the log."""
+    trace = Trace.load(trace_path)
+    ex = examples(trace, shape.gen_len)
+    train, val = ex.split(0.1, tc.seed)
+    rcfg = RPPConfig(len(trace.moe_layers), trace.num_experts, trace.top_k,
+                     vocab_size=int(max(trace.token.max() + 1, shape.vocab_size)),
+                     d_model=shape.d_model, d_ff=shape.d_ff, gen_len=shape.gen_len,
+                     max_prompt=max(shape.max_prompt, ex.tokens.shape[1]), model=trace.model)
+    out = pathlib.Path(out)
+    params, log = train_predictor(train, rcfg, tc, ckpt_dir=out.with_name(out.name + ".train"),
+                                  evaluate=validation_loss(rcfg, val))
+    save_predictor(out, rcfg, params, {"trace": str(trace_path), "train": dataclasses.asdict(tc),
+                                       "log": log})
+    return log
 
-    def for_forward(self, index: int, tokens, token_mask, prefill: bool = True) -> np.ndarray:
-        from moex.offload.forecast import batch_probability
-        tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
-        if prefill or self.probs is None:
-            # a prefill (a new request batch): one predictor forward for all its positions
-            self.probs = predict(self.rcfg, self.params, tokens, token_mask)
-            self.mask, self.start = token_mask, index
-            return batch_probability(self.probs[:, :tokens.shape[1]], token_mask)
-        p = self.mask.shape[1]
-        g = min(index - self.start - 1, self.rcfg.gen_len - 1)
-        return batch_probability(self.probs[:, p + g][:, None], np.asarray(token_mask))
+
+def validation_loss(rcfg: RPPConfig, val):
+    loss = loss_fn(rcfg)
+
+    def evaluate(state) -> dict:
+        batch = {"tokens": jnp.asarray(val.tokens), "mask": jnp.asarray(val.mask),
+                 "routes": jnp.asarray(val.routes), "route_mask": jnp.asarray(val.route_mask)}
+        return {"val_loss": float(loss(state.params, batch)[0])}
+    return evaluate

@@ -17,7 +17,14 @@ from typing import Sequence
 
 import numpy as np
 
+from tqdm import tqdm
+
+from moex.checkpoint import load_model
+from moex.data import SyntheticSpec, read_mmbench, write_synthetic
 from moex.data.batching import batches, encode_batch
+from moex.offload.forecast import reference_run
+from moex.offload.store import ExpertStore
+from moex.offload.trace import Trace
 
 
 def vlm_prompts(cfg, tokenizer, questions: Sequence, style: str = "compact",
@@ -31,22 +38,31 @@ def record_vlm_traces(cfg, params, tokenizer, questions: Sequence, new_tokens: i
                       batch: int = 8, progress: bool = True, style: str = "compact"):
     """One Trace of greedy answers to `questions` (request i = question i), with
     `request_labels` = the questions' categories."""
-    from tqdm import tqdm
-    from moex.offload.engine import OffloadEngine
-    from moex.offload.store import ExpertStore
-    from moex.offload.trace import Trace
     store = ExpertStore.from_params(cfg, params)
     traces = []
     groups = list(batches(questions, batch))
     start = 0
     for group in tqdm(groups, desc="trace vlm", disable=not progress):
         ids, mask, images = vlm_prompts(cfg, tokenizer, group, style)
-        eng = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
-        eng.generate(ids, mask, images, max_new_tokens=new_tokens, stop_tokens=(),
-                     request_ids=np.arange(start, start + len(group)))
-        traces.append(eng.trace())
+        traces.append(reference_run(cfg, store, ids, mask, images, new_tokens=new_tokens,
+                                    request_ids=np.arange(start, start + len(group))).trace())
         start += len(group)
     trace = Trace.concat(traces)
     trace.domain = "vlm"
     trace.request_labels = [q.category for q in questions]
     return trace
+
+
+def trace_benchmark(model_dir, *, split: str = "dev", mmbench: str | None = None,
+                    questions: int = 256, new_tokens: int = 4, batch: int = 16,
+                    data: str = "runs/data/synthetic", seed: int = 0) -> tuple[Trace, int]:
+    """(trace, questions traced) of a trained VLM checkpoint answering the first `questions`
+    (0: all) of an MMBench-format TSV, or of the synthetic split `split` under `data`."""
+    model = load_model(model_dir)
+    if mmbench:
+        qs = read_mmbench(mmbench)
+    else:
+        qs = read_mmbench(write_synthetic(data, SyntheticSpec(seed=seed))[f"mmbench/{split}"])
+    qs = qs[:questions or None]
+    return record_vlm_traces(model.cfg, model.params, model.tokenizer, qs, new_tokens=new_tokens,
+                             batch=batch), len(qs)

@@ -1,4 +1,4 @@
-"""Tables and plots of `moex.bench.efficiency` results.
+"""Tables and plots of `moex.experiments.efficiency` results.
 
   report_md(rows, acc, routes, skipped, ec, data, roles)   the markdown report
   write_plots(rows, acc, out_dir)     throughput_vs_batch.png, memory_vs_batch.png,
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import pathlib
+from moex.eval.circular import markdown
 
 JIT = "resident-jit"    # policy label of the whole jitted model (no offload engine)
 MB = 1e6
@@ -18,7 +19,6 @@ def _mb(x) -> str:
 
 
 def accuracy_md(acc: list[dict]) -> str:
-    from moex.eval.circular import markdown
     metrics = list(acc[0]["tables"])
     lines = ["| model | weights | " + " | ".join(metrics) + " | questions/s (mmbench gen) |",
              "|---|---|" + "---|" * (len(metrics) + 1)]

@@ -12,7 +12,6 @@ experts / rest), KV-cache bytes, and XLA's compiled peak of the prefill call. Re
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 
@@ -20,12 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moex.bench.memory import compiled_peak_bytes, device_peak_bytes, param_bytes, tree_bytes
-from moex.bench.output import write_outputs
-from moex.bench.timing import measure
 from moex.config import get_config
 from moex.generate import GREEDY, Generator
 from moex.info import model_info
+from moex.measure import (compiled_peak_bytes, device_peak_bytes, measure, param_bytes,
+                          tree_bytes, write_outputs)
 from moex.model import build, init_params
 from moex.tokenizer import ByteTokenizer
 
@@ -140,23 +138,10 @@ def write_results(rows: list[dict], cc: CompareConfig) -> pathlib.Path:
                          f"step over the KV cache.\n\n{markdown_table(rows)}")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = CompareConfig()
-    p.add_argument("--family", default=d.family, help="preset family: tiny or small")
-    p.add_argument("--batch", type=int, nargs="+", default=list(d.batch_sizes))
-    p.add_argument("--seq", type=int, nargs="+", default=list(d.seq_lens))
-    p.add_argument("--decode-steps", type=int, default=d.decode_steps)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out)
-
-
-def main(args: argparse.Namespace) -> int:
-    cc = CompareConfig(args.family, tuple(args.batch), tuple(args.seq), args.decode_steps,
-                       args.warmup, args.repeats, args.seed, args.out)
+def compare(cc: CompareConfig) -> pathlib.Path:
+    """Run the grid, write the results under cc.out, print the table."""
     rows = run(cc)
     out = write_results(rows, cc)
     print(markdown_table(rows))
     print(f"\nwrote {out}/results.csv, results.json, report.md")
-    return 0
+    return out

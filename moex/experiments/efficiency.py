@@ -32,7 +32,6 @@ per sequence length, memory vs batch size, throughput vs device-memory budget, l
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import pathlib
@@ -42,7 +41,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moex.bench.efficiency_report import JIT   # policy label of the whole jitted model
+from tqdm import tqdm
+
+from moex import checkpoint
+from moex.checkpoint import load_model
+from moex.data import SyntheticSpec, read_mmbench, read_seedbench, write_synthetic
+from moex.data.vocab import tokenizer_for
+from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_seed
+from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
+from moex.experiments.efficiency_report import (JIT, accuracy_md, relative_md, report_md,
+                                                throughput_md, write_plots)
+from moex.experiments.throughput import CompareConfig, run_point
+from moex.generate import Generator
+from moex.measure import tree_bytes, write_outputs
+from moex.model import build
+from moex.nn.decoder import init_cache
+from moex.offload.engine import OffloadEngine
+from moex.offload.forecast import reference_run
+from moex.offload.spec import budget_slots, parse_budget, parse_policy
+from moex.offload.store import ExpertStore
+from moex.predict.forecast import make_forecaster
+from moex.predict.vlm import vlm_prompts
+from moex.train_vlm import Recipe, train_family
 
 GRIDS = {   # (batch sizes, sequence lengths incl. image tokens, max B x T per point)
     "cpu": ((1, 4, 16), (256, 1024, 2048), 8192),
@@ -112,7 +132,6 @@ class Model:
 
 
 def recipe(ec: EfficiencyConfig):
-    from moex.train_vlm import Recipe
     return Recipe(dense_steps=ec.train_steps, finetune_steps=ec.finetune_steps, seed=ec.seed,
                   data=ec.data, out=ec.runs)
 
@@ -121,18 +140,11 @@ def models(ec: EfficiencyConfig, progress: bool = True) -> list[Model]:
     """The models whose accuracy, routing and offloading are measured: the given checkpoints
     (with their tokenizer.json, or --tokenizer), or the family trained by the recipe (cached),
     or with --no-train the family's random weights."""
-    from moex import checkpoint
-    from moex.data.vocab import tokenizer_for
     if ec.checkpoints:
-        out = []
-        for path in ec.checkpoints:
-            cfg, params, _ = checkpoint.load(path)
-            out.append(Model(cfg.name, cfg, params, tokenizer_for(cfg, path, ec.tokenizer),
-                             str(path)))
-        return out
+        return [_model(load_model(path, tokenizer=ec.tokenizer), str(path))
+                for path in ec.checkpoints]
     if not ec.train:
         return random_models(ec.family, ec.seed)
-    from moex.train_vlm import train_family
     return [Model(cfg.name, cfg, params, tokenizer_for(cfg, model_dir), "trained",
                   training_log(model_dir))
             for cfg, params, model_dir in train_family(ec.family, recipe(ec), progress)]
@@ -141,7 +153,6 @@ def models(ec: EfficiencyConfig, progress: bool = True) -> list[Model]:
 def training_log(model_dir) -> list[dict]:
     """A trained model's log; an upcycled model's steps continue from its dense start's last
     step, so the family's learning curves share one axis of total training steps."""
-    from moex import checkpoint
     meta = checkpoint.metadata(model_dir)
     log, init = meta.get("log", []), meta.get("config", {}).get("init")
     if not init:
@@ -151,15 +162,12 @@ def training_log(model_dir) -> list[dict]:
 
 
 def random_models(family: str, seed: int) -> list[Model]:
-    from moex.config import get_config
-    from moex.data.vocab import tokenizer_for
-    from moex.model import init_params
-    out = []
-    for kind in ("dense", "hard", "soft"):
-        cfg = get_config(f"{family}-{kind}")
-        out.append(Model(cfg.name, cfg, init_params(cfg, seed), tokenizer_for(cfg),
-                         "random weights"))
-    return out
+    return [_model(load_model(f"{family}-{kind}", seed), "random weights")
+            for kind in ("dense", "hard", "soft")]
+
+
+def _model(loaded, source: str) -> Model:
+    return Model(loaded.cfg.name, loaded.cfg, loaded.params, loaded.tokenizer, source)
 
 
 def grid_models(ec: EfficiencyConfig, studied: list[Model]) -> list[Model]:
@@ -174,7 +182,6 @@ def grid_models(ec: EfficiencyConfig, studied: list[Model]) -> list[Model]:
 def benchmark_questions(ec: EfficiencyConfig):
     """(MMBench questions, SEED questions, description): the given files or the synthetic dev
     splits, the first `eval_questions` of each."""
-    from moex.data import SyntheticSpec, read_mmbench, read_seedbench, write_synthetic
     paths = None
     if ec.mmbench is None or ec.seed_json is None:
         paths = write_synthetic(ec.data, SyntheticSpec(seed=ec.seed))
@@ -189,14 +196,12 @@ def benchmark_questions(ec: EfficiencyConfig):
 
 
 def scorer(ec: EfficiencyConfig, m: Model):
-    from moex.eval import ScoreConfig, Scorer
     return Scorer(m.cfg, m.params, m.tokenizer,
                   ScoreConfig(style=ec.style, template=ec.template, batch_size=ec.eval_batch,
                               mode=ec.image_mode, max_new_tokens=12))
 
 
 def accuracy(ec: EfficiencyConfig, m: Model, mm, seed) -> dict:
-    from moex.eval import chance, evaluate_mmbench, evaluate_seed
     s = scorer(ec, m)
     got = evaluate_mmbench(s, mm)
     sd = evaluate_seed(s, seed)
@@ -213,7 +218,6 @@ def accuracy(ec: EfficiencyConfig, m: Model, mm, seed) -> dict:
 
 def routing(ec: EfficiencyConfig, m: Model, questions) -> dict | None:
     """Expert load and per-category routing signatures of a hard-MoE model (None otherwise)."""
-    from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
     if m.cfg.decoder.moe.kind != "hard" and (m.cfg.vision is None
                                              or m.cfg.vision.moe.kind != "hard"):
         return None
@@ -227,7 +231,6 @@ def routing(ec: EfficiencyConfig, m: Model, questions) -> dict | None:
 # -- throughput and memory -----------------------------------------------------------------------
 
 def resident_row(gen, params, cfg, batch: int, seq_len: int, ec: EfficiencyConfig) -> dict:
-    from moex.bench.compare import CompareConfig, run_point
     cc = CompareConfig(decode_steps=ec.decode_steps, warmup=ec.warmup, repeats=ec.repeats,
                        seed=ec.seed)
     r = run_point(gen, params, cfg, batch, seq_len, cc)
@@ -256,54 +259,74 @@ def offload_rows(m: Model, ec: EfficiencyConfig, questions, progress_bar=None) -
     """The live offload engine on the benchmark's first B questions (their prompts and images,
     in the model's tokenizer: the routing is the model's own on its task) x (all-resident,
     policies x budgets): prefill and decode tokens/s (medians of cold-pool repeats), hit rate,
-    bytes moved, device bytes."""
-    from moex.bench.memory import tree_bytes
-    from moex.nn.decoder import init_cache
-    from moex.offload.bench import parse_budget
-    from moex.offload.engine import OffloadEngine
-    from moex.offload.store import ExpertStore
-    from moex.predict.vlm import vlm_prompts
+    bytes moved, device bytes. predictive:oracle forecasts from the all-resident run's trace,
+    predictive:prior from an all-resident run on the next B questions."""
     cfg = m.cfg
     store = ExpertStore.from_params(cfg, m.params)
-    total, rest = store.total_bytes, tree_bytes(store.dense_params)
+    points = [(parse_policy("all-resident"), "100%")] + [
+        (parse_policy(p), b) for b in ec.budgets for p in ec.policies]
     rows = []
-    specs = [("all-resident", "100%")] + [(p, b) for b in ec.budgets for p in ec.policies]
     for batch in ec.offload_batches:
-        ids, mask, images = vlm_prompts(cfg, m.tokenizer, questions[:batch], ec.style,
-                                        ec.image_mode, ec.template)
-        images, seq = jnp.asarray(images), ids.shape[1]
+        prompts = _offload_prompts(m, ec, questions[:batch])
+        seq = prompts[0].shape[1]
         kv = tree_bytes(jax.eval_shape(lambda: init_cache(   # shapes only, as in resident rows
             cfg.decoder, batch, seq + ec.offload_new_tokens, np.dtype(cfg.dtype)))["layers"])
-        warm = set()
-        for policy, label in specs:
+        warm, reference, calibration = set(), None, None
+        for spec, label in points:
             if progress_bar is not None:
-                progress_bar.set_postfix_str(f"{cfg.name} offload B={batch} {policy} {label}")
-            budget = parse_budget(label, total)
-            pre, dec, stall, hits, moved, eng = [], [], [], [], [], None
-            slots = budget // store.expert_bytes
-            for i in range(ec.offload_repeats + (slots not in warm)):
-                eng = OffloadEngine(cfg, None, policy, budget, store=store)
-                eng.generate(ids, mask, images, max_new_tokens=ec.offload_new_tokens,
-                             stop_tokens=())
-                t = eng.timings
-                if i < (slots not in warm):
-                    continue
-                pre.append(t["prefill_s"])
-                dec.append(t["decode_s"] / max(1, t["decode_steps"]))
-                stall.append(t["decode_stall_s"] / t["decode_s"] if t["decode_s"] else 0.0)
-                hits.append(eng.core.stats.hit_rate)
-                moved.append(eng.pool.bytes_loaded)
+                progress_bar.set_postfix_str(f"{cfg.name} offload B={batch} {spec.label} {label}")
+            if spec.forecast in ("prior",) and calibration is None:
+                calibration = reference_run(cfg, store, *_offload_prompts(
+                    m, ec, questions[batch:2 * batch] or questions[:batch]),
+                    new_tokens=ec.offload_new_tokens).trace()
+            budget = parse_budget(label, store.total_bytes)
+            slots = budget_slots(budget, store.expert_bytes)
+            cells, eng = offload_point(cfg, store, spec.policy,
+                                       make_forecaster(spec, reference, calibration), budget,
+                                       prompts, ec, warmup=slots not in warm)
             warm.add(slots)
-            pool = eng.pool.pool_bytes
-            rows.append({**_keys(cfg, batch, seq, policy, label),
-                         **_timing_cells(batch * seq, batch, pre, dec),
-                         "param_bytes_experts": pool, "param_bytes_rest": rest,
-                         "device_param_bytes": rest + pool, "kv_cache_bytes": kv,
-                         "peak_device_bytes": rest + pool + kv, "peak_source": "accounted",
-                         "hit_rate": statistics.median(hits),
-                         "bytes_moved": int(statistics.median(moved)),
-                         "stall_fraction": statistics.median(stall)})
+            if spec.policy == "all-resident":
+                reference = eng.trace()
+            rest = tree_bytes(store.dense_params)
+            rows.append({**_keys(cfg, batch, seq, spec.label, label),
+                         **_timing_cells(batch * seq, batch, cells["prefill_s"],
+                                         cells["step_s"]),
+                         "param_bytes_experts": eng.pool.pool_bytes, "param_bytes_rest": rest,
+                         "device_param_bytes": rest + eng.pool.pool_bytes, "kv_cache_bytes": kv,
+                         "peak_device_bytes": rest + eng.pool.pool_bytes + kv,
+                         "peak_source": "accounted",
+                         "hit_rate": statistics.median(cells["hit_rate"]),
+                         "bytes_moved": int(statistics.median(cells["bytes_moved"])),
+                         "stall_fraction": statistics.median(cells["stall_fraction"])})
     return rows
+
+
+def _offload_prompts(m: Model, ec: EfficiencyConfig, questions):
+    ids, mask, images = vlm_prompts(m.cfg, m.tokenizer, questions, ec.style, ec.image_mode,
+                                    ec.template)
+    return ids, mask, jnp.asarray(images)
+
+
+def offload_point(cfg, store, policy: str, forecaster, budget: int, prompts,
+                  ec: EfficiencyConfig, warmup: bool) -> tuple[dict, OffloadEngine]:
+    """Per-run measurements of `offload_repeats` cold-pool generates (after one untimed one with
+    `warmup`: a new pool size compiles), and the last engine."""
+    cells = {k: [] for k in ("prefill_s", "step_s", "stall_fraction", "hit_rate",
+                             "bytes_moved")}
+    eng = None
+    for i in range(ec.offload_repeats + warmup):
+        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
+        eng.generate(*prompts, max_new_tokens=ec.offload_new_tokens, stop_tokens=())
+        t = eng.timings
+        if i < warmup:
+            continue
+        cells["prefill_s"].append(t["prefill_s"])
+        cells["step_s"].append(t["decode_s"] / max(1, t["decode_steps"]))
+        cells["stall_fraction"].append(t["decode_stall_s"] / t["decode_s"] if t["decode_s"]
+                                       else 0.0)
+        cells["hit_rate"].append(eng.core.stats.hit_rate)
+        cells["bytes_moved"].append(eng.pool.bytes_loaded)
+    return cells, eng
 
 
 def _timing_cells(prefill_tokens: int, batch: int, prefill_s: list, step_s: list) -> dict:
@@ -319,9 +342,8 @@ def _timing_cells(prefill_tokens: int, batch: int, prefill_s: list, step_s: list
 def run(ec: EfficiencyConfig, progress: bool = True):
     """(rows, accuracy per model, routing per hard-MoE model, grid points skipped, the
     benchmark files used, which models each part measured)."""
-    from tqdm import tqdm
-    from moex.generate import Generator
-    from moex.model import build
+    for policy in ec.policies:
+        parse_policy(policy)                      # a bad policy fails before any training
     batch_sizes, seq_lens, cap = ec.grid_points()
     studied = models(ec, progress)
     gridded = grid_models(ec, studied)
@@ -370,8 +392,6 @@ def run(ec: EfficiencyConfig, progress: bool = True):
 
 def write_results(rows, acc, routes, skipped, ec: EfficiencyConfig, data: dict,
                   roles: dict) -> pathlib.Path:
-    from moex.bench.efficiency_report import report_md, write_plots
-    from moex.bench.output import write_outputs
 
     def extra(tmp: pathlib.Path):
         (tmp / "accuracy.json").write_text(json.dumps(acc, indent=2))
@@ -382,72 +402,8 @@ def write_results(rows, acc, routes, skipped, ec: EfficiencyConfig, data: dict,
                          report_md(rows, acc, routes, skipped, ec, data, roles), extra)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = EfficiencyConfig()
-    p.add_argument("--family", default=d.family,
-                   help="presets FAMILY-dense/-hard/-soft: trained, then accuracy, routing, "
-                        "offloading")
-    p.add_argument("--grid-family", default=d.grid_family,
-                   help="presets of the throughput / memory grid (random weights; '' = the "
-                        "family's own models)")
-    p.add_argument("--checkpoint", action="append", default=[], dest="checkpoints",
-                   help="a moex checkpoint (e.g. a converted LLaVA) instead of the families; "
-                        "repeat for several")
-    p.add_argument("--no-train", action="store_true",
-                   help="random weights instead of trained presets (accuracy is then chance)")
-    p.add_argument("--train-steps", type=int, default=d.train_steps,
-                   help="dense training steps of the recipe")
-    p.add_argument("--finetune-steps", type=int, default=d.finetune_steps,
-                   help="fine-tuning steps of the upcycled hard / soft models")
-    p.add_argument("--grid", default=d.grid, help=f"{sorted(GRIDS)} or auto")
-    p.add_argument("--batch", type=int, nargs="+", default=[])
-    p.add_argument("--seq", type=int, nargs="+", default=[])
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on B x T per point")
-    p.add_argument("--decode-steps", type=int, default=d.decode_steps)
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--repeats", type=int, default=d.repeats)
-    p.add_argument("--policies", nargs="*", default=list(d.policies),
-                   help="offload policies (none: no offloading)")
-    p.add_argument("--budgets", nargs="+", default=list(d.budgets))
-    p.add_argument("--offload-batch", type=int, nargs="+", default=list(d.offload_batches))
-    p.add_argument("--offload-new-tokens", type=int, default=d.offload_new_tokens)
-    p.add_argument("--offload-repeats", type=int, default=d.offload_repeats)
-    p.add_argument("--mmbench", help="MMBench TSV (default: the synthetic dev split)")
-    p.add_argument("--seed-json", help="SEED-Bench v1 JSON")
-    p.add_argument("--seed-images", help="SEED-Bench image folder")
-    p.add_argument("--tokenizer", help="tokenizer.json (converted checkpoints)")
-    p.add_argument("--template", default=d.template,
-                   help="chat template, e.g. 'USER: {prompt} ASSISTANT:' for LLaVA-1.5")
-    p.add_argument("--style", default=d.style, help="prompt style: compact, mmbench, seed")
-    p.add_argument("--image-mode", default=d.image_mode, help="crop (CLIP) or pad (LLaVA-1.5)")
-    p.add_argument("--eval-questions", type=int, default=d.eval_questions)
-    p.add_argument("--eval-batch", type=int, default=d.eval_batch)
-    p.add_argument("--routing-questions", type=int, default=d.routing_questions)
-    p.add_argument("--data", default=d.data)
-    p.add_argument("--runs", default=d.runs)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out)
-
-
-def config_from_args(a: argparse.Namespace) -> EfficiencyConfig:
-    return EfficiencyConfig(
-        family=a.family, grid_family=a.grid_family, checkpoints=tuple(a.checkpoints),
-        train=not a.no_train, train_steps=a.train_steps, finetune_steps=a.finetune_steps,
-        grid=a.grid, batch_sizes=tuple(a.batch), seq_lens=tuple(a.seq),
-        max_tokens=a.max_tokens, decode_steps=a.decode_steps, warmup=a.warmup,
-        repeats=a.repeats, policies=tuple(p for p in a.policies if p != "none"),
-        budgets=tuple(a.budgets), offload_batches=tuple(a.offload_batch),
-        offload_new_tokens=a.offload_new_tokens, offload_repeats=a.offload_repeats,
-        mmbench=a.mmbench, seed_json=a.seed_json, seed_images=a.seed_images,
-        tokenizer=a.tokenizer, template=a.template, style=a.style, image_mode=a.image_mode,
-        eval_questions=a.eval_questions, eval_batch=a.eval_batch,
-        routing_questions=a.routing_questions, data=a.data, runs=a.runs, seed=a.seed,
-        out=a.out)
-
-
-def main(args: argparse.Namespace) -> int:
-    from moex.bench.efficiency_report import accuracy_md, relative_md, throughput_md
-    ec = config_from_args(args)
+def main(ec: EfficiencyConfig) -> int:
+    """The whole study: run, write the results under ec.out, print the headline tables."""
     rows, acc, routes, skipped, data, roles = run(ec)
     out = write_results(rows, acc, routes, skipped, ec, data, roles)
     print(accuracy_md(acc).split("\n\n")[0], throughput_md(rows), relative_md(rows), sep="\n\n")

@@ -1,1 +1,0 @@
-"""Timing and memory measurement helpers shared by the experiment scripts."""

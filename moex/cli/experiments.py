@@ -1,0 +1,79 @@
+"""`moex efficiency | compare` and `moex bench offload | offload-hf | forward | convert`: the
+experiments (`moex.experiments`), each reading its options into its run's dataclass."""
+
+from __future__ import annotations
+
+from moex.cli.args import add_fields, from_args
+from moex.experiments import convert_cost, efficiency, moe_forward, offload_grid, offload_hf
+from moex.experiments.efficiency import GRIDS, EfficiencyConfig
+from moex.experiments.offload_grid import OffloadBenchConfig
+from moex.experiments.throughput import CompareConfig, compare
+
+RENAMED = {"batch_sizes": "--batch", "seq_lens": "--seq"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("efficiency", help="the main experiment (experiments/vlm_efficiency.py)")
+    add_fields(p, EfficiencyConfig, append=("checkpoints",), nargs={"policies": "*"},
+               flags={**RENAMED, "checkpoints": "--checkpoint",
+                      "offload_batches": "--offload-batch"}, help={
+        "family": "presets FAMILY-dense/-hard/-soft: trained, then accuracy, routing, offloading",
+        "grid_family": "presets of the throughput / memory grid (random weights; '' = the "
+                       "family's own models)",
+        "checkpoints": "a moex checkpoint (e.g. a converted LLaVA) instead of the families; "
+                       "repeat for several",
+        "train": "random weights instead of trained presets (accuracy is then chance)",
+        "train_steps": "dense training steps of the recipe",
+        "finetune_steps": "fine-tuning steps of the upcycled hard / soft models",
+        "grid": f"{sorted(GRIDS)} or auto", "max_tokens": "cap on B x T per point",
+        "policies": "offload policies (none: no offloading)",
+        "mmbench": "MMBench TSV (default: the synthetic dev split)",
+        "seed_json": "SEED-Bench v1 JSON", "seed_images": "SEED-Bench image folder",
+        "tokenizer": "tokenizer.json (converted checkpoints)",
+        "template": "chat template, e.g. 'USER: {prompt} ASSISTANT:' for LLaVA-1.5",
+        "style": "prompt style: compact, mmbench, seed",
+        "image_mode": "crop (CLIP) or pad (LLaVA-1.5)"})
+    p.set_defaults(fn=lambda a: efficiency.main(from_args(
+        EfficiencyConfig, a, policies=tuple(x for x in a.policies if x != "none"))))
+
+    p = sub.add_parser("compare", help="dense vs hard-MoE vs soft-MoE throughput and memory")
+    add_fields(p, CompareConfig, flags=RENAMED, help={"family": "preset family: tiny or small"})
+    p.set_defaults(fn=lambda a: (compare(from_args(CompareConfig, a)), 0)[1])
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench",
+                                                                        required=True)
+    p = bench.add_parser("offload", help="offload policies x expert budgets x batch sizes")
+    add_fields(p, OffloadBenchConfig, flags=RENAMED, help={
+        "checkpoint": "a moex checkpoint dir (e.g. converted) instead of a randomly initialised "
+                      "preset",
+        "policies": "policies; predictive:prior / predictive:oracle / predictive:PREDICTOR_DIR "
+                    "pick its forecaster",
+        "budgets": "expert budgets: '25%%', '0.25' or bytes ('64MB')",
+        "domain": "prompts: random tokens, held-out stdlib code / prose bytes, or synthetic "
+                  "MMBench questions with their images (vlm: a trained VLM --checkpoint, e.g. "
+                  "runs/vlm/mini-hard/model)",
+        "data": "synthetic benchmark root (--domain vlm)"})
+    p.set_defaults(fn=lambda a: (offload_grid.bench(from_args(OffloadBenchConfig, a)), 0)[1])
+
+    p = bench.add_parser("offload-hf", help="the offload grid on a converted random "
+                         "transformers Mixtral (extra options go to `moex bench offload`)")
+    add_fields(p, offload_hf.HFMixtralConfig)
+    add_fields(p, OffloadBenchConfig, flags=RENAMED, skip=("preset", "checkpoint", "out"))
+    p.set_defaults(fn=_offload_hf)
+
+    p = bench.add_parser("forward", help="Mixtral-shaped forward: moex vs transformers (torch)")
+    add_fields(p, moe_forward.ForwardConfig, flags=RENAMED)
+    p.set_defaults(fn=lambda a: moe_forward.main(from_args(moe_forward.ForwardConfig, a)))
+
+    p = bench.add_parser("convert", help="conversion cost: checkpoints_convert vs "
+                         "transformers.from_pretrained")
+    add_fields(p, convert_cost.ConvertCostConfig)
+    p.set_defaults(fn=lambda a: convert_cost.main(from_args(convert_cost.ConvertCostConfig, a)))
+
+
+def _offload_hf(args) -> int:
+    hc = from_args(offload_hf.HFMixtralConfig, args)
+    folder = offload_hf.converted_mixtral(hc)
+    offload_grid.bench(from_args(OffloadBenchConfig, args, checkpoint=str(folder),
+                                 out=str(folder.parent / "offload")))
+    return 0

@@ -1,0 +1,179 @@
+"""`moex info | presets | generate | upcycle | compare-hf`: one model at a time."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import numpy as np
+from PIL import Image
+
+from moex import checkpoint
+from moex.cli.args import add_fields, from_args
+from moex.config import PRESETS, get_config
+from moex.data.images import preprocess
+from moex.generate import Sampling, generator_for
+from moex.info import format_info, model_info
+from moex.offload.engine import OffloadEngine
+from moex.offload.spec import parse_budget, parse_policy
+from moex.offload.store import ExpertStore
+from moex.predict.forecast import forecaster_for
+from moex.tokenizer import IMAGE_TAG, left_pad
+from moex.upcycle import UpcycleSpec, upcycle_checkpoint
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="parameter and memory summary of a preset, from shapes")
+    p.add_argument("preset")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=info)
+    sub.add_parser("presets", help="list presets").set_defaults(fn=presets)
+
+    p = sub.add_parser("generate", help="generate text with a preset (random weights) or a "
+                       "moex checkpoint (trained or converted), optionally offloaded")
+    p.add_argument("model", metavar="PRESET_OR_CHECKPOINT",
+                   help="a preset name, or a moex checkpoint folder (its weights and "
+                        "tokenizer.json)")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="a prompt; repeat for a batch; '<image>' marks where an image goes")
+    p.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="an image file for the next prompt with '<image>' (a VLM); repeat in "
+                        "prompt order. Without it a preset gets random images")
+    p.add_argument("--image-mode", default="crop", choices=["crop", "pad"],
+                   help="resize then centre-crop (CLIP), or pad to square first (LLaVA-1.5)")
+    p.add_argument("--tokenizer", metavar="FILE",
+                   help="a tokenizer.json to use instead of the model's")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (and a preset's weights)")
+    p.add_argument("--offload", metavar="POLICY",
+                   help="experts in host memory under this policy (all-resident, on-demand, "
+                        "lru, lfu, pregated, predictive:prior, predictive:oracle, "
+                        "predictive:PREDICTOR_DIR); offload stats go to stderr as JSON")
+    p.add_argument("--expert-budget", default="25%",
+                   help="device budget for experts with --offload: '25%%', '0.25' or '64MB'")
+    p.set_defaults(fn=generate)
+
+    p = sub.add_parser("upcycle", help="sparse upcycling: a dense moex checkpoint -> hard- or "
+                       "soft-MoE (experts start from the dense FFN)")
+    p.add_argument("src", help="dense moex checkpoint folder")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--like", metavar="PRESET",
+                   help="take the MoE layout from a preset with the same shapes "
+                        "(e.g. llava-1.5-7b-hard on a converted LLaVA-1.5-7B)")
+    p.add_argument("--seed", type=int, default=0)
+    add_fields(p, UpcycleSpec, defaults={"to": None}, skip=("renormalize",), help={
+        "to": "what to upcycle to (or --like PRESET)",
+        "experts": "decoder experts (soft: the dense FFN splits into this many)",
+        "layers": "decoder blocks: all, none, even, odd, or indices / ranges (0,2,5-9, 13-23:2)",
+        "vision_layers": "vision blocks, the same way",
+        "vision_experts": "experts in the vision tower (default: --experts)",
+        "slots": "Soft MoE slots per expert (default: tokens / experts, rounded up)",
+        "projector": "upcycle the projector MLP too",
+        "noise": "hard routers: logit noise (|x| / sqrt(D) units) that breaks the tie",
+        "name": "name of the new config (default: SRC's name -hard / -soft)"})
+    p.set_defaults(fn=upcycle)
+
+    p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
+    p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=compare_hf)
+
+
+def info(args) -> int:
+    result = model_info(args.preset)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else format_info(result))
+    return 0
+
+
+def presets(args) -> int:
+    for name in sorted(PRESETS):
+        print(f"{name:<22} {get_config(name).description}")
+    return 0
+
+
+def prompt_images(cfg, prompts: list[str], files: list[str], mode: str, seed: int):
+    """(B, H, W, C) images for the prompts with '<image>' (zeros for the others), from `files`
+    in prompt order, or random for a preset run without files; None for a text-only batch."""
+    wants = [IMAGE_TAG in p for p in prompts]
+    if not any(wants):
+        if files:
+            raise ValueError(f"{len(files)} --image given but no prompt has {IMAGE_TAG}")
+        return None
+    if cfg.vision is None:
+        raise ValueError(f"{cfg.name} is a text model; its prompts cannot hold {IMAGE_TAG}")
+    v = cfg.vision
+    shape = (len(prompts), v.image_size, v.image_size, v.channels)
+    if not files:
+        images = np.asarray(jax.random.normal(jax.random.key(seed), shape))
+        return images * np.asarray(wants, np.float32)[:, None, None, None]
+    if len(files) != sum(wants):
+        raise ValueError(f"{sum(wants)} prompts hold {IMAGE_TAG} but {len(files)} --image "
+                         "files were given; give one per such prompt, in order")
+    images, it = np.zeros(shape, np.float32), iter(files)
+    for i, w in enumerate(wants):
+        if w:
+            path = next(it)
+            try:
+                picture = Image.open(path)
+            except OSError as e:
+                raise ValueError(f"--image {path}: not a readable image ({e})") from e
+            images[i] = preprocess(picture, v.image_size, v.image_mean, v.image_std, mode)
+    return images
+
+
+def generate(args) -> int:
+    loaded = checkpoint.load_model(args.model, args.seed, args.tokenizer)
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    n_img = cfg.vision.num_image_tokens if cfg.vision else 0
+    seqs = [tok.encode(p, num_image_tokens=n_img) for p in args.prompt]
+    ids, mask = left_pad(seqs, tok.pad_id)
+    images = prompt_images(cfg, args.prompt, args.image, args.image_mode, args.seed)
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    engine = None
+    if args.offload:
+        spec = parse_policy(args.offload)
+        store = ExpertStore.from_params(cfg, loaded.params)
+        forecaster = forecaster_for(spec, cfg, store, (ids, mask, images), args.max_new_tokens)
+        engine = OffloadEngine(cfg, None, spec.policy, parse_budget(args.expert_budget,
+                                                                    store.total_bytes),
+                               forecaster=forecaster, store=store)
+        out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
+                              sampling=sampling)
+    else:
+        out = generator_for(cfg)(loaded.params, ids, mask, images,
+                                 max_new_tokens=args.max_new_tokens, sampling=sampling)
+    for p, row, n in zip(args.prompt, out.tokens, out.num_generated):
+        print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
+                          "tokens": row[:n].tolist()}))
+    if engine is not None:
+        engine.calibrate_copy()
+        report = engine.report()
+        report.pop("per_layer")
+        report["forecast"] = getattr(engine.forecaster, "name", None)
+        print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
+    return 0
+
+
+def upcycle(args) -> int:
+    if args.like:
+        if args.to:
+            raise ValueError("--like takes the whole MoE layout from a preset; drop --to")
+        out = upcycle_checkpoint(args.src, args.out, like=get_config(args.like), seed=args.seed)
+    else:
+        if not args.to:
+            raise ValueError("say what to upcycle to: --to hard or --to soft (or --like PRESET)")
+        out = upcycle_checkpoint(args.src, args.out, from_args(UpcycleSpec, args),
+                                 seed=args.seed)
+    print(format_info(model_info(checkpoint.load_config(out))))
+    print(f"wrote {out}")
+    return 0
+
+
+def compare_hf(args) -> int:
+    from checkpoints_convert.parity import main as parity_main   # needs torch + transformers
+    return parity_main(args)

@@ -1,0 +1,74 @@
+"""Forecasters for the `predictive` policy, built from a policy spec (`moex.offload.spec`):
+
+    make_forecaster(spec, reference, calibration)
+        predictive:oracle   the routing `reference` recorded (same prompts, same batch)
+        predictive:prior    the per-(layer, expert) frequencies of `calibration`
+        predictive:DIR      the routing-path predictor saved in DIR (PredictorForecast)
+    forecaster_for(spec, cfg, store, prompts, new_tokens)
+        the same, recording what it needs: an all-resident reference run of the prompts
+        (`moex.offload.forecast.reference_run`), whose trace serves as oracle and as prior
+
+PredictorForecast serves the policy: at a request batch's prefill it runs the predictor once on
+the prompts (before the first MoE layer) and keeps the per-position probabilities; a forward's
+forecast is the probability that any of its tokens uses each expert
+(`moex.offload.forecast.batch_probability`): the prompt positions at prefill, generated position
+f - 1 at decode step f. Mispredictions are corrected at run time by the engine's demand loads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moex.offload.forecast import OracleForecast, PriorForecast, batch_probability, reference_run
+from moex.offload.spec import PolicySpec
+from moex.offload.trace import Trace
+from moex.predict.model import RPPConfig
+from moex.predict.train import load_predictor, predict
+
+
+def make_forecaster(spec: PolicySpec, reference: Trace | None = None,
+                    calibration: Trace | None = None):
+    """The forecaster `spec` names (None for policies without one)."""
+    if spec.forecast is None:
+        return None
+    if spec.predictor:
+        return PredictorForecast(*load_predictor(spec.predictor))
+    source = reference if spec.forecast == "oracle" else calibration
+    if source is None:
+        raise ValueError(f"{spec}: needs a {'reference' if spec.forecast == 'oracle' else 'calibration'} "
+                         "trace (an all-resident run: moex.offload.forecast.reference_run)")
+    return OracleForecast(source) if spec.forecast == "oracle" else PriorForecast.from_trace(source)
+
+
+def forecaster_for(spec: PolicySpec, cfg, store, prompts, new_tokens: int):
+    """make_forecaster for live use on `prompts` = (ids, mask, images or None): oracle and prior
+    both come from one all-resident run of these prompts (run only when needed)."""
+    if spec.forecast is None or spec.predictor:
+        return make_forecaster(spec)
+    trace = reference_run(cfg, store, *prompts, new_tokens=new_tokens).trace()
+    return make_forecaster(spec, trace, trace)
+
+
+class PredictorForecast:
+    """Forecasts for the `predictive` policy from a routing-path predictor (see the docstring)."""
+
+    name = "rpp"
+
+    def __init__(self, rcfg: RPPConfig, params):
+        self.rcfg, self.params = rcfg, params
+        self.probs = None                                  # (B, P + G, L, E) of the batch
+        self.mask, self.start = None, 0                    # its prompt mask, prefill's index
+
+    def check_model(self, cfg) -> None:
+        self.rcfg.check_model(cfg)
+
+    def for_forward(self, index: int, tokens, token_mask, prefill: bool = True) -> np.ndarray:
+        tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
+        if prefill or self.probs is None:
+            # a prefill (a new request batch): one predictor forward for all its positions
+            self.probs = predict(self.rcfg, self.params, tokens, token_mask)
+            self.mask, self.start = token_mask, index
+            return batch_probability(self.probs[:, :tokens.shape[1]], token_mask)
+        p = self.mask.shape[1]
+        g = min(index - self.start - 1, self.rcfg.gen_len - 1)
+        return batch_probability(self.probs[:, p + g][:, None], np.asarray(token_mask))
