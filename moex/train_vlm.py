@@ -114,11 +114,11 @@ class VLMTrainConfig:
         return self
 
 
-def split_files(tc: VLMTrainConfig) -> tuple[pathlib.Path | None, pathlib.Path]:
+def split_files(run: VLMTrainConfig) -> tuple[pathlib.Path | None, pathlib.Path]:
     """(train TSV or None for fresh synthetic questions, dev TSV: the given one, else the
     synthetic dev split, written once)."""
-    dev = tc.dev_file or write_synthetic(tc.data, SyntheticSpec(seed=tc.seed))["mmbench/dev"]
-    return (pathlib.Path(tc.train_file) if tc.train_file else None), pathlib.Path(dev)
+    dev = run.dev_file or write_synthetic(run.data, SyntheticSpec(seed=run.seed))["mmbench/dev"]
+    return (pathlib.Path(run.train_file) if run.train_file else None), pathlib.Path(dev)
 
 
 # -- examples -------------------------------------------------------------------------------------
@@ -153,10 +153,10 @@ class Rows:
         return ids, mask, images, targets.astype(np.int32), loss_mask
 
 
-def draw_kinds(rng: np.random.Generator, n: int, tc: VLMTrainConfig) -> list[str]:
+def draw_kinds(rng: np.random.Generator, n: int, run: VLMTrainConfig) -> list[str]:
     u = rng.random(n)
-    return [("caption" if x < tc.caption_rate else
-             "likelihood" if x < tc.caption_rate + tc.likelihood_rate else "choice") for x in u]
+    return [("caption" if x < run.caption_rate else
+             "likelihood" if x < run.caption_rate + run.likelihood_rate else "choice") for x in u]
 
 
 def _bucket(n: int, step: int = 8) -> int:
@@ -167,9 +167,9 @@ class FreshExamples:
     """Batches of fresh synthetic questions: example i of step s is a pure function of
     (seed, s, i)."""
 
-    def __init__(self, cfg, tokenizer, tc: VLMTrainConfig, image_size: int):
-        self.cfg, self.tc, self.image_size = cfg, tc, image_size
-        self.rows = Rows(cfg, tokenizer, tc.answer_format)
+    def __init__(self, cfg, tokenizer, run: VLMTrainConfig, image_size: int):
+        self.cfg, self.run, self.image_size = cfg, run, image_size
+        self.rows = Rows(cfg, tokenizer, run.answer_format)
         self.length = _bucket(max(self._longest_rows()))
 
     def _longest_rows(self):
@@ -185,12 +185,12 @@ class FreshExamples:
                 len(self.rows.row(q, "caption", caption(scene, "count", self.image_size))[0])]
 
     def __call__(self, step: int):
-        tc, v = self.tc, self.cfg.vision
-        rng = np.random.default_rng([tc.seed, step])
-        drawn = fresh_questions(tc.seed, step, tc.batch_size, self.image_size,
-                                tc.category_weights)
-        kinds = draw_kinds(rng, tc.batch_size, tc)
-        rotations = rng.integers(0, 4, tc.batch_size)
+        run, v = self.run, self.cfg.vision
+        rng = np.random.default_rng([run.seed, step])
+        drawn = fresh_questions(run.seed, step, run.batch_size, self.image_size,
+                                run.category_weights)
+        kinds = draw_kinds(rng, run.batch_size, run)
+        rotations = rng.integers(0, 4, run.batch_size)
         rows, images = [], []
         for (q, image, shapes), kind, k in zip(drawn, kinds, rotations):
             text = caption(shapes, q.category, self.image_size) if kind == "caption" else None
@@ -202,11 +202,11 @@ class FreshExamples:
 class SplitExamples:
     """Batches drawn (with replacement) from a fixed list of questions, images preprocessed once."""
 
-    def __init__(self, questions, cfg, tokenizer, tc: VLMTrainConfig):
-        if tc.caption_rate:
+    def __init__(self, questions, cfg, tokenizer, run: VLMTrainConfig):
+        if run.caption_rate:
             raise ValueError("caption rows need synthetic scenes; set caption_rate to 0")
-        self.questions, self.cfg, self.tc = questions, cfg, tc
-        self.rows = Rows(cfg, tokenizer, tc.answer_format)
+        self.questions, self.cfg, self.run = questions, cfg, run
+        self.rows = Rows(cfg, tokenizer, run.answer_format)
         v = cfg.vision
         self.images = np.stack([preprocess(q.load_image(), v.image_size, v.image_mean,
                                            v.image_std) for q in questions]).astype(np.float32)
@@ -215,11 +215,11 @@ class SplitExamples:
                                   for k in range(len(q.options))))
 
     def __call__(self, step: int):
-        tc = self.tc
-        rng = np.random.default_rng([tc.seed, step])
-        index = rng.integers(0, len(self.questions), tc.batch_size)
-        kinds = draw_kinds(rng, tc.batch_size, tc)
-        rotations = rng.integers(0, 4, tc.batch_size)
+        run = self.run
+        rng = np.random.default_rng([run.seed, step])
+        index = rng.integers(0, len(self.questions), run.batch_size)
+        kinds = draw_kinds(rng, run.batch_size, run)
+        rotations = rng.integers(0, 4, run.batch_size)
         rows = [self.rows.row(rotate(self.questions[i], int(k)), kind)
                 for i, kind, k in zip(index, kinds, rotations)]
         return self.rows.batch(rows, self.images[index], self.length)
@@ -256,50 +256,50 @@ def dev_accuracy(cfg, tokenizer, dev_questions):
     return evaluate
 
 
-def initial_params(tc: VLMTrainConfig, cfg):
+def initial_params(run: VLMTrainConfig, cfg):
     """Random init, or the `init` checkpoint upcycled to cfg's MoE layout (same shapes: as is)."""
-    if tc.init is None:
-        return init_params(cfg, tc.seed)
-    src_cfg, params, _ = checkpoint.load(tc.init, as_numpy=True)
-    return jax.tree.map(jnp.asarray, upcycle_params(src_cfg, params, cfg, seed=tc.seed)
+    if run.init is None:
+        return init_params(cfg, run.seed)
+    src_cfg, params, _ = checkpoint.load(run.init, as_numpy=True)
+    return jax.tree.map(jnp.asarray, upcycle_params(src_cfg, params, cfg, seed=run.seed)
                         if src_cfg != cfg else params)
 
 
-def train_vlm(tc: VLMTrainConfig, progress: bool = True, stop_at: int | None = None):
+def train_vlm(run: VLMTrainConfig, progress: bool = True, stop_at: int | None = None):
     """Train (resuming from run_dir/train), save run_dir/model; returns (params, log)."""
-    tc = tc.validate()
-    cfg = get_config(tc.preset)
+    run = run.validate()
+    cfg = get_config(run.preset)
     if cfg.vision is None:
-        raise ValueError(f"{tc.preset} has no vision tower; train_vlm trains VLMs")
-    claim_run_dir(tc.run_dir, tc)
-    train_file, dev_file = split_files(tc)
-    dev_q = read_mmbench(dev_file)[:tc.dev_questions]
+        raise ValueError(f"{run.preset} has no vision tower; train_vlm trains VLMs")
+    claim_run_dir(run.run_dir, run)
+    train_file, dev_file = split_files(run)
+    dev_q = read_mmbench(dev_file)[:run.dev_questions]
     tokenizer = tokenizer_for(cfg)
     if train_file is None:
-        examples = FreshExamples(cfg, tokenizer, tc, SyntheticSpec(seed=tc.seed).image_size)
+        examples = FreshExamples(cfg, tokenizer, run, SyntheticSpec(seed=run.seed).image_size)
     else:
-        examples = SplitExamples(read_mmbench(train_file), cfg, tokenizer, tc)
-    tcfg = train_model_config(cfg, tc.train_capacity_factor)
-    optimizer = adamw(tc.lr, tc.warmup, tc.steps, tc.weight_decay)
-    state = TrainState.create(initial_params(tc, cfg), optimizer)
+        examples = SplitExamples(read_mmbench(train_file), cfg, tokenizer, run)
+    tcfg = train_model_config(cfg, run.train_capacity_factor)
+    optimizer = adamw(run.lr, run.warmup, run.steps, run.weight_decay)
+    state = TrainState.create(initial_params(run, cfg), optimizer)
     step = make_step(vlm_loss(build(tcfg), tcfg), optimizer)
     draw = lambda i: tuple(jnp.asarray(x) for x in examples(i))
-    state, log = fit(state, step, draw, tc.steps, ckpt_dir=tc.run_dir / "train",
-                     ckpt_every=tc.ckpt_every, desc=f"vlm {tc.preset}", progress=progress,
-                     evaluate=dev_accuracy(cfg, tokenizer, dev_q), eval_every=tc.eval_every,
+    state, log = fit(state, step, draw, run.steps, ckpt_dir=run.run_dir / "train",
+                     ckpt_every=run.ckpt_every, desc=f"vlm {run.preset}", progress=progress,
+                     evaluate=dev_accuracy(cfg, tokenizer, dev_q), eval_every=run.eval_every,
                      stop_at=stop_at)
     if hasattr(tokenizer, "tokenizer"):            # a tokenizers model: saved with the weights
-        write_tokenizer(tokenizer, tc.run_dir)
-    publish_model(tc.run_dir, state, tc.steps, cfg,
+        write_tokenizer(tokenizer, run.run_dir)
+    publish_model(run.run_dir, state, run.steps, cfg,
                   {"trained": f"multiple choice on {train_file or 'fresh synthetic questions'}",
-                   "config": dataclasses.asdict(tc)}, log, copy_from=tc.run_dir)
+                   "config": dataclasses.asdict(run)}, log, copy_from=run.run_dir)
     return state.params, log
 
 
-def trained_model(tc: VLMTrainConfig, progress: bool = True):
-    """(cfg, params, model dir) of the model `tc` trains: loaded from run_dir/model when this
+def trained_model(run: VLMTrainConfig, progress: bool = True):
+    """(cfg, params, model dir) of the model `run` trains: loaded from run_dir/model when this
     config has trained it before (the cache), else trained now."""
-    model_dir = trained_model_dir(tc.run_dir, tc, lambda: train_vlm(tc, progress=progress))
+    model_dir = trained_model_dir(run.run_dir, run, lambda: train_vlm(run, progress=progress))
     cfg, params, _ = checkpoint.load(model_dir)
     return cfg, params, model_dir
 

@@ -109,7 +109,7 @@ def test_scorer_matches_unpadded_reference():
     cfg, model, params = tiny("tiny-hard")
     qs = [q("1", ["red", "green", "blue"], 0, hint="Look."), q("2", ["purple", "orange"], 1),
           q("3", ["a circle", "a square", "a tall triangle", "x"], 2, category="shape")]
-    sc = Scorer(cfg, params, sc=ScoreConfig(batch_size=2, bucket=16))
+    sc = Scorer(cfg, params, settings=ScoreConfig(batch_size=2, bucket=16))
     # likelihood ranking: mean log-prob of each option's text after the question
     got = sc.option_loglik(qs)
     prompts = [(likelihood_prompt(x), continuation(o), x) for x in qs for o in x.options]

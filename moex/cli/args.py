@@ -1,7 +1,7 @@
 """Command-line arguments generated from a run's frozen dataclass, and the dataclass read back.
 
     add_fields(parser, OffloadBenchConfig, help={"preset": "..."}, flags={"batch_sizes": "--batch"})
-    bc = from_args(OffloadBenchConfig, args)
+    grid = from_args(OffloadBenchConfig, args)
 
 Each field becomes one option (or a positional, with `positional`), named `--field-name` unless
 `flags` renames it, with the field's default:

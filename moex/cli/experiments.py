@@ -72,8 +72,8 @@ def register(sub) -> None:
 
 
 def _offload_hf(args) -> int:
-    hc = from_args(offload_hf.HFMixtralConfig, args)
-    folder = offload_hf.converted_mixtral(hc)
+    shape = from_args(offload_hf.HFMixtralConfig, args)
+    folder = offload_hf.converted_mixtral(shape)
     offload_grid.bench(from_args(OffloadBenchConfig, args, checkpoint=str(folder),
                                  out=str(folder.parent / "offload")))
     return 0

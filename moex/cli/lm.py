@@ -67,10 +67,10 @@ def register(sub) -> None:
 
 
 def lm_train(args) -> int:
-    lc = from_args(LMTrainConfig, args)
-    _, log = train_lm(lc)
+    lm_run = from_args(LMTrainConfig, args)
+    _, log = train_lm(lm_run)
     print(json.dumps(log[-1] if log else {}))
-    print(f"model: {lc.run_dir / 'model'}")
+    print(f"model: {lm_run.run_dir / 'model'}")
     return 0
 
 

@@ -47,12 +47,12 @@ def register(sub) -> None:
 
 
 def train(args) -> int:
-    tc = from_args(VLMTrainConfig, args)
-    if tc.train_file is not None:                 # captions come with synthetic scenes only
-        tc = dataclasses.replace(tc, caption_rate=0.0)
-    _, log = train_vlm(tc)
+    run = from_args(VLMTrainConfig, args)
+    if run.train_file is not None:                 # captions come with synthetic scenes only
+        run = dataclasses.replace(run, caption_rate=0.0)
+    _, log = train_vlm(run)
     print(json.dumps(log[-1]))
-    print(f"model: {tc.run_dir / 'model'}")
+    print(f"model: {run.run_dir / 'model'}")
     return 0
 
 

@@ -79,8 +79,8 @@ def continuation_logprob(logprobs: np.ndarray, ids: np.ndarray, cont_len: np.nda
 
 
 class Scorer:
-    def __init__(self, cfg, params, tokenizer=None, sc: ScoreConfig = ScoreConfig()):
-        self.cfg, self.params, self.sc = cfg, params, sc
+    def __init__(self, cfg, params, tokenizer=None, settings: ScoreConfig = ScoreConfig()):
+        self.cfg, self.params, self.settings = cfg, params, settings
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         model = build(cfg)
         self.model = model
@@ -94,13 +94,13 @@ class Scorer:
     # -- batching -------------------------------------------------------------------------------
     def _groups(self, questions: Sequence[Question]):
         """Fixed-size groups: (questions padded to batch_size by repeating the last, real count)."""
-        for group in batches(questions, self.sc.batch_size):
+        for group in batches(questions, self.settings.batch_size):
             n = len(group)
-            yield group + [group[-1]] * (self.sc.batch_size - n), n
+            yield group + [group[-1]] * (self.settings.batch_size - n), n
 
     def _encode(self, group):
-        b = encode_batch(group, self.tokenizer, self.cfg.vision, self.sc.style, mode=self.sc.mode,
-                         template=self.sc.template, bucket=self.sc.bucket)
+        b = encode_batch(group, self.tokenizer, self.cfg.vision, self.settings.style, mode=self.settings.mode,
+                         template=self.settings.template, bucket=self.settings.bucket)
         return jnp.asarray(b.ids), jnp.asarray(b.mask), jnp.asarray(b.images)
 
     # -- the three methods ------------------------------------------------------------------------
@@ -117,7 +117,7 @@ class Scorer:
         gen, texts = generator_for(self.cfg), []
         for group, n in self._groups(questions):
             ids, mask, images = self._encode(group)
-            res = gen(self.params, ids, mask, images, max_new_tokens=self.sc.max_new_tokens)
+            res = gen(self.params, ids, mask, images, max_new_tokens=self.settings.max_new_tokens)
             texts += [self.tokenizer.decode(res.tokens[i, :res.num_generated[i]]) for i in range(n)]
         return texts
 
@@ -128,25 +128,25 @@ class Scorer:
         n_img, v = self.cfg.vision.num_image_tokens, self.cfg.vision
         tok = self.tokenizer
         images = {}     # question index -> preprocessed image, for the questions of this chunk
-        for start in range(0, len(rows), self.sc.batch_size):
-            chunk = rows[start:start + self.sc.batch_size]
+        for start in range(0, len(rows), self.settings.batch_size):
+            chunk = rows[start:start + self.settings.batch_size]
             n = len(chunk)
-            chunk = chunk + [chunk[-1]] * (self.sc.batch_size - n)
+            chunk = chunk + [chunk[-1]] * (self.settings.batch_size - n)
             seqs, conts = [], []
             for _, q, oi in chunk:
-                head = tok.encode(self.sc.template.format(prompt=likelihood_prompt(q)),
+                head = tok.encode(self.settings.template.format(prompt=likelihood_prompt(q)),
                                   num_image_tokens=n_img)
                 cont = tok.encode(continuation(q.options[oi]), bos=False)
                 seqs.append(head + cont)
                 conts.append(len(cont))
-            length = -(-max(map(len, seqs)) // self.sc.bucket) * self.sc.bucket
+            length = -(-max(map(len, seqs)) // self.settings.bucket) * self.settings.bucket
             ids, mask = left_pad(seqs, tok.pad_id, length)
             # rows are in question order: keep only the image of the question carried over
             images = {qi: im for qi, im in images.items() if qi == chunk[0][0]}
             for qi, q, _ in chunk:
                 if qi not in images:
                     images[qi] = preprocess(q.load_image(), v.image_size, v.image_mean,
-                                            v.image_std, self.sc.mode)
+                                            v.image_std, self.settings.mode)
             batch_images = np.stack([images[qi] for qi, _, _ in chunk]).astype(np.float32)
             token_lp = np.asarray(self._token_lp(self.params, jnp.asarray(ids),
                                                  jnp.asarray(mask), jnp.asarray(batch_images)))

@@ -49,7 +49,7 @@ from moex.data import SyntheticSpec, read_mmbench, read_seedbench, write_synthet
 from moex.data.vocab import tokenizer_for
 from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_seed
 from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
-from moex.experiments.efficiency_report import (JIT, accuracy_md, relative_md, report_md,
+from moex.experiments.efficiency_report import (RESIDENT_JIT, accuracy_md, relative_md, report_md,
                                                 throughput_md, write_plots)
 from moex.experiments.throughput import CompareConfig, run_point
 from moex.generate import Generator
@@ -131,23 +131,23 @@ class Model:
     log: list = dataclasses.field(default_factory=list)   # training log (learning curve)
 
 
-def recipe(ec: EfficiencyConfig):
-    return Recipe(dense_steps=ec.train_steps, finetune_steps=ec.finetune_steps, seed=ec.seed,
-                  data=ec.data, out=ec.runs)
+def recipe(study: EfficiencyConfig):
+    return Recipe(dense_steps=study.train_steps, finetune_steps=study.finetune_steps, seed=study.seed,
+                  data=study.data, out=study.runs)
 
 
-def models(ec: EfficiencyConfig, progress: bool = True) -> list[Model]:
+def models(study: EfficiencyConfig, progress: bool = True) -> list[Model]:
     """The models whose accuracy, routing and offloading are measured: the given checkpoints
     (with their tokenizer.json, or --tokenizer), or the family trained by the recipe (cached),
     or with --no-train the family's random weights."""
-    if ec.checkpoints:
-        return [_model(load_model(path, tokenizer=ec.tokenizer), str(path))
-                for path in ec.checkpoints]
-    if not ec.train:
-        return random_models(ec.family, ec.seed)
+    if study.checkpoints:
+        return [_model(load_model(path, tokenizer=study.tokenizer), str(path))
+                for path in study.checkpoints]
+    if not study.train:
+        return random_models(study.family, study.seed)
     return [Model(cfg.name, cfg, params, tokenizer_for(cfg, model_dir), "trained",
                   training_log(model_dir))
-            for cfg, params, model_dir in train_family(ec.family, recipe(ec), progress)]
+            for cfg, params, model_dir in train_family(study.family, recipe(study), progress)]
 
 
 def training_log(model_dir) -> list[dict]:
@@ -170,39 +170,39 @@ def _model(loaded, source: str) -> Model:
     return Model(loaded.cfg.name, loaded.cfg, loaded.params, loaded.tokenizer, source)
 
 
-def grid_models(ec: EfficiencyConfig, studied: list[Model]) -> list[Model]:
+def grid_models(study: EfficiencyConfig, studied: list[Model]) -> list[Model]:
     """The models of the throughput / memory grid: the studied ones when they are the grid's
     (checkpoints, or grid_family == family), else the grid family's random weights (throughput
     and memory depend on shapes, not on weights)."""
-    if ec.checkpoints or ec.grid_family in ("", ec.family):
+    if study.checkpoints or study.grid_family in ("", study.family):
         return studied
-    return random_models(ec.grid_family, ec.seed)
+    return random_models(study.grid_family, study.seed)
 
 
-def benchmark_questions(ec: EfficiencyConfig):
+def benchmark_questions(study: EfficiencyConfig):
     """(MMBench questions, SEED questions, description): the given files or the synthetic dev
     splits, the first `eval_questions` of each."""
     paths = None
-    if ec.mmbench is None or ec.seed_json is None:
-        paths = write_synthetic(ec.data, SyntheticSpec(seed=ec.seed))
-    mm_file = ec.mmbench or paths["mmbench/dev"]
-    seed_file = ec.seed_json or paths["seed/dev"]
-    seed_images = ec.seed_images or (paths["seed/images"] if paths else None)
+    if study.mmbench is None or study.seed_json is None:
+        paths = write_synthetic(study.data, SyntheticSpec(seed=study.seed))
+    mm_file = study.mmbench or paths["mmbench/dev"]
+    seed_file = study.seed_json or paths["seed/dev"]
+    seed_images = study.seed_images or (paths["seed/images"] if paths else None)
     if seed_images is None:
         raise ValueError("--seed-json needs --seed-images (the SEED-Bench image folder)")
     mm, seed = read_mmbench(mm_file), read_seedbench(seed_file, seed_images)
-    n = ec.eval_questions or None
+    n = study.eval_questions or None
     return mm[:n], seed[:n], {"mmbench": str(mm_file), "seed": str(seed_file)}
 
 
-def scorer(ec: EfficiencyConfig, m: Model):
+def scorer(study: EfficiencyConfig, m: Model):
     return Scorer(m.cfg, m.params, m.tokenizer,
-                  ScoreConfig(style=ec.style, template=ec.template, batch_size=ec.eval_batch,
-                              mode=ec.image_mode, max_new_tokens=12))
+                  ScoreConfig(style=study.style, template=study.template, batch_size=study.eval_batch,
+                              mode=study.image_mode, max_new_tokens=12))
 
 
-def accuracy(ec: EfficiencyConfig, m: Model, mm, seed) -> dict:
-    s = scorer(ec, m)
+def accuracy(study: EfficiencyConfig, m: Model, mm, seed) -> dict:
+    s = scorer(study, m)
     got = evaluate_mmbench(s, mm)
     sd = evaluate_seed(s, seed)
     tables = {**got["tables"], **sd["tables"]}
@@ -216,13 +216,13 @@ def accuracy(ec: EfficiencyConfig, m: Model, mm, seed) -> dict:
             "learning_curve": curve}
 
 
-def routing(ec: EfficiencyConfig, m: Model, questions) -> dict | None:
+def routing(study: EfficiencyConfig, m: Model, questions) -> dict | None:
     """Expert load and per-category routing signatures of a hard-MoE model (None otherwise)."""
     if m.cfg.decoder.moe.kind != "hard" and (m.cfg.vision is None
                                              or m.cfg.vision.moe.kind != "hard"):
         return None
-    usage = routing_usage(m.cfg, m.params, m.tokenizer, questions, batch_size=ec.eval_batch,
-                          style=ec.style, mode=ec.image_mode, template=ec.template)
+    usage = routing_usage(m.cfg, m.params, m.tokenizer, questions, batch_size=study.eval_batch,
+                          style=study.style, mode=study.image_mode, template=study.template)
     return {"model": m.name, "source": m.source, "questions": len(questions),
             "load": load_rows(usage), "signatures": signature_rows(usage),
             "markdown": markdown(usage)}
@@ -230,13 +230,13 @@ def routing(ec: EfficiencyConfig, m: Model, questions) -> dict | None:
 
 # -- throughput and memory -----------------------------------------------------------------------
 
-def resident_row(gen, params, cfg, batch: int, seq_len: int, ec: EfficiencyConfig) -> dict:
-    cc = CompareConfig(decode_steps=ec.decode_steps, warmup=ec.warmup, repeats=ec.repeats,
-                       seed=ec.seed)
-    r = run_point(gen, params, cfg, batch, seq_len, cc)
+def resident_row(gen, params, cfg, batch: int, seq_len: int, study: EfficiencyConfig) -> dict:
+    resident = CompareConfig(decode_steps=study.decode_steps, warmup=study.warmup, repeats=study.repeats,
+                       seed=study.seed)
+    r = run_point(gen, params, cfg, batch, seq_len, resident)
     device_peak = r.pop("device_peak_bytes")
     peak = device_peak if device_peak > 0 else r["prefill_peak_bytes"]
-    return {**_keys(cfg, batch, seq_len, JIT, "100%"),
+    return {**_keys(cfg, batch, seq_len, RESIDENT_JIT, "100%"),
             **{k: r[k] for k in ("prefill_tokens_per_s", "prefill_s_median", "prefill_s_min",
                                  "prefill_s_max", "decode_tokens_per_s", "decode_step_s_median",
                                  "decode_step_s_min", "decode_step_s_max")},
@@ -255,7 +255,7 @@ def _keys(cfg, batch, seq_len, policy, budget) -> dict:
             "policy": policy, "budget": budget}
 
 
-def offload_rows(m: Model, ec: EfficiencyConfig, questions, progress_bar=None) -> list[dict]:
+def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None) -> list[dict]:
     """The live offload engine on the benchmark's first B questions (their prompts and images,
     in the model's tokenizer: the routing is the model's own on its task) x (all-resident,
     policies x budgets): prefill and decode tokens/s (medians of cold-pool repeats), hit rate,
@@ -264,26 +264,26 @@ def offload_rows(m: Model, ec: EfficiencyConfig, questions, progress_bar=None) -
     cfg = m.cfg
     store = ExpertStore.from_params(cfg, m.params)
     points = [(parse_policy("all-resident"), "100%")] + [
-        (parse_policy(p), b) for b in ec.budgets for p in ec.policies]
+        (parse_policy(p), b) for b in study.budgets for p in study.policies]
     rows = []
-    for batch in ec.offload_batches:
-        prompts = _offload_prompts(m, ec, questions[:batch])
+    for batch in study.offload_batches:
+        prompts = _offload_prompts(m, study, questions[:batch])
         seq = prompts[0].shape[1]
         kv = tree_bytes(jax.eval_shape(lambda: init_cache(   # shapes only, as in resident rows
-            cfg.decoder, batch, seq + ec.offload_new_tokens, np.dtype(cfg.dtype)))["layers"])
+            cfg.decoder, batch, seq + study.offload_new_tokens, np.dtype(cfg.dtype)))["layers"])
         warm, reference, calibration = set(), None, None
         for spec, label in points:
             if progress_bar is not None:
                 progress_bar.set_postfix_str(f"{cfg.name} offload B={batch} {spec.label} {label}")
             if spec.forecast in ("prior",) and calibration is None:
                 calibration = reference_run(cfg, store, *_offload_prompts(
-                    m, ec, questions[batch:2 * batch] or questions[:batch]),
-                    new_tokens=ec.offload_new_tokens).trace()
+                    m, study, questions[batch:2 * batch] or questions[:batch]),
+                    new_tokens=study.offload_new_tokens).trace()
             budget = parse_budget(label, store.total_bytes)
             slots = budget_slots(budget, store.expert_bytes)
             cells, eng = offload_point(cfg, store, spec.policy,
                                        make_forecaster(spec, reference, calibration), budget,
-                                       prompts, ec, warmup=slots not in warm)
+                                       prompts, study, warmup=slots not in warm)
             warm.add(slots)
             if spec.policy == "all-resident":
                 reference = eng.trace()
@@ -301,22 +301,22 @@ def offload_rows(m: Model, ec: EfficiencyConfig, questions, progress_bar=None) -
     return rows
 
 
-def _offload_prompts(m: Model, ec: EfficiencyConfig, questions):
-    ids, mask, images = vlm_prompts(m.cfg, m.tokenizer, questions, ec.style, ec.image_mode,
-                                    ec.template)
+def _offload_prompts(m: Model, study: EfficiencyConfig, questions):
+    ids, mask, images = vlm_prompts(m.cfg, m.tokenizer, questions, study.style, study.image_mode,
+                                    study.template)
     return ids, mask, jnp.asarray(images)
 
 
 def offload_point(cfg, store, policy: str, forecaster, budget: int, prompts,
-                  ec: EfficiencyConfig, warmup: bool) -> tuple[dict, OffloadEngine]:
+                  study: EfficiencyConfig, warmup: bool) -> tuple[dict, OffloadEngine]:
     """Per-run measurements of `offload_repeats` cold-pool generates (after one untimed one with
     `warmup`: a new pool size compiles), and the last engine."""
     cells = {k: [] for k in ("prefill_s", "step_s", "stall_fraction", "hit_rate",
                              "bytes_moved")}
     eng = None
-    for i in range(ec.offload_repeats + warmup):
+    for i in range(study.offload_repeats + warmup):
         eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
-        eng.generate(*prompts, max_new_tokens=ec.offload_new_tokens, stop_tokens=())
+        eng.generate(*prompts, max_new_tokens=study.offload_new_tokens, stop_tokens=())
         t = eng.timings
         if i < warmup:
             continue
@@ -339,42 +339,42 @@ def _timing_cells(prefill_tokens: int, batch: int, prefill_s: list, step_s: list
             "mc_questions_per_s": batch / pre}
 
 
-def run(ec: EfficiencyConfig, progress: bool = True):
+def run(study: EfficiencyConfig, progress: bool = True):
     """(rows, accuracy per model, routing per hard-MoE model, grid points skipped, the
     benchmark files used, which models each part measured)."""
-    for policy in ec.policies:
+    for policy in study.policies:
         parse_policy(policy)                      # a bad policy fails before any training
-    batch_sizes, seq_lens, cap = ec.grid_points()
-    studied = models(ec, progress)
-    gridded = grid_models(ec, studied)
-    mm, seed, data = benchmark_questions(ec)
-    routing_q = benchmark_questions(dataclasses.replace(ec, eval_questions=ec.routing_questions))[0]
+    batch_sizes, seq_lens, cap = study.grid_points()
+    studied = models(study, progress)
+    gridded = grid_models(study, studied)
+    mm, seed, data = benchmark_questions(study)
+    routing_q = benchmark_questions(dataclasses.replace(study, eval_questions=study.routing_questions))[0]
     points = [(b, s) for s in seq_lens for b in batch_sizes if b * s <= cap]
     skipped = [f"B={b} T={s} (B x T > {cap})" for s in seq_lens for b in batch_sizes
                if b * s > cap]
     hard = [m for m in studied if m.cfg.decoder.moe.kind == "hard"]
-    n_off = len(hard) * len(ec.offload_batches) * (1 + len(ec.policies) * len(ec.budgets))
+    n_off = len(hard) * len(study.offload_batches) * (1 + len(study.policies) * len(study.budgets))
     bar = tqdm(total=len(studied) + len(gridded) * len(points) + n_off + len(hard),
                desc="vlm_efficiency", disable=not progress)
     rows, acc, routes = [], [], []
     for m in studied:
         bar.set_postfix_str(f"{m.name} accuracy")
-        acc.append(accuracy(ec, m, mm, seed))
+        acc.append(accuracy(study, m, mm, seed))
         bar.update()
         if m in hard:
             bar.set_postfix_str(f"{m.name} routing")
-            routes.append(routing(ec, m, routing_q))
+            routes.append(routing(study, m, routing_q))
             bar.update()
     for m in gridded:
         gen = Generator(build(m.cfg))
         for b, s in points:
             bar.set_postfix_str(f"{m.name} B={b} T={s}")
-            rows.append({**resident_row(gen, m.params, m.cfg, b, s, ec), "weights": m.source})
+            rows.append({**resident_row(gen, m.params, m.cfg, b, s, study), "weights": m.source})
             bar.update()
-    if ec.policies:
+    if study.policies:
         for m in hard:
             before = len(rows)
-            rows += [{**r, "weights": m.source} for r in offload_rows(m, ec, mm, bar)]
+            rows += [{**r, "weights": m.source} for r in offload_rows(m, study, mm, bar)]
             bar.update(len(rows) - before)
     bar.close()
     scores = {a["model"]: a for a in acc}
@@ -383,29 +383,29 @@ def run(ec: EfficiencyConfig, progress: bool = True):
         for k in acc[0]["tables"]:
             r[f"acc_{k}"] = t[k]["overall"] if k in t else float("nan")
     roles = {"accuracy": [m.name for m in studied], "routing": [m.name for m in hard],
-             "grid": [m.name for m in gridded], "offload": [m.name for m in hard] if ec.policies
+             "grid": [m.name for m in gridded], "offload": [m.name for m in hard] if study.policies
              else [], "sources": {m.name: m.source for m in studied + gridded}}
     return rows, acc, routes, skipped, data, roles
 
 
 # -- outputs and command line ---------------------------------------------------------------------
 
-def write_results(rows, acc, routes, skipped, ec: EfficiencyConfig, data: dict,
+def write_results(rows, acc, routes, skipped, study: EfficiencyConfig, data: dict,
                   roles: dict) -> pathlib.Path:
 
     def extra(tmp: pathlib.Path):
         (tmp / "accuracy.json").write_text(json.dumps(acc, indent=2))
         (tmp / "routing.json").write_text(json.dumps(routes, indent=2))
         write_plots(rows, acc, tmp, routes)
-    return write_outputs(ec.out, rows, {**dataclasses.asdict(ec), "skipped": skipped,
+    return write_outputs(study.out, rows, {**dataclasses.asdict(study), "skipped": skipped,
                                         "data": data, "models": roles},
-                         report_md(rows, acc, routes, skipped, ec, data, roles), extra)
+                         report_md(rows, acc, routes, skipped, study, data, roles), extra)
 
 
-def main(ec: EfficiencyConfig) -> int:
-    """The whole study: run, write the results under ec.out, print the headline tables."""
-    rows, acc, routes, skipped, data, roles = run(ec)
-    out = write_results(rows, acc, routes, skipped, ec, data, roles)
+def main(study: EfficiencyConfig) -> int:
+    """The whole study: run, write the results under study.out, print the headline tables."""
+    rows, acc, routes, skipped, data, roles = run(study)
+    out = write_results(rows, acc, routes, skipped, study, data, roles)
     print(accuracy_md(acc).split("\n\n")[0], throughput_md(rows), relative_md(rows), sep="\n\n")
     print(f"\nwrote {out}/results.csv, results.json, accuracy.json, routing.json, report.md "
           "and the PNG plots")

@@ -1,6 +1,6 @@
 """Tables and plots of `moex.experiments.efficiency` results.
 
-  report_md(rows, acc, routes, skipped, ec, data, roles)   the markdown report
+  report_md(rows, acc, routes, skipped, study, data, roles)   the markdown report
   write_plots(rows, acc, out_dir)     throughput_vs_batch.png, memory_vs_batch.png,
                                       throughput_vs_memory.png, learning_curves.png
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pathlib
 from moex.eval.circular import markdown
 
-JIT = "resident-jit"    # policy label of the whole jitted model (no offload engine)
+RESIDENT_JIT = "resident-jit"    # policy label of the whole jitted model (no offload engine)
 MB = 1e6
 
 
@@ -79,7 +79,7 @@ def throughput_md(rows: list[dict]) -> str:
             "| rest MB | KV MB | peak MB |")
     lines = [head, "|" + "---|" * 10]
     for r in rows:
-        if r["policy"] != JIT:
+        if r["policy"] != RESIDENT_JIT:
             continue
         lo = r["batch"] * r["seq_len"] / r["prefill_s_max"]
         hi = r["batch"] * r["seq_len"] / r["prefill_s_min"]
@@ -93,7 +93,7 @@ def throughput_md(rows: list[dict]) -> str:
 
 def relative_md(rows: list[dict]) -> str:
     """Hard-MoE and soft-MoE throughput relative to dense at each (B, T)."""
-    res = {(r["kind"], r["batch"], r["seq_len"]): r for r in rows if r["policy"] == JIT}
+    res = {(r["kind"], r["batch"], r["seq_len"]): r for r in rows if r["policy"] == RESIDENT_JIT}
     keys = sorted({(b, t) for k, b, t in res if k == "dense"}, key=lambda x: (x[1], x[0]))
     lines = ["| B | T | hard / dense prefill | soft / dense prefill | hard / dense decode "
              "| soft / dense decode |", "|---|---|---|---|---|---|"]
@@ -109,7 +109,7 @@ def relative_md(rows: list[dict]) -> str:
 
 
 def offload_md(rows: list[dict]) -> str:
-    off = [r for r in rows if r["policy"] != JIT]
+    off = [r for r in rows if r["policy"] != RESIDENT_JIT]
     if not off:
         return "(no hard-MoE model: nothing to offload)"
     lines = ["| model | B | T | policy | budget | decode tok/s | prefill tok/s | device params MB "
@@ -123,14 +123,14 @@ def offload_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def report_md(rows, acc, routes, skipped, ec, data: dict, roles: dict) -> str:
-    b, s, cap = ec.grid_points()
+def report_md(rows, acc, routes, skipped, study, data: dict, roles: dict) -> str:
+    b, s, cap = study.grid_points()
     return "\n\n".join([
         "# Dense vs hard-MoE vs soft-MoE VLMs: throughput, memory, accuracy, offloading",
         f"## Models\n\n{models_md(roles)}",
         f"Grid: batch {list(b)} x sequence length {list(s)} (image tokens + text), B x T <= {cap}; "
-        f"{ec.repeats} repeats after {ec.warmup} warm-up, medians (min-max). Decode: one step "
-        f"over the KV cache ({ec.decode_steps}+ steps timed). MC q/s: multiple-choice questions "
+        f"{study.repeats} repeats after {study.warmup} warm-up, medians (min-max). Decode: one step "
+        f"over the KV cache ({study.decode_steps}+ steps timed). MC q/s: multiple-choice questions "
         "per second with the answer read from the prefill's last logits. Peak: XLA's compiled "
         "prefill peak (arguments + outputs + temporaries) on CPU, the allocator's peak where the "
         "backend reports it; offload rows: dense params + slot pool + KV (accounted).",
@@ -156,7 +156,7 @@ def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    res = [r for r in rows if r["policy"] == JIT]
+    res = [r for r in rows if r["policy"] == RESIDENT_JIT]
     models = list(dict.fromkeys(r["model"] for r in res))
     seqs = sorted({r["seq_len"] for r in res})
     paths = []
@@ -200,7 +200,7 @@ def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    off = [r for r in rows if r["policy"] != JIT]
+    off = [r for r in rows if r["policy"] != RESIDENT_JIT]
     fig, ax = plt.subplots(figsize=(6, 4))
     for batch in sorted({r["batch"] for r in off}):
         for policy in dict.fromkeys(r["policy"] for r in off):

@@ -65,8 +65,8 @@ class OffloadBenchConfig:
     out: str = "results/offload"
 
 
-def model_of(bc: OffloadBenchConfig) -> LoadedModel:
-    return load_model(bc.checkpoint or bc.preset, bc.seed)
+def model_of(grid: OffloadBenchConfig) -> LoadedModel:
+    return load_model(grid.checkpoint or grid.preset, grid.seed)
 
 
 def prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str = "random",
@@ -97,15 +97,15 @@ def _median(xs):
     return statistics.median(xs), min(xs), max(xs)
 
 
-def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, bc,
+def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, grid,
               warmup: bool = False) -> tuple[dict, OffloadEngine]:
     """Medians over `repeats` cold-pool generates (after one untimed one with `warmup`: a new
     pool size compiles its slot update and expert pieces)."""
     rates, prefill, stall_fracs = [], [], []
     eng = None
-    for i in range(bc.repeats + warmup):
+    for i in range(grid.repeats + warmup):
         eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
-        eng.generate(ids, mask, images, max_new_tokens=bc.new_tokens, stop_tokens=())
+        eng.generate(ids, mask, images, max_new_tokens=grid.new_tokens, stop_tokens=())
         t = eng.timings
         if i < warmup:
             continue
@@ -118,33 +118,33 @@ def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, bc,
             "stall_fraction": statistics.median(stall_fracs)}, eng
 
 
-def run(bc: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list[str]]:
+def run(grid: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list[str]]:
     """The grid's rows, and the points not run (budget below a policy's minimum)."""
     from tqdm import tqdm
-    model = model_of(bc)
+    model = model_of(grid)
     cfg = model.cfg
     store = ExpertStore.from_params(cfg, model.params)
-    budgets = [(b, parse_budget(b, store.total_bytes)) for b in bc.budgets]
-    specs = [parse_policy(p) for p in bc.policies]
+    budgets = [(b, parse_budget(b, store.total_bytes)) for b in grid.budgets]
+    specs = [parse_policy(p) for p in grid.policies]
     points = [(bud, spec) for bud in budgets for spec in specs
               if spec.policy != "all-resident" or bud[1] >= store.total_bytes]
-    bar = tqdm(total=len(bc.batch_sizes) * (len(points) + 1), disable=not progress,
+    bar = tqdm(total=len(grid.batch_sizes) * (len(points) + 1), disable=not progress,
                desc="offload")
     copy_s = OffloadEngine(cfg, None, "on-demand", store.expert_bytes,
                            store=store).calibrate_copy()
     rows, skipped = [], []
-    for batch in bc.batch_sizes:
-        ids, mask, images = prompts(model, batch, bc.prompt_len, bc.seed + batch, bc.domain,
-                                    bc.data)
+    for batch in grid.batch_sizes:
+        ids, mask, images = prompts(model, batch, grid.prompt_len, grid.seed + batch, grid.domain,
+                                    grid.data)
         bar.set_postfix_str(f"B={batch} all-resident baseline")
         base, ref = run_point(cfg, store, "all-resident", None, store.total_bytes, ids, mask,
-                              images, bc, True)
+                              images, grid, True)
         warm = {ref.pool.num_slots}
         trace = ref.trace()
-        calibration = reference_run(cfg, store, *prompts(model, batch, bc.prompt_len,
-                                                         bc.seed + 1000 + batch, bc.domain,
-                                                         bc.data),
-                                    new_tokens=bc.new_tokens).trace()
+        calibration = reference_run(cfg, store, *prompts(model, batch, grid.prompt_len,
+                                                         grid.seed + 1000 + batch, grid.domain,
+                                                         grid.data),
+                                    new_tokens=grid.new_tokens).trace()
         forecasters = {spec: make_forecaster(spec, trace, calibration) for spec in specs}
         bar.update()
         for (label, budget), spec in points:
@@ -152,20 +152,20 @@ def run(bc: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list
             slots = budget_slots(budget, store.expert_bytes)
             try:
                 timing, eng = run_point(cfg, store, spec.policy, forecasters[spec], budget,
-                                        ids, mask, images, bc, warmup=slots not in warm)
+                                        ids, mask, images, grid, warmup=slots not in warm)
                 warm.add(slots)
             except ValueError as e:                 # a budget below the policy's minimum
                 skipped.append(f"B={batch} {label} {spec.label}: {e}")
             else:
                 rows.append(point_row(cfg, store, eng, timing, base, trace, copy_s, spec, label,
-                                      budget, ids, bc))
+                                      budget, ids, grid))
             bar.update()
     bar.close()
     return rows, skipped
 
 
 def point_row(cfg, store, eng, timing: dict, base: dict, trace, copy_s: float, spec: PolicySpec,
-              label: str, budget: int, ids, bc: OffloadBenchConfig) -> dict:
+              label: str, budget: int, ids, grid: OffloadBenchConfig) -> dict:
     """One result row: the point's timing, its cache counts, bytes moved, memory and bounds."""
     s, t = eng.core.stats, eng.timings
     batch, slots = ids.shape[0], eng.pool.num_slots
@@ -173,7 +173,7 @@ def point_row(cfg, store, eng, timing: dict, base: dict, trace, copy_s: float, s
     transfer_bound = batch * t["decode_steps"] / copy_decode if copy_decode else float("inf")
     return {
         "model": cfg.name, "batch": batch, "prompt_len": int(ids.shape[1]),
-        "new_tokens": bc.new_tokens, "budget": label, "budget_bytes": budget,
+        "new_tokens": grid.new_tokens, "budget": label, "budget_bytes": budget,
         "budget_fraction": budget / store.total_bytes, "policy": spec.label, "slots": slots,
         **timing,
         "ratio_to_all_resident": timing["decode_tok_s"] / base["decode_tok_s"],
@@ -210,25 +210,25 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def bench(bc: OffloadBenchConfig) -> pathlib.Path:
-    """Run the grid, write results.csv, results.json and report.md under bc.out, print the
+def bench(grid: OffloadBenchConfig) -> pathlib.Path:
+    """Run the grid, write results.csv, results.json and report.md under grid.out, print the
     table; returns the output folder."""
-    for spec in bc.policies:
+    for spec in grid.policies:
         parse_policy(spec)
-    if bc.new_tokens < 2 or bc.repeats < 1:
+    if grid.new_tokens < 2 or grid.repeats < 1:
         raise ValueError(f"need --new-tokens >= 2 (decode steps to time) and --repeats >= 1, "
-                         f"found {bc.new_tokens} and {bc.repeats}")
-    rows, skipped = run(bc)
+                         f"found {grid.new_tokens} and {grid.repeats}")
+    rows, skipped = run(grid)
     if not rows:
         raise ValueError("no grid point ran:\n" + "\n".join(skipped))
     table = markdown_table(rows)
     if skipped:
         table += "\n\nNot run (budget below the policy's minimum):\n" + \
             "\n".join(f"- {s}" for s in skipped)
-    out = write_outputs(bc.out, rows, dataclasses.asdict(bc),
+    out = write_outputs(grid.out, rows, dataclasses.asdict(grid),
                         f"# Expert offload: {rows[0]['model']}\n\nPrompts up to "
-                        f"{bc.prompt_len} tokens, {bc.new_tokens} new tokens, greedy; medians of "
-                        f"{bc.repeats} cold-pool runs; ratios against all-resident measured in "
+                        f"{grid.prompt_len} tokens, {grid.new_tokens} new tokens, greedy; medians of "
+                        f"{grid.repeats} cold-pool runs; ratios against all-resident measured in "
                         f"the same run; memory kind {rows[0]['memory_kind']}.\n\n{table}")
     print(table)
     print(f"\nwrote {out}/results.csv, results.json, report.md")

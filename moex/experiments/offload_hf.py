@@ -29,20 +29,20 @@ class HFMixtralConfig:
     out: str = "results/offload_hf"
 
 
-def converted_mixtral(hc: HFMixtralConfig) -> pathlib.Path:
+def converted_mixtral(shape: HFMixtralConfig) -> pathlib.Path:
     """OUT/hf (a random transformers Mixtral) converted to OUT/moex; returns the latter."""
     import torch                                    # optional dependencies (moex[convert])
     from transformers import MixtralConfig, MixtralForCausalLM
-    out = pathlib.Path(hc.out)
+    out = pathlib.Path(shape.out)
     hf, converted = out / "hf", out / "moex"
     for d in (hf, converted):
         if d.exists():
             shutil.rmtree(d)
     torch.manual_seed(0)
-    cfg = MixtralConfig(vocab_size=512, hidden_size=hc.hidden, intermediate_size=hc.expert_dim,
-                        num_hidden_layers=hc.layers, num_attention_heads=8,
-                        num_key_value_heads=4, num_local_experts=hc.experts,
-                        num_experts_per_tok=hc.top_k, max_position_embeddings=4096,
+    cfg = MixtralConfig(vocab_size=512, hidden_size=shape.hidden, intermediate_size=shape.expert_dim,
+                        num_hidden_layers=shape.layers, num_attention_heads=8,
+                        num_key_value_heads=4, num_local_experts=shape.experts,
+                        num_experts_per_tok=shape.top_k, max_position_embeddings=4096,
                         router_jitter_noise=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     MixtralForCausalLM(cfg).save_pretrained(hf)
     return convert(hf, converted, "fp32", progress=False)

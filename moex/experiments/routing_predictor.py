@@ -67,25 +67,25 @@ class StudyConfig:
     out: str = "results/routing_predictor"
 
 
-def study(sc: StudyConfig) -> int:
-    runs, out = pathlib.Path(sc.runs), pathlib.Path(sc.out)
+def study(plan: StudyConfig) -> int:
+    runs, out = pathlib.Path(plan.runs), pathlib.Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
-    lc = LMTrainConfig(preset=sc.preset, steps=sc.lm_steps, out=str(runs / "lm"))
-    model_dir = trained_model_dir(lc.run_dir, lc, lambda: train_lm(lc))
+    lm_run = LMTrainConfig(preset=plan.preset, steps=plan.lm_steps, out=str(runs / "lm"))
+    model_dir = trained_model_dir(lm_run.run_dir, lm_run, lambda: train_lm(lm_run))
     cfg, params, _ = checkpoint.load(model_dir)
 
     traces = {}
     for domain in ("code", "prose"):
-        for split, n, seed in (("train", sc.requests, 0), ("heldout", sc.heldout_requests, 1)):
-            path = runs / "traces" / f"{sc.preset}-{domain}-{split}.npz"
+        for split, n, seed in (("train", plan.requests, 0), ("heldout", plan.heldout_requests, 1)):
+            path = runs / "traces" / f"{plan.preset}-{domain}-{split}.npz"
             if not path.exists():
-                record_traces(cfg, params, domain, split, n, sc.prompt_len, sc.new_tokens,
+                record_traces(cfg, params, domain, split, n, plan.prompt_len, plan.new_tokens,
                               seed=seed).save(path)
             traces[domain, split] = path
 
     predictors = {domain: predictor(traces[domain, "train"],
-                                    runs / "rpp" / f"{sc.preset}-{domain}", sc.new_tokens,
-                                    sc.predictor_steps)
+                                    runs / "rpp" / f"{plan.preset}-{domain}", plan.new_tokens,
+                                    plan.predictor_steps)
                   for domain in ("code", "prose")}
     evals = {}
     for domain in ("code", "prose"):
@@ -102,15 +102,15 @@ def study(sc: StudyConfig) -> int:
         checkpoint=str(model_dir), domain="code",
         policies=("all-resident", "lru", "pregated", f"predictive:{predictors['code']}",
                   "predictive:oracle"), budgets=("100%", "25%", "12.5%"), batch_sizes=(1, 4),
-        prompt_len=sc.prompt_len, new_tokens=sc.new_tokens, repeats=sc.bench_repeats,
+        prompt_len=plan.prompt_len, new_tokens=plan.new_tokens, repeats=plan.bench_repeats,
         out=str(out / "offload")))
 
     sched = scheduler_study(cfg, params, predictors["code"], Trace.load(traces["code", "heldout"]),
-                            sc.new_tokens)
+                            plan.new_tokens)
     (out / "scheduler.json").write_text(json.dumps(sched, indent=1))
     print(json.dumps(sched, indent=1))
-    if sc.vlm:
-        vlm_domain(sc, runs, out)
+    if plan.vlm:
+        vlm_domain(plan, runs, out)
     return 0
 
 
@@ -122,18 +122,18 @@ def predictor(trace: pathlib.Path, path: pathlib.Path, gen_len: int, steps: int)
     return path
 
 
-def vlm_domain(sc: StudyConfig, runs: pathlib.Path, out: pathlib.Path) -> None:
+def vlm_domain(plan: StudyConfig, runs: pathlib.Path, out: pathlib.Path) -> None:
     """Step 7: traces, predictor and offload bench on the trained hard-MoE VLM's prompts."""
     recipe = Recipe(data=str(runs / "data" / "synthetic"), out=str(runs / "vlm"))
-    _, _, model_dir = train_family(sc.vlm_family, recipe)[1]
+    _, _, model_dir = train_family(plan.vlm_family, recipe)[1]
     traces = {}
-    for split, n in (("train", sc.vlm_questions), ("dev", 128)):
-        path = runs / "traces" / f"{sc.vlm_family}-hard-vlm-{split}.npz"
+    for split, n in (("train", plan.vlm_questions), ("dev", 128)):
+        path = runs / "traces" / f"{plan.vlm_family}-hard-vlm-{split}.npz"
         if not path.exists():
             trace_benchmark(model_dir, split=split, questions=n, data=recipe.data)[0].save(path)
         traces[split] = path
-    rpp = predictor(traces["train"], runs / "rpp" / f"{sc.vlm_family}-hard-vlm", 4,
-                    sc.predictor_steps)
+    rpp = predictor(traces["train"], runs / "rpp" / f"{plan.vlm_family}-hard-vlm", 4,
+                    plan.predictor_steps)
     result = evaluate_predictor(rpp, [traces["dev"]], traces["train"])
     (out / "vlm_eval.json").write_text(json.dumps(result, indent=1))
     text = "## Predictor trained on VLM prompts (train split), evaluated on the dev split\n\n"
@@ -143,7 +143,7 @@ def vlm_domain(sc: StudyConfig, runs: pathlib.Path, out: pathlib.Path) -> None:
         checkpoint=str(model_dir), domain="vlm", data=recipe.data,
         policies=("all-resident", "lru", "pregated", f"predictive:{rpp}", "predictive:oracle"),
         budgets=("100%", "25%", "12.5%"), batch_sizes=(1, 4), new_tokens=4,
-        repeats=sc.bench_repeats, out=str(out / "offload_vlm")))
+        repeats=plan.bench_repeats, out=str(out / "offload_vlm")))
 
 
 def scheduler_study(cfg, params, predictor, trace, new_tokens: int, batch: int = 4) -> dict:
@@ -153,10 +153,10 @@ def scheduler_study(cfg, params, predictor, trace, new_tokens: int, batch: int =
     scheduled (and, as the scheduler's ceiling, scheduled on the true routes themselves); scheduling time; and decode tokens/s of both orders replayed through the
     simulator under lru and pregated at 25 % (copy time calibrated on this machine, compute time
     per layer visit from the engine's all-resident decode)."""
-    rcfg, rparams = load_predictor(predictor)
-    ex = examples(trace, rcfg.gen_len)
+    rpp_cfg, rparams = load_predictor(predictor)
+    ex = examples(trace, rpp_cfg.gen_len)
     p = ex.tokens.shape[1]
-    pred = topk_sets(predict(rcfg, rparams, ex.tokens, ex.mask), rcfg.top_k)   # (R, P+G, L, E)
+    pred = topk_sets(predict(rpp_cfg, rparams, ex.tokens, ex.mask), rpp_cfg.top_k)   # (R, P+G, L, E)
     store = ExpertStore.from_params(cfg, params)
     for _ in range(2):                                   # the first run compiles
         ref = reference_run(cfg, store, ex.tokens[:batch], ex.mask[:batch],
@@ -170,7 +170,7 @@ def scheduler_study(cfg, params, predictor, trace, new_tokens: int, batch: int =
     times = []
     for s in range(0, len(ex) - 2 * batch + 1, 2 * batch):
         idx = np.arange(s, s + 2 * batch)
-        for g in range(rcfg.gen_len):
+        for g in range(rpp_cfg.gen_len):
             if not (ex.route_mask[idx, p + g] > 0).all():
                 continue
             truth = ex.routes[idx, p + g]                                   # (2T, L, E)

@@ -62,13 +62,13 @@ def make_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator):
     return ids, np.ones_like(ids), jnp.asarray(images)
 
 
-def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: CompareConfig) -> dict:
-    rng = np.random.default_rng(cc.seed)
+def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, grid: CompareConfig) -> dict:
+    rng = np.random.default_rng(grid.seed)
     ids, mask, images = make_batch(cfg, batch, seq_len, rng)
-    steps = cc.warmup + max(cc.repeats, cc.decode_steps)   # decode steps run after one prefill
+    steps = grid.warmup + max(grid.repeats, grid.decode_steps)   # decode steps run after one prefill
     max_len = seq_len + steps + 1
     prefill = lambda: gen.prefill(params, ids, mask, images, max_len=max_len)
-    t_pre = measure(prefill, warmup=cc.warmup, repeats=cc.repeats)
+    t_pre = measure(prefill, warmup=grid.warmup, repeats=grid.repeats)
     cache, tok, _ = prefill()
     stop = jnp.asarray([-1], jnp.int32)
     done = jnp.zeros((batch,), bool)
@@ -81,7 +81,7 @@ def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: Compare
                                                        state["i"], stop)
         return lg
 
-    t_dec = measure(decode_step, warmup=cc.warmup, repeats=steps - cc.warmup)
+    t_dec = measure(decode_step, warmup=grid.warmup, repeats=steps - grid.warmup)
     pb = param_bytes(params)
     peak = compiled_peak_bytes(gen._prefill, params, jnp.asarray(ids), jnp.asarray(mask), images,
                                max_len=max_len, sampling=GREEDY)
@@ -99,18 +99,18 @@ def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, cc: Compare
     }
 
 
-def run(cc: CompareConfig, progress: bool = True) -> list[dict]:
+def run(grid: CompareConfig, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
-    presets = [f"{cc.family}-{kind}" for kind in ("dense", "hard", "soft")]
-    points = [(p, b, s) for p in presets for b in cc.batch_sizes for s in cc.seq_lens]
+    presets = [f"{grid.family}-{kind}" for kind in ("dense", "hard", "soft")]
+    points = [(p, b, s) for p in presets for b in grid.batch_sizes for s in grid.seq_lens]
     rows, bar = [], tqdm(total=len(points), disable=not progress, desc="compare")
     for name in presets:
         cfg = get_config(name)
-        gen, params = Generator(build(cfg)), init_params(cfg, cc.seed)
-        for b in cc.batch_sizes:
-            for s in cc.seq_lens:
+        gen, params = Generator(build(cfg)), init_params(cfg, grid.seed)
+        for b in grid.batch_sizes:
+            for s in grid.seq_lens:
                 bar.set_postfix_str(f"{name} B={b} T={s}")
-                row = run_point(gen, params, cfg, b, s, cc)
+                row = run_point(gen, params, cfg, b, s, grid)
                 row["active_params_per_token"] = model_info(cfg).active_params_per_token
                 rows.append(row)
                 bar.update()
@@ -131,17 +131,17 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[dict], cc: CompareConfig) -> pathlib.Path:
-    return write_outputs(cc.out, rows, dataclasses.asdict(cc),
-                         f"# Dense vs hard-MoE vs soft-MoE ({cc.family} presets)\n\n"
-                         f"Medians of {cc.repeats}+ runs after {cc.warmup} warm-up; decode = one "
+def write_results(rows: list[dict], grid: CompareConfig) -> pathlib.Path:
+    return write_outputs(grid.out, rows, dataclasses.asdict(grid),
+                         f"# Dense vs hard-MoE vs soft-MoE ({grid.family} presets)\n\n"
+                         f"Medians of {grid.repeats}+ runs after {grid.warmup} warm-up; decode = one "
                          f"step over the KV cache.\n\n{markdown_table(rows)}")
 
 
-def compare(cc: CompareConfig) -> pathlib.Path:
-    """Run the grid, write the results under cc.out, print the table."""
-    rows = run(cc)
-    out = write_results(rows, cc)
+def compare(grid: CompareConfig) -> pathlib.Path:
+    """Run the grid, write the results under grid.out, print the table."""
+    rows = run(grid)
+    out = write_results(rows, grid)
     print(markdown_table(rows))
     print(f"\nwrote {out}/results.csv, results.json, report.md")
     return out

@@ -17,22 +17,22 @@ def _flat(a):
 
 def evaluate_predictor(predictor, traces, prior_trace) -> dict:
     """{trace file: {method: metrics}} for the predictor ('rpp') and the baselines."""
-    rcfg, params = load_predictor(predictor)
-    prior_ex = examples(Trace.load(prior_trace), rcfg.gen_len)
+    rpp_cfg, params = load_predictor(predictor)
+    prior_ex = examples(Trace.load(prior_trace), rpp_cfg.gen_len)
     prior = frequency_prior(_flat(prior_ex.routes), _flat(prior_ex.route_mask))
     report = {"predictor": str(predictor), "prior_trace": str(prior_trace), "traces": {}}
     for path in traces:
         trace = Trace.load(path)
-        if (len(trace.moe_layers), trace.num_experts) != (rcfg.num_layers, rcfg.num_experts):
+        if (len(trace.moe_layers), trace.num_experts) != (rpp_cfg.num_layers, rpp_cfg.num_experts):
             raise ValueError(f"{path}: trace has (L, E) = ({len(trace.moe_layers)}, "
-                             f"{trace.num_experts}), the predictor ({rcfg.num_layers}, "
-                             f"{rcfg.num_experts})")
-        ex = examples(trace, rcfg.gen_len, rcfg.max_prompt)
-        scores = {"rpp": predict(rcfg, params, ex.tokens, ex.mask)}
+                             f"{trace.num_experts}), the predictor ({rpp_cfg.num_layers}, "
+                             f"{rpp_cfg.num_experts})")
+        ex = examples(trace, rpp_cfg.gen_len, rpp_cfg.max_prompt)
+        scores = {"rpp": predict(rpp_cfg, params, ex.tokens, ex.mask)}
         scores.update(baselines(ex, prior, pregate_routes(trace, ex)))
         truth, mask = _flat(ex.routes), _flat(ex.route_mask)
         report["traces"][pathlib.Path(path).name] = {
-            name: evaluate(_flat(s), truth, mask, rcfg.top_k) for name, s in scores.items()}
+            name: evaluate(_flat(s), truth, mask, rpp_cfg.top_k) for name, s in scores.items()}
     return report
 
 

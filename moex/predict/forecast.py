@@ -54,21 +54,21 @@ class PredictorForecast:
 
     name = "rpp"
 
-    def __init__(self, rcfg: RPPConfig, params):
-        self.rcfg, self.params = rcfg, params
+    def __init__(self, rpp_cfg: RPPConfig, params):
+        self.rpp_cfg, self.params = rpp_cfg, params
         self.probs = None                                  # (B, P + G, L, E) of the batch
         self.mask, self.start = None, 0                    # its prompt mask, prefill's index
 
     def check_model(self, cfg) -> None:
-        self.rcfg.check_model(cfg)
+        self.rpp_cfg.check_model(cfg)
 
     def for_forward(self, index: int, tokens, token_mask, prefill: bool = True) -> np.ndarray:
         tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
         if prefill or self.probs is None:
             # a prefill (a new request batch): one predictor forward for all its positions
-            self.probs = predict(self.rcfg, self.params, tokens, token_mask)
+            self.probs = predict(self.rpp_cfg, self.params, tokens, token_mask)
             self.mask, self.start = token_mask, index
             return batch_probability(self.probs[:, :tokens.shape[1]], token_mask)
         p = self.mask.shape[1]
-        g = min(index - self.start - 1, self.rcfg.gen_len - 1)
+        g = min(index - self.start - 1, self.rpp_cfg.gen_len - 1)
         return batch_probability(self.probs[:, p + g][:, None], np.asarray(token_mask))

@@ -72,22 +72,22 @@ def lm_loss(model, cfg: VLMConfig):
     return loss_fn
 
 
-def batch_for(lc: LMTrainConfig):
-    half = lc.batch_size // 2
+def batch_for(lm_run: LMTrainConfig):
+    half = lm_run.batch_size // 2
 
     def draw(step: int) -> np.ndarray:
-        parts = [samples(d, "train", n, lc.seq_len + 1, seed=int(np.random.SeedSequence([lc.seed, step, i]).generate_state(1)[0]),
-                         limit=lc.corpus_limit)
-                 for i, (d, n) in enumerate(zip(DOMAINS, (half, lc.batch_size - half)))]
+        parts = [samples(d, "train", n, lm_run.seq_len + 1, seed=int(np.random.SeedSequence([lm_run.seed, step, i]).generate_state(1)[0]),
+                         limit=lm_run.corpus_limit)
+                 for i, (d, n) in enumerate(zip(DOMAINS, (half, lm_run.batch_size - half)))]
         return np.concatenate(parts)
     return draw
 
 
-def heldout_loss(model, cfg, lc: LMTrainConfig):
+def heldout_loss(model, cfg, lm_run: LMTrainConfig):
     """Mean next-byte cross-entropy (nats) on fixed held-out windows, per domain."""
     loss = jax.jit(lambda p, t: lm_loss(model, cfg)(p, t)[1]["ce"])
-    windows = {d: samples(d, "heldout", lc.eval_windows, lc.seq_len + 1, seed=lc.seed + 7,
-                          limit=lc.corpus_limit) for d in DOMAINS}
+    windows = {d: samples(d, "heldout", lm_run.eval_windows, lm_run.seq_len + 1, seed=lm_run.seed + 7,
+                          limit=lm_run.corpus_limit) for d in DOMAINS}
 
     def evaluate(state) -> dict:
         return {f"heldout_{d}": float(loss(state.params, jnp.asarray(w)))
@@ -95,26 +95,26 @@ def heldout_loss(model, cfg, lc: LMTrainConfig):
     return evaluate
 
 
-def train_lm(lc: LMTrainConfig, progress: bool = True, stop_at: int | None = None):
+def train_lm(lm_run: LMTrainConfig, progress: bool = True, stop_at: int | None = None):
     """Train (resuming from run_dir/train), save run_dir/model; returns (params, log)."""
-    if lc.batch_size < 2:
-        raise ValueError(f"batch_size must be >= 2 (one window per domain), found {lc.batch_size}")
-    cfg = get_config(lc.preset)
-    claim_run_dir(lc.run_dir, lc)
-    tcfg = train_model_config(cfg, lc.train_capacity_factor)
+    if lm_run.batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (one window per domain), found {lm_run.batch_size}")
+    cfg = get_config(lm_run.preset)
+    claim_run_dir(lm_run.run_dir, lm_run)
+    tcfg = train_model_config(cfg, lm_run.train_capacity_factor)
     model = build(tcfg)
-    optimizer = adamw(lc.lr, lc.warmup, lc.steps, lc.weight_decay)
-    state = TrainState.create(init_params(cfg, lc.seed), optimizer)
+    optimizer = adamw(lm_run.lr, lm_run.warmup, lm_run.steps, lm_run.weight_decay)
+    state = TrainState.create(init_params(cfg, lm_run.seed), optimizer)
     step = make_step(lm_loss(model, tcfg), optimizer)
-    evaluate = heldout_loss(model, tcfg, lc)
-    draw = batch_for(lc)
-    state, log = fit(state, step, lambda i: jnp.asarray(draw(i)), lc.steps,
-                     ckpt_dir=lc.run_dir / "train", ckpt_every=lc.ckpt_every,
-                     desc=f"lm {lc.preset}", progress=progress, evaluate=evaluate,
-                     eval_every=lc.eval_every, stop_at=stop_at)
-    publish_model(lc.run_dir, state, lc.steps, cfg,
+    evaluate = heldout_loss(model, tcfg, lm_run)
+    draw = batch_for(lm_run)
+    state, log = fit(state, step, lambda i: jnp.asarray(draw(i)), lm_run.steps,
+                     ckpt_dir=lm_run.run_dir / "train", ckpt_every=lm_run.ckpt_every,
+                     desc=f"lm {lm_run.preset}", progress=progress, evaluate=evaluate,
+                     eval_every=lm_run.eval_every, stop_at=stop_at)
+    publish_model(lm_run.run_dir, state, lm_run.steps, cfg,
                   {"trained": "byte-level LM on the stdlib corpus (code + prose)",
-                   "config": dataclasses.asdict(lc)}, log)
+                   "config": dataclasses.asdict(lm_run)}, log)
     return state.params, log
 
 

@@ -1,8 +1,8 @@
 """Train, save, load and run the routing-path predictor; its forecaster for the `predictive`
 offload policy.
 
-    params, log = train_predictor(ex_train, rcfg, PredictorTrainConfig(...), ckpt_dir=...)
-    save_predictor(out, rcfg, params); rcfg, params = load_predictor(out)
+    params, log = train_predictor(ex_train, rpp_cfg, PredictorTrainConfig(...), ckpt_dir=...)
+    save_predictor(out, rpp_cfg, params); rpp_cfg, params = load_predictor(out)
 
 Training: multi-label BCE (`bce_loss`) over real positions, AdamW with linear warmup + cosine
 decay and separate learning rates for the head (`head_lr`) and the body (`body_lr`) as in
@@ -40,19 +40,19 @@ class PredictorTrainConfig:
     seed: int = 0
 
 
-def optimizer(tc: PredictorTrainConfig) -> optax.GradientTransformation:
+def optimizer(train_cfg: PredictorTrainConfig) -> optax.GradientTransformation:
     def labels(params):
         return {k: jax.tree.map(lambda _: "head" if k == "head" else "body", v)
                 for k, v in params.items()}
-    tx = lambda lr: optax.adamw(warmup_cosine(lr, tc.warmup, tc.steps),
-                                weight_decay=tc.weight_decay)
+    tx = lambda lr: optax.adamw(warmup_cosine(lr, train_cfg.warmup, train_cfg.steps),
+                                weight_decay=train_cfg.weight_decay)
     return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.multi_transform({"head": tx(tc.head_lr), "body": tx(tc.body_lr)},
+                       optax.multi_transform({"head": tx(train_cfg.head_lr), "body": tx(train_cfg.body_lr)},
                                              labels))
 
 
-def loss_fn(rcfg: RPPConfig):
-    model = RoutingPathPredictor(rcfg)
+def loss_fn(rpp_cfg: RPPConfig):
+    model = RoutingPathPredictor(rpp_cfg)
 
     def run(params, batch):
         logits = model.apply({"params": params}, batch["tokens"], batch["mask"])
@@ -61,58 +61,58 @@ def loss_fn(rcfg: RPPConfig):
     return run
 
 
-def batches(ex, tc: PredictorTrainConfig):
+def batches(ex, train_cfg: PredictorTrainConfig):
     def draw(step: int) -> dict:
-        rng = np.random.default_rng(np.random.SeedSequence([tc.seed, step]))
-        i = rng.integers(0, len(ex), tc.batch_size)
+        rng = np.random.default_rng(np.random.SeedSequence([train_cfg.seed, step]))
+        i = rng.integers(0, len(ex), train_cfg.batch_size)
         return {"tokens": jnp.asarray(ex.tokens[i]), "mask": jnp.asarray(ex.mask[i]),
                 "routes": jnp.asarray(ex.routes[i]),
                 "route_mask": jnp.asarray(ex.route_mask[i])}
     return draw
 
 
-def train_predictor(ex, rcfg: RPPConfig, tc: PredictorTrainConfig, ckpt_dir=None,
+def train_predictor(ex, rpp_cfg: RPPConfig, train_cfg: PredictorTrainConfig, ckpt_dir=None,
                     progress: bool = True, stop_at: int | None = None, evaluate=None):
     """Train on Examples `ex`; returns (params, log)."""
-    if (ex.num_layers, ex.num_experts) != (rcfg.num_layers, rcfg.num_experts):
+    if (ex.num_layers, ex.num_experts) != (rpp_cfg.num_layers, rpp_cfg.num_experts):
         raise ValueError(f"examples have (L, E) = ({ex.num_layers}, {ex.num_experts}), the "
-                         f"predictor ({rcfg.num_layers}, {rcfg.num_experts})")
-    if ex.tokens.shape[1] > rcfg.max_prompt or ex.routes.shape[1] - ex.tokens.shape[1] != \
-            rcfg.gen_len:
+                         f"predictor ({rpp_cfg.num_layers}, {rpp_cfg.num_experts})")
+    if ex.tokens.shape[1] > rpp_cfg.max_prompt or ex.routes.shape[1] - ex.tokens.shape[1] != \
+            rpp_cfg.gen_len:
         raise ValueError(f"examples have prompts of {ex.tokens.shape[1]} and "
                          f"{ex.routes.shape[1] - ex.tokens.shape[1]} generated positions; the "
-                         f"predictor takes up to {rcfg.max_prompt} and exactly {rcfg.gen_len}")
-    tx = optimizer(tc)
-    state = TrainState.create(init_predictor(rcfg, tc.seed), tx)
-    state, log = fit(state, make_step(loss_fn(rcfg), tx), batches(ex, tc), tc.steps,
-                     ckpt_dir=ckpt_dir, ckpt_every=max(1, tc.steps // 5), desc="predictor",
+                         f"predictor takes up to {rpp_cfg.max_prompt} and exactly {rpp_cfg.gen_len}")
+    tx = optimizer(train_cfg)
+    state = TrainState.create(init_predictor(rpp_cfg, train_cfg.seed), tx)
+    state, log = fit(state, make_step(loss_fn(rpp_cfg), tx), batches(ex, train_cfg), train_cfg.steps,
+                     ckpt_dir=ckpt_dir, ckpt_every=max(1, train_cfg.steps // 5), desc="predictor",
                      progress=progress, stop_at=stop_at, evaluate=evaluate,
-                     eval_every=max(1, tc.steps // 5) if evaluate else 0)
+                     eval_every=max(1, train_cfg.steps // 5) if evaluate else 0)
     return state.params, log
 
 
 @functools.lru_cache(maxsize=8)
-def _probabilities(rcfg: RPPConfig):
+def _probabilities(rpp_cfg: RPPConfig):
     """The jitted predictor -> probabilities function of one config (compiled once per shape,
     shared by every call: a forecaster runs it at each request batch's admission)."""
-    model = RoutingPathPredictor(rcfg)
+    model = RoutingPathPredictor(rpp_cfg)
     return jax.jit(lambda p, t, m: jax.nn.sigmoid(model.apply({"params": p}, t, m)))
 
 
-def predict(rcfg: RPPConfig, params, tokens, mask, batch: int = 64) -> np.ndarray:
+def predict(rpp_cfg: RPPConfig, params, tokens, mask, batch: int = 64) -> np.ndarray:
     """Probabilities (R, P + G, L, E) float32."""
-    run = _probabilities(rcfg)
+    run = _probabilities(rpp_cfg)
     out = [np.asarray(run(params, jnp.asarray(tokens[s:s + batch]),
                           jnp.asarray(mask[s:s + batch])))
            for s in range(0, len(tokens), batch)]
     return np.concatenate(out)
 
 
-def save_predictor(out, rcfg: RPPConfig, params, metadata: dict | None = None) -> pathlib.Path:
+def save_predictor(out, rpp_cfg: RPPConfig, params, metadata: dict | None = None) -> pathlib.Path:
     """OUT/rpp.json + OUT/params (orbax), written to a temp dir and renamed into place."""
     import orbax.checkpoint as ocp
     with staged(out, replace=True) as tmp:
-        (tmp / "rpp.json").write_text(rcfg.to_json())
+        (tmp / "rpp.json").write_text(rpp_cfg.to_json())
         (tmp / "meta.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
         ckpt = ocp.StandardCheckpointer()
         ckpt.save((tmp / "params").absolute(), params)
@@ -125,10 +125,10 @@ def load_predictor(path) -> tuple[RPPConfig, dict]:
     path = pathlib.Path(path)
     if not (path / "rpp.json").is_file():
         raise FileNotFoundError(f"{path}: not a routing-path predictor (no rpp.json)")
-    rcfg = RPPConfig.from_json((path / "rpp.json").read_text())
-    like = jax.eval_shape(lambda: init_predictor(rcfg))
+    rpp_cfg = RPPConfig.from_json((path / "rpp.json").read_text())
+    like = jax.eval_shape(lambda: init_predictor(rpp_cfg))
     params = ocp.StandardCheckpointer().restore((path / "params").absolute(), like)
-    return rcfg, params
+    return rpp_cfg, params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,26 +143,26 @@ class PredictorShape:
 
 
 def train_from_trace(trace_path, out, shape: PredictorShape = PredictorShape(),
-                     tc: PredictorTrainConfig = PredictorTrainConfig()) -> list[dict]:
+                     train_cfg: PredictorTrainConfig = PredictorTrainConfig()) -> list[dict]:
     """Train a routing-path predictor on one trace file (a 90/10 request split; the validation
     loss is logged), save it to OUT (resuming from OUT.train); returns the log."""
     trace = Trace.load(trace_path)
     ex = examples(trace, shape.gen_len)
-    train, val = ex.split(0.1, tc.seed)
-    rcfg = RPPConfig(len(trace.moe_layers), trace.num_experts, trace.top_k,
+    train, val = ex.split(0.1, train_cfg.seed)
+    rpp_cfg = RPPConfig(len(trace.moe_layers), trace.num_experts, trace.top_k,
                      vocab_size=int(max(trace.token.max() + 1, shape.vocab_size)),
                      d_model=shape.d_model, d_ff=shape.d_ff, gen_len=shape.gen_len,
                      max_prompt=max(shape.max_prompt, ex.tokens.shape[1]), model=trace.model)
     out = pathlib.Path(out)
-    params, log = train_predictor(train, rcfg, tc, ckpt_dir=out.with_name(out.name + ".train"),
-                                  evaluate=validation_loss(rcfg, val))
-    save_predictor(out, rcfg, params, {"trace": str(trace_path), "train": dataclasses.asdict(tc),
+    params, log = train_predictor(train, rpp_cfg, train_cfg, ckpt_dir=out.with_name(out.name + ".train"),
+                                  evaluate=validation_loss(rpp_cfg, val))
+    save_predictor(out, rpp_cfg, params, {"trace": str(trace_path), "train": dataclasses.asdict(train_cfg),
                                        "log": log})
     return log
 
 
-def validation_loss(rcfg: RPPConfig, val):
-    loss = loss_fn(rcfg)
+def validation_loss(rpp_cfg: RPPConfig, val):
+    loss = loss_fn(rpp_cfg)
 
     def evaluate(state) -> dict:
         batch = {"tokens": jnp.asarray(val.tokens), "mask": jnp.asarray(val.mask),
