@@ -51,12 +51,12 @@ from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_se
 from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
 from moex.experiments.efficiency_report import (RESIDENT_JIT, accuracy_md, relative_md, report_md,
                                                 throughput_md, write_plots)
+from moex.experiments.offload_grid import cold_runs
 from moex.experiments.throughput import CompareConfig, run_point
 from moex.generate import Generator
 from moex.measure import tree_bytes, write_outputs
 from moex.model import build
 from moex.nn.decoder import init_cache
-from moex.offload.engine import OffloadEngine
 from moex.offload.forecast import reference_run
 from moex.offload.spec import budget_slots, parse_budget, parse_policy
 from moex.offload.store import ExpertStore
@@ -231,22 +231,33 @@ def routing(study: EfficiencyConfig, m: Model, questions) -> dict | None:
 # -- throughput and memory -----------------------------------------------------------------------
 
 def resident_row(gen, params, cfg, batch: int, seq_len: int, study: EfficiencyConfig) -> dict:
-    resident = CompareConfig(decode_steps=study.decode_steps, warmup=study.warmup, repeats=study.repeats,
-                       seed=study.seed)
+    """The whole jitted model at one grid point: `moex compare`'s measurement, in study rows."""
+    resident = CompareConfig(decode_steps=study.decode_steps, warmup=study.warmup,
+                             repeats=study.repeats, seed=study.seed)
     r = run_point(gen, params, cfg, batch, seq_len, resident)
     device_peak = r.pop("device_peak_bytes")
-    peak = device_peak if device_peak > 0 else r["prefill_peak_bytes"]
-    return {**_keys(cfg, batch, seq_len, RESIDENT_JIT, "100%"),
-            **{k: r[k] for k in ("prefill_tokens_per_s", "prefill_s_median", "prefill_s_min",
-                                 "prefill_s_max", "decode_tokens_per_s", "decode_step_s_median",
-                                 "decode_step_s_min", "decode_step_s_max")},
-            "mc_questions_per_s": batch / r["prefill_s_median"],
-            "param_bytes_experts": r["param_bytes_experts"],
-            "param_bytes_rest": r["param_bytes_rest"],
-            "device_param_bytes": r["param_bytes_experts"] + r["param_bytes_rest"],
-            "kv_cache_bytes": r["kv_cache_bytes"], "peak_device_bytes": peak,
-            "peak_source": "allocator" if device_peak > 0 else "xla-prefill",
-            "hit_rate": 1.0, "bytes_moved": 0, "stall_fraction": 0.0}
+    timing = {k: r[k] for k in TIMING_KEYS}
+    timing["mc_questions_per_s"] = batch / r["prefill_s_median"]
+    return {**_keys(cfg, batch, seq_len, RESIDENT_JIT, "100%"), **timing,
+            **_memory_cells(r["param_bytes_experts"], r["param_bytes_rest"], r["kv_cache_bytes"],
+                            device_peak if device_peak > 0 else r["prefill_peak_bytes"],
+                            "allocator" if device_peak > 0 else "xla-prefill"),
+            **_offload_cells(1.0, 0, 0.0)}
+
+
+TIMING_KEYS = ("prefill_tokens_per_s", "prefill_s_median", "prefill_s_min", "prefill_s_max",
+               "decode_tokens_per_s", "decode_step_s_median", "decode_step_s_min",
+               "decode_step_s_max")
+
+
+def _memory_cells(experts: int, rest: int, kv: int, peak: int, source: str) -> dict:
+    return {"param_bytes_experts": experts, "param_bytes_rest": rest,
+            "device_param_bytes": experts + rest, "kv_cache_bytes": kv,
+            "peak_device_bytes": peak, "peak_source": source}
+
+
+def _offload_cells(hit_rate: float, bytes_moved: int, stall_fraction: float) -> dict:
+    return {"hit_rate": hit_rate, "bytes_moved": bytes_moved, "stall_fraction": stall_fraction}
 
 
 def _keys(cfg, batch, seq_len, policy, budget) -> dict:
@@ -281,23 +292,24 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
                     new_tokens=study.offload_new_tokens).trace()
             budget = parse_budget(label, store.total_bytes)
             slots = budget_slots(budget, store.expert_bytes)
-            cells, eng = offload_point(cfg, store, spec.policy,
-                                       make_forecaster(spec, reference, calibration), budget,
-                                       prompts, study, warmup=slots not in warm)
+            runs, eng = cold_runs(cfg, store, spec.policy,
+                                  make_forecaster(spec, reference, calibration), budget, prompts,
+                                  study.offload_new_tokens, study.offload_repeats,
+                                  warmup=slots not in warm)
             warm.add(slots)
             if spec.policy == "all-resident":
                 reference = eng.trace()
-            rest = tree_bytes(store.dense_params)
+            rest, pool = tree_bytes(store.dense_params), eng.pool.pool_bytes
+            med = lambda key: statistics.median(key(t) for t in runs)
             rows.append({**_keys(cfg, batch, seq, spec.label, label),
-                         **_timing_cells(batch * seq, batch, cells["prefill_s"],
-                                         cells["step_s"]),
-                         "param_bytes_experts": eng.pool.pool_bytes, "param_bytes_rest": rest,
-                         "device_param_bytes": rest + eng.pool.pool_bytes, "kv_cache_bytes": kv,
-                         "peak_device_bytes": rest + eng.pool.pool_bytes + kv,
-                         "peak_source": "accounted",
-                         "hit_rate": statistics.median(cells["hit_rate"]),
-                         "bytes_moved": int(statistics.median(cells["bytes_moved"])),
-                         "stall_fraction": statistics.median(cells["stall_fraction"])})
+                         **_timing_cells(batch * seq, batch, [t["prefill_s"] for t in runs],
+                                         [t["decode_s"] / max(1, t["decode_steps"])
+                                          for t in runs]),
+                         **_memory_cells(pool, rest, kv, rest + pool + kv, "accounted"),
+                         **_offload_cells(med(lambda t: t["hit_rate"]),
+                                          int(med(lambda t: t["bytes_moved"])),
+                                          med(lambda t: t["decode_stall_s"] / t["decode_s"]
+                                              if t["decode_s"] else 0.0))})
     return rows
 
 
@@ -305,28 +317,6 @@ def _offload_prompts(m: Model, study: EfficiencyConfig, questions):
     ids, mask, images = vlm_prompts(m.cfg, m.tokenizer, questions, study.style, study.image_mode,
                                     study.template)
     return ids, mask, jnp.asarray(images)
-
-
-def offload_point(cfg, store, policy: str, forecaster, budget: int, prompts,
-                  study: EfficiencyConfig, warmup: bool) -> tuple[dict, OffloadEngine]:
-    """Per-run measurements of `offload_repeats` cold-pool generates (after one untimed one with
-    `warmup`: a new pool size compiles), and the last engine."""
-    cells = {k: [] for k in ("prefill_s", "step_s", "stall_fraction", "hit_rate",
-                             "bytes_moved")}
-    eng = None
-    for i in range(study.offload_repeats + warmup):
-        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
-        eng.generate(*prompts, max_new_tokens=study.offload_new_tokens, stop_tokens=())
-        t = eng.timings
-        if i < warmup:
-            continue
-        cells["prefill_s"].append(t["prefill_s"])
-        cells["step_s"].append(t["decode_s"] / max(1, t["decode_steps"]))
-        cells["stall_fraction"].append(t["decode_stall_s"] / t["decode_s"] if t["decode_s"]
-                                       else 0.0)
-        cells["hit_rate"].append(eng.core.stats.hit_rate)
-        cells["bytes_moved"].append(eng.pool.bytes_loaded)
-    return cells, eng
 
 
 def _timing_cells(prefill_tokens: int, batch: int, prefill_s: list, step_s: list) -> dict:

@@ -70,7 +70,7 @@ def moex_config(compute: str) -> VLMConfig:
     return VLMConfig(f"bench-mixtral-{compute}", dec).validate()
 
 
-def hf_model(attn: str) -> MixtralForCausalLM:
+def hf_model(attn: str):
     import torch                  # optional dependencies (moex[convert]): torch and
     from transformers import MixtralConfig, MixtralForCausalLM    # transformers
     s = SHAPE
@@ -85,7 +85,7 @@ def hf_model(attn: str) -> MixtralForCausalLM:
     return MixtralForCausalLM(cfg).eval()
 
 
-def params_from_hf(model: MixtralForCausalLM, params) -> dict:
+def params_from_hf(model, params) -> dict:
     """The moex param tree (same structure as `params`) filled with the torch model's weights."""
     s, sd = SHAPE, {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     d, h, kv, dh, f = s["d"], s["heads"], s["kv_heads"], s["head_dim"], s["expert_dim"]

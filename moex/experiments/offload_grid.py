@@ -93,29 +93,33 @@ def prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str 
     return (*left_pad(rows, cfg.pad_token_id), None)
 
 
-def _median(xs):
-    return statistics.median(xs), min(xs), max(xs)
+def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tokens: int,
+              repeats: int, warmup: bool = False) -> tuple[list[dict], OffloadEngine]:
+    """`repeats` greedy generates of `prompts` = (ids, mask, images), each from a cold pool
+    (after one untimed one with `warmup`: a new pool size compiles its slot update and expert
+    pieces): per run the engine's timings, hit rate and bytes loaded; and the last engine."""
+    runs, eng = [], None
+    for i in range(repeats + warmup):
+        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
+        eng.generate(*prompts, max_new_tokens=new_tokens, stop_tokens=())
+        if i >= warmup:
+            runs.append({**eng.timings, "hit_rate": eng.core.stats.hit_rate,
+                         "bytes_moved": eng.pool.bytes_loaded})
+    return runs, eng
 
 
 def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, grid,
               warmup: bool = False) -> tuple[dict, OffloadEngine]:
-    """Medians over `repeats` cold-pool generates (after one untimed one with `warmup`: a new
-    pool size compiles its slot update and expert pieces)."""
-    rates, prefill, stall_fracs = [], [], []
-    eng = None
-    for i in range(grid.repeats + warmup):
-        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
-        eng.generate(ids, mask, images, max_new_tokens=grid.new_tokens, stop_tokens=())
-        t = eng.timings
-        if i < warmup:
-            continue
-        rates.append(ids.shape[0] * t["decode_steps"] / t["decode_s"])
-        prefill.append(int(mask.sum()) / t["prefill_s"])
-        stall_fracs.append(t["decode_stall_s"] / t["decode_s"])
-    med, lo, hi = _median(rates)
-    return {"decode_tok_s": med, "decode_tok_s_min": lo, "decode_tok_s_max": hi,
-            "prefill_tok_s": statistics.median(prefill),
-            "stall_fraction": statistics.median(stall_fracs)}, eng
+    """Decode tokens/s (median, min, max), prefill tokens/s and stall fraction (medians) over
+    `repeats` cold-pool generates."""
+    runs, eng = cold_runs(cfg, store, policy, forecaster, budget, (ids, mask, images),
+                          grid.new_tokens, grid.repeats, warmup)
+    rates = [ids.shape[0] * t["decode_steps"] / t["decode_s"] for t in runs]
+    return {"decode_tok_s": statistics.median(rates), "decode_tok_s_min": min(rates),
+            "decode_tok_s_max": max(rates),
+            "prefill_tok_s": statistics.median(int(mask.sum()) / t["prefill_s"] for t in runs),
+            "stall_fraction": statistics.median(t["decode_stall_s"] / t["decode_s"]
+                                                for t in runs)}, eng
 
 
 def run(grid: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], list[str]]:
