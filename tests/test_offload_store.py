@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moex.nn.experts import experts_ragged
+from moex.nn.experts import experts_routed
 from moex.nn.routing import route
 from moex.offload import ExpertStore, SlotPool, moe_layers
 from tests.helpers import tiny
@@ -51,9 +51,9 @@ def test_compute_through_slots_is_exact_and_never_recompiles(store):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 9, cfg.decoder.d_model)), jnp.float32)
     r = route(jnp.asarray(rng.normal(size=(2, 9, e)), jnp.float32), top_k=2, renormalize=True)
-    for impl in ("blocked", "ragged_dot"):
-        f = jax.jit(lambda p, x, r, slot_of: experts_ragged(p, x, r, "swiglu", jnp.float32,
-                                                              impl, slot_of))
+    for grouped_matmul in ("blocked", "ragged_dot"):
+        f = jax.jit(lambda p, x, r, slot_of: experts_routed(p, x, r, "swiglu", jnp.float32,
+                                                              "auto", grouped_matmul, slot_of))
         # reference: the same compiled function on the stacked experts, expert e in slot e
         want = f(experts, x, r, jnp.arange(e, dtype=jnp.int32))
         sizes = []

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moex.config import MoEConfig
-from moex.nn.experts import (experts_all, experts_dense, experts_ragged, experts_soft_gated,
+from moex.nn.experts import (experts_all, experts_routed, experts_soft_gated,
                              init_expert_params)
 from moex.nn.layers import MLP, Dense
 from moex.nn.routing import Router, load_balance_loss, router_z_loss
@@ -82,10 +82,8 @@ class HardMoE(nn.Module):
                          name="router")(x, token_mask)
         params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                               self.param_dtype, self.out_dim, name="experts")(x.shape[-1])
-        if c.compute == "ragged":
-            y = experts_ragged(params, x, routing, self.activation, self.dtype, c.grouped_matmul)
-        else:
-            y = experts_dense(params, x, routing, self.activation, self.dtype)
+        y = experts_routed(params, x, routing, self.activation, self.dtype, c.compute,
+                           c.grouped_matmul)
         if c.num_shared_experts:
             shared = MLP(c.num_shared_experts * c.shared_dim, self.activation, self.use_bias,
                          self.dtype, self.param_dtype, self.out_dim, name="shared_experts")(x)

@@ -39,7 +39,7 @@ from moex.generate import (GREEDY, GenerationResult, Sampling, check_inputs, res
 from moex.model import build
 from moex.nn.attention import Attention
 from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_cache
-from moex.nn.experts import pair_outputs
+from moex.nn.experts import PAIR_COMPUTE, pair_outputs
 from moex.nn.layers import MLP, Dense, make_norm
 from moex.nn.routing import Router
 from moex.nn.vlm import splice_image_tokens
@@ -57,22 +57,10 @@ class EngineStats:
     stall_per_layer: dict = dataclasses.field(default_factory=dict)
 
 
-def expert_pairs(pool, h, routing, active, slot_of, activation, dtype, impl):
-    """Outputs (B*T, K, D) of the token-expert pairs whose expert is active (others 0).
-
-    The route (`moex.nn.experts.pair_path`, pooled: gathered or sorted pairs) depends on shapes
-    only, never on the pool or the round, and inactive pairs are dropped before sorting, so the
-    active experts' rows go through the same row windows as when every expert is active: a
-    pair's output does not depend on the round or the budget.
-    """
-    b, t, d = h.shape
-    k = routing.expert_ids.shape[-1]
-    e = routing.num_experts
-    xf = h.reshape(b * t, d).astype(dtype)
-    ids = routing.expert_ids.reshape(-1)
-    keep = routing.kept.reshape(-1) & active[ids]
-    pairs = pair_outputs(pool, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
-    return pairs.reshape(b * t, k, -1)
+def pair_compute(compute: str) -> str:
+    """The route the engine computes a MoE layer's pairs by: the config's, except that the
+    one-hot reference 'dense' (no per-pair outputs to fill in rounds) runs as 'auto'."""
+    return compute if compute in PAIR_COMPUTE else "auto"
 
 
 class Pieces:
@@ -117,8 +105,9 @@ class Pieces:
         d = self.cfg.decoder
 
         def run(pool, slot_of, active, acc, h, routing):
-            pairs = expert_pairs(pool, h, routing, active, slot_of, d.activation, self.dtype,
-                                 d.moe.grouped_matmul)
+            pairs = pair_outputs(pool, h, routing, d.activation, self.dtype,
+                                 pair_compute(d.moe.compute), d.moe.grouped_matmul, slot_of,
+                                 active)
             mine = active[routing.expert_ids.reshape(acc.shape[:2])]
             return jnp.where(mine[..., None], pairs, acc)
         return jax.jit(run, donate_argnums=(3,))

@@ -10,7 +10,7 @@ Shape letters: L_moe MoE layers, E experts per layer, S device slots, D width, F
                expert is an async `jax.device_put` of its host arrays plus an in-place (donated)
                slot update compiled once. `slot_table(layer)` maps that layer's experts to slots
                (-1: not resident); expert compute reads weights through it
-               (`moex.nn.experts.experts_ragged(..., slot_of=...)`), so cache changes never
+               (`moex.nn.experts.pair_outputs(..., slot_of=...)`), so cache changes never
                recompile.
 
 The pool never holds more than its byte budget: S = floor(budget / bytes of one expert).
