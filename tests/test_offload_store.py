@@ -73,7 +73,24 @@ def test_slot_bookkeeping_on_move_and_replace(store):
     pool = SlotPool(store, 2 * store.expert_bytes)
     pool.load((layer, 0), 0)
     pool.load((layer, 0), 1)                              # moved: slot 0 is free again
-    assert pool.owner == [None, (layer, 0)] and pool.slot_table(layer)[0] == 1
+    assert pool.first_free_slot() == 0 and pool.resident() == {(layer, 0)}
+    assert pool.slot_table(layer)[0] == 1
     pool.load((layer, 1), 1)                              # replaced: expert 0 not resident
     assert pool.slot_table(layer).tolist()[:2] == [-1, 1]
-    assert pool.slot_of == {(layer, 1): 1}
+    assert pool.resident() == {(layer, 1)} and not pool.is_resident((layer, 0))
+
+
+def test_load_takes_the_first_free_slot_and_free_releases_it(store):
+    layer = store.layers[0]
+    pool = SlotPool(store, 2 * store.expert_bytes)
+    pool.load((layer, 2))
+    pool.load((layer, 3))
+    assert pool.slot_table(layer).tolist()[2:4] == [0, 1] and pool.first_free_slot() is None
+    with pytest.raises(ValueError, match="no free slot"):
+        pool.load((layer, 0))
+    pool.free((layer, 2))
+    assert pool.first_free_slot() == 0 and pool.resident() == {(layer, 3)}
+    pool.load((layer, 0))
+    assert pool.slot_table(layer).tolist()[:4] == [0, -1, -1, 1]
+    with pytest.raises(KeyError, match="not in the pool"):
+        pool.free((layer, 2))

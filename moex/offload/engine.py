@@ -208,7 +208,7 @@ class OffloadEngine:
 
     # -- copies -----------------------------------------------------------------------------------
     def _free(self, key) -> None:
-        self.pool.owner[self.pool.slot_of.pop(key)] = None
+        self.pool.free(key)
         self._inflight.pop(key, None)
 
     def _execute(self, loads) -> None:
@@ -216,8 +216,7 @@ class OffloadEngine:
         for load in loads:
             if load.victim is not None:
                 self._free(load.victim)
-            slot = self.pool.owner.index(None)
-            self._inflight[load.key] = self.pool.load(load.key, slot)
+            self._inflight[load.key] = self.pool.load(load.key)
 
     def _wait(self, layer: int, experts) -> None:
         staged = [self._inflight.pop((layer, e)) for e in sorted(experts)
@@ -235,7 +234,7 @@ class OffloadEngine:
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            jax.block_until_ready(jax.device_put(self.store.host[key], self.pool._device))
+            jax.block_until_ready(jax.device_put(self.store.host[key], self.pool.sharding))
             times.append(time.perf_counter() - start)
         self.stats.copy_s_per_expert = statistics.median(times[1:])
         return self.stats.copy_s_per_expert
@@ -259,7 +258,7 @@ class OffloadEngine:
                               None if images is None else jnp.asarray(images))
         # committed to the pool's device like everything computed from the pool, so each piece
         # sees one argument placement (and compiles once)
-        x = jax.device_put(x, self.pool._device)
+        x = jax.device_put(x, self.pool.sharding)
         valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
         from_zero = cache is None or fresh_cache
         caches = [None] * d.num_layers if cache is None else cache["layers"]
@@ -298,7 +297,7 @@ class OffloadEngine:
         b, t, _ = h.shape
         k = routing.expert_ids.shape[-1]
         acc = jax.device_put(jnp.zeros((b * t, k, self.pool.arrays["w_down"].shape[-1]),
-                                       self.dtype), self.pool._device)
+                                       self.dtype), self.pool.sharding)
         for key in plan.dropped:
             self._free(key)
         for r in plan.rounds:
