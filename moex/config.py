@@ -379,11 +379,11 @@ def _small_soft():
                      description="CPU benchmark-size soft-MoE VLM")
 
 
-# --- learning size on CPU: the main job trains these in minutes ---------------------------------
+# --- learning size on CPU: the main job trains these -------------------------------------------
 # Sized with the task (moex.data.synthetic) and its word tokenizer (moex.data.vocab, 65 words):
 # 48 px images in 8 px patches -> 36 image tokens, plus ~30-40 text tokens per question, and ~1M
-# parameters, so a training step of 64 questions takes a few tenths of a second on 2 cores. The
-# vision tower feeds the projector from its last block (feature_layer -1), so its MoE blocks run.
+# parameters, small enough to train on 2 CPU cores. The vision tower feeds the projector from its
+# last block (feature_layer -1), so its MoE blocks run.
 # mini-hard and mini-soft are mini-dense sparsely upcycled (moex.upcycle; `moex upcycle
 # runs/vlm/mini-dense/model OUT --like mini-hard`): hard = 4 copies of each decoder FFN, top-2
 # renormalised, and 4 copies of the odd vision MLPs; soft = each decoder FFN split into 4

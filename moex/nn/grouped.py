@@ -11,9 +11,9 @@ GROUPED_MATMUL, the `MoEConfig.grouped_matmul` field):
   blocked     a loop over the groups; each group's rows go through its matrix in
               windows of 512 rows, then one window of 32, 64, ..., 512 rows covers the rest
               (rows of a window outside the group keep their value). Every window is one GEMM of
-              at least 32 rows (XLA's CPU GEMMs reach their speed from about 128 rows on; a tail
-              of many small windows would reread the weights for few rows), at the price of under
-              32 padding rows per group: the fast path on CPU.
+              at least 32 rows (a tail of many small windows would reread the weights for few
+              rows, and small GEMMs run below XLA's CPU peak), at the price of under 32 padding
+              rows per group: the fast path on CPU.
               Its loops have data-dependent trip counts, so it is for inference (no reverse-mode
               gradient); training computes experts by the one-hot einsum (compute 'dense', see
               moex.training).
@@ -93,7 +93,7 @@ def blocked_map(x, group_sizes, group_fn, n_out: int, num_groups: int):
     starts = ends - sizes
     big = min(BIG_ROWS, m)
     tails = tail_rows(m, big, TAIL_STEP)
-    # XLA's CPU backend runs the loop several times slower when a window spans the whole array
+    # XLA's CPU backend runs the loop much slower when a window spans the whole array
     # (M <= BIG_ROWS: decode steps, short prompts, the vision tower), so give x SPARE_ROWS more
     # rows, in no group: every window then covers part of it only
     spare = SPARE_ROWS if big == m else 0

@@ -13,6 +13,8 @@ A forward (prefill or decode step):
      experts, waits for the copies of the experts the round needs (that wait is the *stall*) and
      runs the round's experts through the expert->slot table; after the layer's compute is
      dispatched it issues the prefetches, which overlap that compute and the next attention.
+Every piece runs the model's own moex.nn modules on the model's params (`LayerPieces`); the
+experts' pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
 Expert outputs are kept per token-expert pair, each round filling its experts' pairs, and
 combined once, so rounds, budgets and policies all run the same compiled pieces on the same
 weights: logits are bitwise identical across them. `stream` records the visits (with their
