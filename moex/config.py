@@ -54,14 +54,24 @@ class MoEConfig:
     routed_scaling: float = 1.0          # DeepSeek-V2 `routed_scaling_factor` on routed weights
     num_groups: int = 1                  # DeepSeek-V2 group-limited greedy: experts in G groups,
     topk_groups: int = 1                 # only the top `topk_groups` groups (by max score) eligible
-    compute: Literal["ragged", "dense"] = "ragged"  # hard MoE: grouped matmul or one-hot einsum
-    grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"  # see moex.nn.grouped
+    compute: str = "auto"                # hard MoE: how routed pairs are computed, one of
+                                         # moex.nn.experts.COMPUTE (sorted / gather / broadcast
+                                         # pairs, 'auto' picks by shape; 'dense' one-hot einsum)
+    grouped_matmul: str = "auto"         # the sorted route's kernel, one of
+                                         # moex.nn.grouped.GROUPED_MATMUL
 
     def is_moe_layer(self, i: int) -> bool:
         return (self.kind != "dense" and i >= self.first_k_dense
                 and i % self.every_n == self.layer_offset and i not in self.dense_layers)
 
     def validate(self, where: str) -> None:
+        # the vocabularies live with the code that computes them (moex.nn imports this module)
+        from moex.nn.experts import COMPUTE
+        from moex.nn.grouped import GROUPED_MATMUL
+        if self.compute not in COMPUTE or self.grouped_matmul not in GROUPED_MATMUL:
+            raise ValueError(f"{where}: compute must be one of {COMPUTE} and grouped_matmul one "
+                             f"of {GROUPED_MATMUL}; found {self.compute!r} and "
+                             f"{self.grouped_matmul!r}")
         if self.kind == "dense":
             return
         if self.num_experts < 1 or self.expert_dim < 1:
@@ -225,8 +235,23 @@ class VLMConfig:
         return config_from_dict(raw)
 
 
+# MoE field -> {value older moex wrote: today's value}. compute "ragged" (sorted pairs, or for
+# few tokens gathered / broadcast ones, chosen by shape) is today's "auto".
+LEGACY_MOE_VALUES = {"compute": {"ragged": "auto"}}
+
+
+def upgrade_moe_fields(moe: dict) -> dict:
+    """The fields of a MoEConfig dict as written by any moex version, in today's values."""
+    out = dict(moe)
+    for field, renamed in LEGACY_MOE_VALUES.items():
+        if out.get(field) in renamed:
+            out[field] = renamed[out[field]]
+    return out
+
+
 def config_from_dict(raw: dict) -> VLMConfig:
-    """Inverse of dataclasses.asdict for VLMConfig (tuples restored, unknown keys rejected)."""
+    """Inverse of dataclasses.asdict for VLMConfig (tuples restored, unknown keys rejected,
+    MoE values of older moex versions mapped by LEGACY_MOE_VALUES)."""
 
     def build(cls, d):
         if d is None:
@@ -239,7 +264,7 @@ def config_from_dict(raw: dict) -> VLMConfig:
         kw = {}
         for k, v in d.items():
             if k == "moe":
-                v = build(MoEConfig, v)
+                v = build(MoEConfig, upgrade_moe_fields(v))
             elif k in ("dense_layers", "image_mean", "image_std"):
                 v = tuple(v)
             kw[k] = v
@@ -354,11 +379,11 @@ def _small_soft():
                      description="CPU benchmark-size soft-MoE VLM")
 
 
-# --- learning size on CPU: the main job trains these in minutes ---------------------------------
+# --- learning size on CPU: the main job trains these -------------------------------------------
 # Sized with the task (moex.data.synthetic) and its word tokenizer (moex.data.vocab, 65 words):
 # 48 px images in 8 px patches -> 36 image tokens, plus ~30-40 text tokens per question, and ~1M
-# parameters, so a training step of 64 questions takes a few tenths of a second on 2 cores. The
-# vision tower feeds the projector from its last block (feature_layer -1), so its MoE blocks run.
+# parameters, small enough to train on 2 CPU cores. The vision tower feeds the projector from its
+# last block (feature_layer -1), so its MoE blocks run.
 # mini-hard and mini-soft are mini-dense sparsely upcycled (moex.upcycle; `moex upcycle
 # runs/vlm/mini-dense/model OUT --like mini-hard`): hard = 4 copies of each decoder FFN, top-2
 # renormalised, and 4 copies of the odd vision MLPs; soft = each decoder FFN split into 4

@@ -52,6 +52,20 @@ def test_config_errors_name_the_field():
         cfg.replace(decoder=cfg.decoder.__class__(num_heads=4, num_kv_heads=3)).validate()
 
 
+def test_config_json_of_older_moex_loads():
+    """config.json written before the compute vocabulary says compute "ragged": today "auto"."""
+    cfg = get_config("tiny-hard")
+    old = json.loads(cfg.to_json())
+    for part in ("decoder", "vision"):
+        old[part]["moe"]["compute"] = "ragged"
+    assert VLMConfig.from_json(json.dumps(old)) == cfg
+    assert cfg.decoder.moe.compute == "auto"
+    old["decoder"]["moe"]["compute"] = "scatter"
+    with pytest.raises(ValueError, match=r"decoder.moe: compute must be one of \('auto', "
+                                         r"'sorted', 'gather', 'broadcast', 'dense'\)"):
+        VLMConfig.from_json(json.dumps(old))
+
+
 def test_moe_layer_selection():
     qwen = get_config("qwen1.5-moe-a2.7b").decoder.moe
     assert all(qwen.is_moe_layer(i) for i in range(24))

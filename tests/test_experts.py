@@ -1,5 +1,5 @@
-"""The expert paths agree: ragged_dot == blocked (sorted, gathered, broadcast pairs) == dense
-one-hot einsum == plain loop over experts."""
+"""The expert computes agree: sorted pairs (ragged_dot and blocked kernels) == gathered pairs ==
+broadcast pairs == dense one-hot einsum == plain loop over experts."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ from hypothesis import given, settings, strategies as st
 
 import pytest
 
-from moex.nn.experts import (BROADCAST_TOKENS, experts_dense, experts_loop, experts_ragged,
-                             pair_path)
+from moex.nn.experts import (BROADCAST_TOKENS, COMPUTE, experts_loop, experts_routed,
+                             resolve_compute)
 from moex.nn.routing import route
 
 
@@ -27,15 +27,14 @@ def make_params(rng, e, d, f, activation, bias, out=None):
     return {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
 
 
-def check_all_paths(x, routing, params, activation):
+def check_every_compute(x, routing, params, activation):
     loop = experts_loop(params, x, routing, activation)
-    for impl, path in (("ragged_dot", "sorted"), ("blocked", "sorted"), ("blocked", "gather"),
-                       ("blocked", "broadcast"), ("blocked", "auto")):
-        ragged = jax.jit(experts_ragged, static_argnums=(3, 4, 5, 7))(
-            params, x, routing, activation, jnp.float32, impl, None, path)
-        np.testing.assert_allclose(ragged, loop, atol=1e-5, rtol=1e-5, err_msg=f"{impl} {path}")
-    dense = jax.jit(experts_dense, static_argnums=(3,))(params, x, routing, activation)
-    np.testing.assert_allclose(dense, loop, atol=1e-5, rtol=1e-5)
+    # the kernel matters to the sorted route only (and to which route 'auto' picks)
+    for compute, grouped_matmul in [(c, "blocked") for c in COMPUTE] + [("sorted", "ragged_dot")]:
+        y = jax.jit(experts_routed, static_argnums=(3, 4, 5, 6))(
+            params, x, routing, activation, jnp.float32, compute, grouped_matmul)
+        np.testing.assert_allclose(y, loop, atol=1e-5, rtol=1e-5,
+                                   err_msg=f"{compute} {grouped_matmul}")
     return loop
 
 
@@ -52,10 +51,10 @@ def test_empty_expert_and_uneven_loads():
     counts = np.bincount(np.asarray(r.expert_ids).ravel(), minlength=e)
     assert counts[3] == 0 and counts[0] > counts[2] > 0
     params = make_params(rng, e, d, 16, "swiglu", bias=False)
-    check_all_paths(x, r, params, "swiglu")
+    check_every_compute(x, r, params, "swiglu")
 
 
-def test_capacity_dropping_all_paths_agree_and_drop():
+def test_capacity_dropping_every_compute_agrees_and_drops():
     rng = np.random.default_rng(1)
     g, s, d, e = 1, 8, 8, 2
     x = jnp.asarray(rng.normal(size=(g, s, d)), jnp.float32)
@@ -63,7 +62,7 @@ def test_capacity_dropping_all_paths_agree_and_drop():
     r = route(logits, top_k=1, renormalize=False, capacity_factor=1.0)       # C = 4
     assert int(r.kept.sum()) == 4
     params = make_params(rng, e, d, 16, "relu", bias=True)
-    out = check_all_paths(x, r, params, "relu")
+    out = check_every_compute(x, r, params, "relu")
     np.testing.assert_array_equal(out[0, 4:], 0.0)      # dropped tokens get no expert output
 
 
@@ -72,7 +71,7 @@ def test_different_output_width():
     x = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
     r = route(jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32), top_k=2, renormalize=True)
     params = make_params(rng, 3, 6, 12, "gelu", bias=True, out=10)
-    assert check_all_paths(x, r, params, "gelu").shape == (2, 5, 10)
+    assert check_every_compute(x, r, params, "gelu").shape == (2, 5, 10)
 
 
 @settings(max_examples=20, deadline=None)
@@ -80,7 +79,7 @@ def test_different_output_width():
        cf=st.sampled_from([None, 0.5, 1.0, 1.25, 2.0]),
        activation=st.sampled_from(["swiglu", "gelu", "relu"]), bias=st.booleans(),
        seed=st.integers(0, 2**16), masked=st.booleans())
-def test_paths_agree_random(g, s, e, k, cf, activation, bias, seed, masked):
+def test_computes_agree_random(g, s, e, k, cf, activation, bias, seed, masked):
     k = min(k, e)
     rng = np.random.default_rng(seed)
     d, f = 4, 8
@@ -88,22 +87,23 @@ def test_paths_agree_random(g, s, e, k, cf, activation, bias, seed, masked):
     mask = jnp.asarray(rng.random((g, s)) > 0.3) if masked else None
     r = route(jnp.asarray(rng.normal(size=(g, s, e)) * 2, jnp.float32), top_k=k,
               renormalize=bool(seed % 2), capacity_factor=cf, token_mask=mask)
-    check_all_paths(x, r, make_params(rng, e, d, f, activation, bias), activation)
+    check_every_compute(x, r, make_params(rng, e, d, f, activation, bias), activation)
 
 
-def test_pair_path_by_size():
-    # E = 8, K = 2: batch-1 decode gathers, batched decode broadcasts, prompts sort
-    assert pair_path(1, 2, 8, "blocked") == "gather"
-    assert pair_path(2, 2, 8, "blocked") == "broadcast"
-    assert pair_path(BROADCAST_TOKENS, 2, 8, "blocked") == "broadcast"
-    assert pair_path(BROADCAST_TOKENS + 1, 2, 8, "blocked") == "sorted"
-    assert pair_path(4, 2, 8, "ragged_dot") == "sorted"          # a grouped GEMM off CPU
+def test_auto_compute_by_size():
+    # E = 8, K = 2, blocked kernel: batch-1 decode gathers, batched decode broadcasts, prompts sort
+    assert resolve_compute("auto", 1, 2, 8, "blocked") == "gather"
+    assert resolve_compute("auto", 2, 2, 8, "blocked") == "broadcast"
+    assert resolve_compute("auto", BROADCAST_TOKENS, 2, 8, "blocked") == "broadcast"
+    assert resolve_compute("auto", BROADCAST_TOKENS + 1, 2, 8, "blocked") == "sorted"
+    assert resolve_compute("auto", 4, 2, 8, "ragged_dot") == "sorted"   # a grouped GEMM off CPU
     # from a slot pool (every layer's experts): gather up to E/2 pairs, else sort
-    assert pair_path(2, 2, 8, "blocked", pooled=True) == "gather"
-    assert pair_path(3, 2, 8, "blocked", pooled=True) == "sorted"
-    assert pair_path(512, 2, 8, "blocked", path="broadcast") == "broadcast"
+    assert resolve_compute("auto", 2, 2, 8, "blocked", pooled=True) == "gather"
+    assert resolve_compute("auto", 3, 2, 8, "blocked", pooled=True) == "sorted"
+    assert resolve_compute("broadcast", 512, 2, 8, "blocked") == "broadcast"
+    assert resolve_compute("dense", 1, 2, 8, "blocked") == "dense"
     with pytest.raises(ValueError, match="'scatter'"):
-        pair_path(4, 2, 8, "blocked", path="scatter")
+        resolve_compute("scatter", 4, 2, 8, "blocked")
 
 
 def test_broadcast_reads_pool_slots():
@@ -117,5 +117,5 @@ def test_broadcast_reads_pool_slots():
     pool = {n: v[order] for n, v in params.items()}
     slot_of = jnp.asarray(np.argsort(order), jnp.int32)
     want = experts_loop(params, x, r, "swiglu")
-    got = experts_ragged(pool, x, r, "swiglu", jnp.float32, "blocked", slot_of, "broadcast")
+    got = experts_routed(pool, x, r, "swiglu", jnp.float32, "broadcast", "blocked", slot_of)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -57,6 +57,6 @@ def test_tail_window_sizes():
     assert tail_rows(3, 128, 32) == (3,)
 
 
-def test_unknown_impl_is_named():
-    with pytest.raises(ValueError, match="blocked"):
+def test_unknown_kernel_is_named():
+    with pytest.raises(ValueError, match="grouped_matmul must be one of.*blocked.*'magic'"):
         grouped_matmul(jnp.ones((2, 2)), jnp.ones((1, 2, 2)), jnp.asarray([2]), "magic")

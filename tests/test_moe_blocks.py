@@ -32,13 +32,14 @@ def test_shared_experts_added_to_routed_output(shared_gate):
     assert aux["expert_ids"].shape == (2, 7, 2)
 
 
-def test_ragged_and_dense_blocks_agree():
+def test_every_compute_of_the_block_agrees():
     cfg = MoEConfig(kind="hard", num_experts=5, top_k=2, expert_dim=8)
     params = HardMoE(cfg, "gelu", use_bias=True).init(jax.random.key(1), X)["params"]
     mask = jnp.asarray([[True] * 7, [False] * 3 + [True] * 4])
     outs = [HardMoE(dataclasses.replace(cfg, compute=c, grouped_matmul=g), "gelu", use_bias=True)
             .apply({"params": params}, X, mask)[0]
-            for c, g in (("ragged", "blocked"), ("ragged", "ragged_dot"), ("dense", "auto"))]
+            for c, g in (("auto", "blocked"), ("sorted", "blocked"), ("sorted", "ragged_dot"),
+                         ("gather", "auto"), ("broadcast", "auto"), ("dense", "auto"))]
     for o in outs[1:]:
         np.testing.assert_allclose(o, outs[0], atol=1e-5)
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moex.nn.experts import experts_ragged
+from moex.nn.experts import experts_routed
 from moex.nn.routing import route
 from moex.offload import ExpertStore, SlotPool, moe_layers
 from tests.helpers import tiny
@@ -51,9 +51,9 @@ def test_compute_through_slots_is_exact_and_never_recompiles(store):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(2, 9, cfg.decoder.d_model)), jnp.float32)
     r = route(jnp.asarray(rng.normal(size=(2, 9, e)), jnp.float32), top_k=2, renormalize=True)
-    for impl in ("blocked", "ragged_dot"):
-        f = jax.jit(lambda p, x, r, slot_of: experts_ragged(p, x, r, "swiglu", jnp.float32,
-                                                              impl, slot_of))
+    for grouped_matmul in ("blocked", "ragged_dot"):
+        f = jax.jit(lambda p, x, r, slot_of: experts_routed(p, x, r, "swiglu", jnp.float32,
+                                                              "auto", grouped_matmul, slot_of))
         # reference: the same compiled function on the stacked experts, expert e in slot e
         want = f(experts, x, r, jnp.arange(e, dtype=jnp.int32))
         sizes = []
@@ -73,7 +73,24 @@ def test_slot_bookkeeping_on_move_and_replace(store):
     pool = SlotPool(store, 2 * store.expert_bytes)
     pool.load((layer, 0), 0)
     pool.load((layer, 0), 1)                              # moved: slot 0 is free again
-    assert pool.owner == [None, (layer, 0)] and pool.slot_table(layer)[0] == 1
+    assert pool.first_free_slot() == 0 and pool.resident() == {(layer, 0)}
+    assert pool.slot_table(layer)[0] == 1
     pool.load((layer, 1), 1)                              # replaced: expert 0 not resident
     assert pool.slot_table(layer).tolist()[:2] == [-1, 1]
-    assert pool.slot_of == {(layer, 1): 1}
+    assert pool.resident() == {(layer, 1)} and not pool.is_resident((layer, 0))
+
+
+def test_load_takes_the_first_free_slot_and_free_releases_it(store):
+    layer = store.layers[0]
+    pool = SlotPool(store, 2 * store.expert_bytes)
+    pool.load((layer, 2))
+    pool.load((layer, 3))
+    assert pool.slot_table(layer).tolist()[2:4] == [0, 1] and pool.first_free_slot() is None
+    with pytest.raises(ValueError, match="no free slot"):
+        pool.load((layer, 0))
+    pool.free((layer, 2))
+    assert pool.first_free_slot() == 0 and pool.resident() == {(layer, 3)}
+    pool.load((layer, 0))
+    assert pool.slot_table(layer).tolist()[:4] == [0, -1, -1, 1]
+    with pytest.raises(KeyError, match="not in the pool"):
+        pool.free((layer, 2))

@@ -74,31 +74,51 @@ def advance_cache(cache: dict, valid, new_layers) -> dict:
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then + ffn(norm(x)); with parallel_block (Phi) one norm
+    feeds both: x + attn(norm(x)) + ffn(norm(x)). `attend` and `ffn_input` are the steps of a
+    sequential block, which the offload engine runs around its own expert compute."""
+
     cfg: DecoderConfig
     layer: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        c = self.cfg
+        norm = lambda: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype)
+        self.attn_norm = norm()
+        if c.attention == "mla":
+            self.attn = LatentAttention(c, self.dtype, self.param_dtype)
+        else:
+            self.attn = Attention(c.num_heads, c.num_kv_heads, c.dim_per_head, c.rope_theta,
+                                  c.rotary_pct, c.qkv_bias, c.out_bias, self.dtype,
+                                  self.param_dtype, c.qk_norm, c.norm_eps, c.rope_interleaved)
+        if not c.parallel_block:
+            self.ffn_norm = norm()
+        self.ffn = make_ffn(c.moe, self.layer, c.ffn_dim, c.activation, c.mlp_bias, self.dtype,
+                            self.param_dtype, causal=True, name=None)
+
+    def attend(self, x, mask, positions, cache=None, cache_index=None,
+               causal_from_zero: bool = False):
+        """x (B, T, D) -> (x + attention(attn_norm(x)), new layer cache or None)."""
+        a, cache = self.attn(self.attn_norm(x), mask, positions, cache, cache_index,
+                             causal_from_zero)
+        return x + a, cache
+
+    def ffn_input(self, x):
+        """x (B, T, D) after attention -> the FFN's input ffn_norm(x) (sequential blocks)."""
+        return self.ffn_norm(x)
+
     def __call__(self, x, mask, positions, token_mask, cache=None, cache_index=None,
                  causal_from_zero: bool = False):
-        c = self.cfg
-        norm = lambda name: make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, name)
-        if c.attention == "mla":
-            attn = LatentAttention(c, self.dtype, self.param_dtype, name="attn")
-        else:
-            attn = Attention(c.num_heads, c.num_kv_heads, c.dim_per_head, c.rope_theta,
-                             c.rotary_pct, c.qkv_bias, c.out_bias, self.dtype, self.param_dtype,
-                             c.qk_norm, c.norm_eps, c.rope_interleaved, name="attn")
-        ffn = make_ffn(c.moe, self.layer, c.ffn_dim, c.activation, c.mlp_bias, self.dtype,
-                       self.param_dtype, causal=True)
-        h = norm("attn_norm")(x)
-        a, cache = attn(h, mask, positions, cache, cache_index, causal_from_zero)
-        if c.parallel_block:                       # Phi: one norm feeds attention and MLP
-            f, aux = ffn(h, token_mask)
+        """Returns (x (B, T, D), new layer cache or None, the FFN's aux)."""
+        if self.cfg.parallel_block:                # Phi: one norm feeds attention and MLP
+            h = self.attn_norm(x)
+            a, cache = self.attn(h, mask, positions, cache, cache_index, causal_from_zero)
+            f, aux = self.ffn(h, token_mask)
             return x + a + f, cache, aux
-        x = x + a
-        f, aux = ffn(norm("ffn_norm")(x), token_mask)
+        x, cache = self.attend(x, mask, positions, cache, cache_index, causal_from_zero)
+        f, aux = self.ffn(self.ffn_input(x), token_mask)
         return x + f, cache, aux
 
 
@@ -118,6 +138,7 @@ class Decoder(nn.Module):
             self.lm_head = Dense(c.vocab_size, c.lm_head_bias, self.dtype, self.param_dtype)
 
     def embed(self, tokens):
+        """tokens (B, T) int -> embeddings (B, T, D)."""
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def __call__(self, x, token_mask, cache=None, last_only: bool = False,
@@ -137,12 +158,16 @@ class Decoder(nn.Module):
             x, lc, a = layer(x, mask, positions, valid, lc, index, from_zero)
             new_layers.append(lc)
             aux.append(a)
-        if last_only:
-            x = x[:, -1:]
+        logits = self.head(x[:, -1:] if last_only else x)
+        new_cache = None if cache is None else advance_cache(cache, valid, new_layers)
+        return logits, new_cache, aux
+
+    def head(self, x):
+        """Hidden states (B, T, D) -> logits (B, T, V) float32: the final norm, then the tied
+        embedding or the LM head (with its bias, if any)."""
         x = self.final_norm(x)
         if self.cfg.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
         else:
             logits = self.lm_head(x)
-        new_cache = None if cache is None else advance_cache(cache, valid, new_layers)
-        return logits.astype(jnp.float32), new_cache, aux
+        return logits.astype(jnp.float32)

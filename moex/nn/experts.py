@@ -1,4 +1,4 @@
-"""Expert computation for hard routing: three computations that must agree.
+"""Expert computation for hard routing: several computations that must agree.
 
 Shape letters: G groups, S tokens per group, D model width, E experts, F expert width, K choices per
 token, C capacity, N = G*S*K token-expert pairs.
@@ -7,21 +7,26 @@ Expert params are a plain dict, stacked over experts:
   w_up (E, D, F), w_gate (E, D, F) [swiglu only], w_down (E, F, D), and with biases
   b_up (E, F), b_gate (E, F), b_down (E, D).
 
-  ragged  sort the N pairs by expert, one grouped matmul per weight (`jax.lax.ragged_dot`
-          semantics; see moex.nn.grouped for its CPU implementation), unsort, weighted sum over
-          K. Dropless, FLOPs of the chosen pairs only; the fast path. On CPU (the blocked
-          implementation) few tokens take one of two other routes, chosen by `pair_path`:
-            gather     each pair's weights gathered (at most E/4 pairs: batch-1 decode);
-            broadcast  every expert on every token, as batched matmuls that read each expert's
-                       weights in place (at most BROADCAST_TOKENS tokens: batched decode; not
-                       from a slot pool, which holds other layers' experts too). The
-                       blocked loop copies each expert's weights out of the stack and runs
-                       windows of at least 32 rows, so with few rows per expert it moves ~3x the
-                       weight bytes; broadcast spends E/K times the FLOPs instead, which is cheap
-                       while the step is bound by reading weights.
-  dense   GShard one-hot einsum: dispatch (G, S, E, C) -> expert buffers (E, G, C, D) -> combine.
-          The reference path; C = capacity (S when dropless).
-  loop    a plain Python loop over experts on host arrays. Tests only.
+`compute` (one of COMPUTE, the `MoEConfig.compute` field) names how the routed pairs are computed:
+  sorted     sort the N pairs by expert, one grouped matmul per weight (`jax.lax.ragged_dot`
+             semantics, by the kernel `grouped_matmul`: see moex.nn.grouped), unsort, weighted
+             sum over K. Dropless, FLOPs of the chosen pairs only.
+  gather     each pair's weights gathered (for a handful of pairs: batch-1 decode).
+  broadcast  every expert on every token, as batched matmuls that read each expert's weights in
+             place (for few tokens: batched decode; not from a slot pool, which holds other
+             layers' experts too). The blocked kernel copies each expert's weights out of the
+             stack and runs windows of at least 32 rows, so with few rows per expert it moves
+             several times the weight bytes; broadcast spends E/K times the FLOPs instead, which
+             is cheap while the step is bound by reading weights.
+  auto       sorted, gather or broadcast, picked from static shapes by `resolve_compute`: with
+             the blocked kernel (CPU) at most E/4 pairs gather, at most BROADCAST_TOKENS tokens
+             broadcast, more sort; with ragged_dot (a grouped GEMM on GPU / TPU) always sorted.
+  dense      GShard one-hot einsum: dispatch (G, S, E, C) -> expert buffers (E, G, C, D) ->
+             combine. The reference, and the differentiable route training takes; C = capacity
+             (S when dropless).
+The first four compute per-pair outputs (`pair_outputs`, combined by `combine_pairs`); `dense`
+combines inside its einsum. `experts_loop` is a plain Python loop over experts on host arrays,
+for tests only.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moex.nn.grouped import blocked_map, grouped_matmul, resolve
+from moex.nn import grouped
 from moex.nn.layers import activation_fn
 from moex.nn.routing import Routing
 
@@ -42,21 +47,22 @@ def _hidden(params, activation, up, gate=None):
     return activation_fn(activation)(up)
 
 
-PATHS = ("auto", "sorted", "gather", "broadcast")
-BROADCAST_TOKENS = 32   # tokens up to which the blocked implementation runs every expert on all
+COMPUTE = ("auto", "sorted", "gather", "broadcast", "dense")
+PAIR_COMPUTE = ("auto", "sorted", "gather", "broadcast")     # the routes with per-pair outputs
+BROADCAST_TOKENS = 32   # tokens up to which the blocked kernel's 'auto' runs every expert on all
 
 
-def pair_path(n_tokens: int, k: int, num_experts: int, impl: str, path: str = "auto",
-              pooled: bool = False) -> str:
-    """How `experts_ragged` computes G*S tokens x K choices over E experts: 'gather',
-    'broadcast' or 'sorted' (see the module docstring); decided from static shapes. `path`
-    forces one. pooled: the weights are a slot pool (moex.offload) that may hold every layer's
-    experts, which broadcasting would all run; pooled pairs gather (up to E/2 pairs) or sort."""
-    if path not in PATHS:
-        raise ValueError(f"expert path must be one of {PATHS}, found {path!r}")
-    if path != "auto":
-        return path
-    if resolve(impl) != "blocked":
+def resolve_compute(compute: str, n_tokens: int, k: int, num_experts: int,
+                    grouped_matmul: str = "auto", pooled: bool = False) -> str:
+    """The route ('sorted', 'gather', 'broadcast' or 'dense') that `compute` names for G*S =
+    n_tokens tokens x K choices over E experts; 'auto' decides from these static shapes and the
+    kernel. pooled: the weights are a slot pool (moex.offload) that may hold every layer's
+    experts, which broadcasting would all run; 'auto' then gathers (up to E/2 pairs) or sorts."""
+    if compute not in COMPUTE:
+        raise ValueError(f"expert compute must be one of {COMPUTE}, found {compute!r}")
+    if compute != "auto":
+        return compute
+    if grouped.resolve_grouped_matmul(grouped_matmul) != "blocked":
         return "sorted"                      # ragged_dot is a grouped GEMM on GPU / TPU
     pairs = n_tokens * k
     if pooled:
@@ -66,13 +72,43 @@ def pair_path(n_tokens: int, k: int, num_experts: int, impl: str, path: str = "a
     return "broadcast" if n_tokens <= BROADCAST_TOKENS else "sorted"
 
 
-def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
-                   impl: str = "auto", slot_of=None, path: str = "auto"):
-    """x (G, S, D) -> (G, S, D) via sorted token-expert pairs and ragged_dot (on CPU, the blocked
-    loop, or for few tokens a gather or broadcast: `pair_path`; `path` forces one).
+def experts_routed(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
+                   compute: str = "auto", grouped_matmul: str = "auto", slot_of=None):
+    """x (G, S, D) -> (G, S, Dout): the routed experts' outputs weighted and summed over K, by
+    the route `compute` (see the module docstring).
 
-    slot_of: optional (E,) int32; expert e's weights are then params[w][slot_of[e]] (a slot pool,
-    moex.offload). Every expert that receives tokens must have a slot.
+    slot_of: optional (E,) int32 (pair routes only); expert e's weights are then
+    params[w][slot_of[e]] (a slot pool, moex.offload). Every expert that receives tokens must
+    have a slot.
+    """
+    if compute == "dense":
+        if slot_of is not None:
+            raise ValueError("compute 'dense' reads the stacked experts; weights from a slot "
+                             f"pool need one of the pair routes {PAIR_COMPUTE}")
+        return experts_dense(params, x, routing, activation, dtype)
+    pairs = pair_outputs(params, x, routing, activation, dtype, compute, grouped_matmul, slot_of)
+    return combine_pairs(pairs, routing.weights, dtype)
+
+
+def combine_pairs(pairs, weights, dtype=jnp.float32):
+    """Pair outputs (G*S, K, Dout) and routing weights (G, S, K) -> (G, S, Dout): each token's
+    outputs weighted and summed over its K choices."""
+    g, s, k = weights.shape
+    w = weights.reshape(g * s, k, 1).astype(dtype)
+    return jnp.sum(pairs * w, axis=1).reshape(g, s, pairs.shape[-1])
+
+
+def pair_outputs(params: dict, x, routing: Routing, activation: str, dtype=jnp.float32,
+                 compute: str = "auto", grouped_matmul: str = "auto", slot_of=None,
+                 active=None):
+    """Expert outputs (G*S, K, Dout) of the token-expert pairs of x (G, S, D): pair (n, k) is
+    token n through expert routing.expert_ids[n, k]; pairs not kept give 0, and with `active`
+    ((E,) bool) so do the pairs of inactive experts (the offload engine computes a layer's
+    experts in rounds). `compute` is one of PAIR_COMPUTE; slot_of as in `experts_routed`.
+
+    The route depends on static shapes only, and inactive pairs are dropped before sorting, so
+    the active experts' rows go through the same row windows as when every expert is active: a
+    pair's output does not depend on which other experts are active.
     """
     g, s, d = x.shape
     k = routing.expert_ids.shape[-1]
@@ -80,23 +116,20 @@ def experts_ragged(params: dict, x, routing: Routing, activation: str, dtype=jnp
     xf = x.reshape(g * s, d).astype(dtype)
     ids = routing.expert_ids.reshape(-1)
     keep = routing.kept.reshape(-1)
-    pairs = pair_outputs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of, path)
-    pairs = pairs.reshape(g * s, k, pairs.shape[-1])
-    w = routing.weights.reshape(g * s, k, 1).astype(dtype)
-    return jnp.sum(pairs * w, axis=1).reshape(g, s, pairs.shape[-1])
-
-
-def pair_outputs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of=None,
-                 path: str = "auto"):
-    """Expert outputs (N, Dout) of the N = G*S*K token-expert pairs of xf (G*S, D), in pair
-    order (pair n is token n // K through expert ids[n]; pairs not kept give 0), by the route
-    `pair_path` picks."""
-    how = pair_path(xf.shape[0], k, e, impl, path, pooled=slot_of is not None)
+    if active is not None:
+        keep = keep & active[ids]
+    how = resolve_compute(compute, g * s, k, e, grouped_matmul, pooled=slot_of is not None)
     if how == "gather":
-        return _gathered_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
-    if how == "broadcast":
-        return _broadcast_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
-    return _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
+        ys = _gathered_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
+    elif how == "broadcast":
+        ys = _broadcast_pairs(params, xf, ids, keep, k, activation, dtype, slot_of)
+    elif how == "sorted":
+        ys = _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, grouped_matmul,
+                           slot_of)
+    else:
+        raise ValueError(f"compute {compute!r} has no per-pair outputs; pair routes are "
+                         f"{PAIR_COMPUTE}")
+    return ys.reshape(g * s, k, ys.shape[-1])
 
 
 def _gathered_pairs(params, xf, ids, keep, k, activation, dtype, slot_of):
@@ -121,7 +154,7 @@ def _broadcast_pairs(params, xf, ids, keep, k, activation, dtype, slot_of):
     return jnp.where(keep[:, None], ys, 0)
 
 
-def _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of):
+def _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, grouped_matmul, slot_of):
     """Expert outputs of every token-expert pair (N, Dout), in pair order, computed on pairs
     sorted by expert (grouped matmul)."""
     key = jnp.where(keep, ids, e)                        # dropped pairs sort last, outside groups
@@ -129,18 +162,19 @@ def _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
     sorted_ids = jnp.minimum(key[order], e - 1)
     xs = xf[order // k]                                  # pair n belongs to token n // K
     group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
-    if resolve(impl) == "blocked":
+    if grouped.resolve_grouped_matmul(grouped_matmul) == "blocked":
         # one loop over experts, each window of rows through the expert's whole MLP
         p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
         index = (lambda i: i) if slot_of is None else (lambda i: slot_of[i])
-        ys = blocked_map(xs, group_sizes, lambda i: _expert_fn(p, index(i), activation),
-                         p["w_down"].shape[-1], e)
+        ys = grouped.blocked_map(xs, group_sizes,
+                                 lambda i: _expert_fn(p, index(i), activation),
+                                 p["w_down"].shape[-1], e)
     else:
         if slot_of is not None:
             params = {n: v[slot_of] for n, v in params.items()}
 
         def mm(a, w, b=None):
-            y = grouped_matmul(a, params[w].astype(dtype), group_sizes, impl)
+            y = grouped.grouped_matmul(a, params[w].astype(dtype), group_sizes, grouped_matmul)
             return y if b is None else y + params[b].astype(dtype)[sorted_ids]
 
         bias = "b_up" in params

@@ -4,17 +4,19 @@ Shape letters: M rows, K in width, N out width, G groups, b block rows.
 
     y[r] = x[r] @ w[g(r)]   for the rows r of group g (rows past sum(group_sizes) give 0)
 
-Two implementations with the semantics of `jax.lax.ragged_dot`:
+Two kernels with the semantics of `jax.lax.ragged_dot`, named by `grouped_matmul` (one of
+GROUPED_MATMUL, the `MoEConfig.grouped_matmul` field):
   ragged_dot  `jax.lax.ragged_dot`. On GPU/TPU a grouped GEMM; on the CPU backend of jax 0.10 it
               lowers to a masked dense contraction over all G groups (G times the FLOPs).
   blocked     a loop over the groups; each group's rows go through its matrix in
               windows of 512 rows, then one window of 32, 64, ..., 512 rows covers the rest
               (rows of a window outside the group keep their value). Every window is one GEMM of
-              at least 32 rows (XLA's CPU GEMMs reach their speed from about 128 rows on; a tail
-              of many small windows would reread the weights for few rows), at the price of under
-              32 padding rows per group: the fast path on CPU.
+              at least 32 rows (a tail of many small windows would reread the weights for few
+              rows, and small GEMMs run below XLA's CPU peak), at the price of under 32 padding
+              rows per group: the fast path on CPU.
               Its loops have data-dependent trip counts, so it is for inference (no reverse-mode
-              gradient); training uses ragged_dot.
+              gradient); training computes experts by the one-hot einsum (compute 'dense', see
+              moex.training).
 'auto' picks blocked on CPU and ragged_dot elsewhere. Tests hold both equal to a loop.
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("auto", "ragged_dot", "blocked")
+GROUPED_MATMUL = ("auto", "ragged_dot", "blocked")
 
 BIG_ROWS = 512    # rows of the whole windows of a group
 TAIL_STEP = 32    # the last window of a group has a multiple of this many rows
@@ -91,7 +93,7 @@ def blocked_map(x, group_sizes, group_fn, n_out: int, num_groups: int):
     starts = ends - sizes
     big = min(BIG_ROWS, m)
     tails = tail_rows(m, big, TAIL_STEP)
-    # XLA's CPU backend runs the loop several times slower when a window spans the whole array
+    # XLA's CPU backend runs the loop much slower when a window spans the whole array
     # (M <= BIG_ROWS: decode steps, short prompts, the vision tower), so give x SPARE_ROWS more
     # rows, in no group: every window then covers part of it only
     spare = SPARE_ROWS if big == m else 0
@@ -113,18 +115,21 @@ def blocked_grouped_matmul(x, w, group_sizes):
     return blocked_map(x, group_sizes, group_fn, w.shape[2], w.shape[0])
 
 
-def resolve(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"grouped matmul impl must be one of {IMPLS}, found {impl!r}")
-    if impl == "auto":
+def resolve_grouped_matmul(grouped_matmul: str) -> str:
+    """The kernel ('ragged_dot' or 'blocked') that `grouped_matmul` names on this backend."""
+    if grouped_matmul not in GROUPED_MATMUL:
+        raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMUL}, found "
+                         f"{grouped_matmul!r}")
+    if grouped_matmul == "auto":
         return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-    return impl
+    return grouped_matmul
 
 
-def grouped_matmul(x, w, group_sizes, impl: str = "auto"):
-    """x (M, K) sorted by group; w (G, K, N); group_sizes (G,) int32 -> (M, N)."""
-    impl = resolve(impl)
+def grouped_matmul(x, w, group_sizes, grouped_matmul: str = "auto"):
+    """x (M, K) sorted by group; w (G, K, N); group_sizes (G,) int32 -> (M, N), by the kernel
+    `grouped_matmul` names."""
+    kernel = resolve_grouped_matmul(grouped_matmul)
     w = jnp.asarray(w, x.dtype)
-    if impl == "ragged_dot":
+    if kernel == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32))
     return blocked_grouped_matmul(x, w, group_sizes)

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moex.config import MoEConfig
-from moex.nn.experts import (experts_all, experts_dense, experts_ragged, experts_soft_gated,
-                             init_expert_params)
+from moex.nn.experts import (combine_pairs, experts_all, experts_dense, experts_soft_gated,
+                             init_expert_params, pair_outputs)
 from moex.nn.layers import MLP, Dense
-from moex.nn.routing import Router, load_balance_loss, router_z_loss
+from moex.nn.routing import Router, Routing, load_balance_loss, router_z_loss
 
 NEG_INF = -1e30
 
@@ -67,6 +67,10 @@ class DenseFFN(nn.Module):
 
 
 class HardMoE(nn.Module):
+    """Router + top-k routed experts (+ shared experts). Its steps are methods, so the offload
+    engine runs the same lines on its own expert weights: `route`, the experts' pair outputs
+    (`moex.nn.experts.pair_outputs`), `combine`."""
+
     cfg: MoEConfig
     activation: str
     use_bias: bool = False
@@ -74,31 +78,50 @@ class HardMoE(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     out_dim: int | None = None
 
-    @nn.compact
+    def setup(self):
+        c = self.cfg
+        self.router = Router(c.num_experts, c.top_k, c.renormalize, c.capacity_factor,
+                             self.param_dtype, c.num_groups, c.topk_groups, c.routed_scaling)
+        self.experts = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
+                                    self.param_dtype, self.out_dim)
+        if c.num_shared_experts:
+            self.shared_experts = MLP(c.num_shared_experts * c.shared_dim, self.activation,
+                                      self.use_bias, self.dtype, self.param_dtype, self.out_dim)
+            if c.shared_gate == "sigmoid":
+                self.shared_gate = Dense(1, dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def route(self, x, token_mask=None) -> Routing:
+        """x (G, S, D) -> the routing decision (expert ids, weights, kept pairs)."""
+        return self.router(x, token_mask)
+
+    def combine(self, x, pairs, routing: Routing):
+        """The block's output (G, S, Dout) from its pair outputs (G*S, K, Dout): the weighted
+        sum over K, plus the shared experts on x (G, S, D)."""
+        return self._add_shared(x, combine_pairs(pairs, routing.weights, self.dtype))
+
+    def _add_shared(self, x, y):
+        if self.cfg.num_shared_experts:
+            shared = self.shared_experts(x)
+            if self.cfg.shared_gate == "sigmoid":
+                shared = jax.nn.sigmoid(self.shared_gate(x)) * shared
+            y = y + shared
+        return y.astype(self.dtype)
+
     def __call__(self, x, token_mask=None):
         c = self.cfg
-        routing = Router(c.num_experts, c.top_k, c.renormalize, c.capacity_factor,
-                         self.param_dtype, c.num_groups, c.topk_groups, c.routed_scaling,
-                         name="router")(x, token_mask)
-        params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
-                              self.param_dtype, self.out_dim, name="experts")(x.shape[-1])
-        if c.compute == "ragged":
-            y = experts_ragged(params, x, routing, self.activation, self.dtype, c.grouped_matmul)
+        routing = self.route(x, token_mask)
+        experts = self.experts(x.shape[-1])
+        if c.compute == "dense":            # the one-hot reference combines in its einsum
+            y = self._add_shared(x, experts_dense(experts, x, routing, self.activation,
+                                                  self.dtype))
         else:
-            y = experts_dense(params, x, routing, self.activation, self.dtype)
-        if c.num_shared_experts:
-            shared = MLP(c.num_shared_experts * c.shared_dim, self.activation, self.use_bias,
-                         self.dtype, self.param_dtype, self.out_dim, name="shared_experts")(x)
-            if c.shared_gate == "sigmoid":
-                gate = Dense(1, dtype=self.dtype, param_dtype=self.param_dtype,
-                             name="shared_gate")(x)
-                shared = jax.nn.sigmoid(gate) * shared
-            y = y + shared
+            y = self.combine(x, pair_outputs(experts, x, routing, self.activation, self.dtype,
+                                             c.compute, c.grouped_matmul), routing)
         aux = {"load_balance": load_balance_loss(routing, token_mask),
                "z_loss": router_z_loss(routing, token_mask),
                "expert_ids": routing.expert_ids, "weights": routing.weights,
                "probs": routing.probs}
-        return y.astype(self.dtype), aux
+        return y, aux
 
 
 def l2_normalize(x, axis, eps=1e-6):

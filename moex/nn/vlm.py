@@ -55,21 +55,27 @@ class VLM(nn.Module):
         tokens, aux_p = self.projector(feats)
         return tokens, aux_v + aux_p
 
+    def embed(self, tokens, images=None):
+        """tokens (B, T) int; images (B, H, W, C) or None -> (decoder inputs (B, T, D): the token
+        embeddings with each row's image tokens spliced in at its placeholders, aux of the
+        vision + projector MoE blocks)."""
+        x = self.decoder.embed(tokens)
+        if images is None:
+            return x, []
+        if self.cfg.vision is None:
+            raise ValueError(f"{self.cfg.name} is a text-only model; got images")
+        image_tokens, aux_vision = self.encode_images(images)
+        return splice_image_tokens(x, tokens == self.cfg.image_token_id, image_tokens), aux_vision
+
     def __call__(self, tokens, token_mask, images=None, cache=None, last_only: bool = False,
                  fresh_cache: bool = False):
         """tokens (B, T) int; token_mask (B, T); images (B, H, W, C) or None.
 
         Returns (logits, new cache, aux) where aux = {'decoder': [...], 'vision': [...]}.
         """
-        x = self.decoder.embed(tokens)
-        aux_vision = []
-        if images is not None:
-            if self.cfg.vision is None:
-                raise ValueError(f"{self.cfg.name} is a text-only model; got images")
-            image_tokens, aux_vision = self.encode_images(images)
-            x = splice_image_tokens(x, tokens == self.cfg.image_token_id, image_tokens)
-        elif self.is_initializing() and self.cfg.vision is not None:
-            c = self.cfg.vision
+        x, aux_vision = self.embed(tokens, images)
+        if images is None and self.is_initializing() and self.cfg.vision is not None:
+            c = self.cfg.vision             # create the vision params from a dummy image
             self.encode_images(jnp.zeros((1, c.image_size, c.image_size, c.channels)))
         logits, cache, aux = self.decoder(x, token_mask, cache, last_only, fresh_cache)
         return logits, cache, {"decoder": aux, "vision": aux_vision}

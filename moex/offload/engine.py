@@ -13,6 +13,8 @@ A forward (prefill or decode step):
      experts, waits for the copies of the experts the round needs (that wait is the *stall*) and
      runs the round's experts through the expert->slot table; after the layer's compute is
      dispatched it issues the prefetches, which overlap that compute and the next attention.
+Every piece runs the model's own moex.nn modules on the model's params (`LayerPieces`); the
+experts' pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
 Expert outputs are kept per token-expert pair, each round filling its experts' pairs, and
 combined once, so rounds, budgets and policies all run the same compiled pieces on the same
 weights: logits are bitwise identical across them. `stream` records the visits (with their
@@ -37,15 +39,12 @@ from moex.config import VLMConfig
 from moex.generate import (GREEDY, GenerationResult, Sampling, check_inputs, result, sample,
                            stop_ids)
 from moex.model import build
-from moex.nn.attention import Attention
 from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_cache
-from moex.nn.experts import pair_outputs
-from moex.nn.layers import MLP, Dense, make_norm
-from moex.nn.routing import Router
-from moex.nn.vlm import splice_image_tokens
+from moex.nn.experts import PAIR_COMPUTE, pair_outputs
+from moex.nn.vlm import VLM
 from moex.offload.cache import CacheCore, Visit
 from moex.offload.policies import make_policy
-from moex.offload.store import ExpertStore, SlotPool
+from moex.offload.store import ExpertStore, SlotPool, moe_layers
 from moex.offload.trace import TraceRecorder
 
 
@@ -57,58 +56,75 @@ class EngineStats:
     stall_per_layer: dict = dataclasses.field(default_factory=dict)
 
 
-def expert_pairs(pool, h, routing, active, slot_of, activation, dtype, impl):
-    """Outputs (B*T, K, D) of the token-expert pairs whose expert is active (others 0).
+def pair_compute(compute: str) -> str:
+    """The route the engine computes a MoE layer's pairs by: the config's, except that the
+    one-hot reference 'dense' (no per-pair outputs to fill in rounds) runs as 'auto'."""
+    return compute if compute in PAIR_COMPUTE else "auto"
 
-    The route (`moex.nn.experts.pair_path`, pooled: gathered or sorted pairs) depends on shapes
-    only, never on the pool or the round, and inactive pairs are dropped before sorting, so the
-    active experts' rows go through the same row windows as when every expert is active: a
-    pair's output does not depend on the round or the budget.
+
+def _attend_route(layer: DecoderLayer, x, mask, positions, valid, cache, index, from_zero):
+    """A MoE layer up to its experts: (x after attention, FFN input h, routing of h, cache)."""
+    x, cache = layer.attend(x, mask, positions, cache, index, from_zero)
+    h = layer.ffn_input(x)
+    return x, h, layer.ffn.route(h, valid), cache
+
+
+def _pregate(layer: DecoderLayer, x, valid):
+    """The layer's router on another layer's hidden state x (B, T, D): expert ids (B, T, K)."""
+    return layer.ffn.route(layer.ffn_input(x), valid).expert_ids
+
+
+def _combine(layer: DecoderLayer, h, pairs, routing):
+    return layer.ffn.combine(h, pairs, routing)
+
+
+def _head(model: VLM, x):
+    return model.decoder.head(x)
+
+
+class LayerPieces:
+    """The engine's compiled pieces for one config. Each runs methods of the model's own moex.nn
+    modules on the model's params (the engine's tree lacks only the routed experts), so a layer
+    is defined in one place; the engine adds only where the expert weights come from (the slot
+    pool, through the expert->slot table) and in which rounds.
+
+      embed         tokens (and images) -> decoder inputs            VLM.embed
+      dense_layer   a layer without a hard MoE, whole                DecoderLayer
+      attend_route  attention with its residual, the FFN norm and    DecoderLayer.attend,
+                    the router; and the pre-gate: the next MoE       DecoderLayer.ffn_input,
+                    layer's router on this hidden state              HardMoE.route
+      pairs         the active experts' pair outputs, from the pool  moex.nn.experts.pair_outputs
+      combine       weighted sum over K, shared experts, residual    HardMoE.combine
+      head          final norm and LM head                           Decoder.head
+
+    `pieces_for(cfg)` caches one instance per config, shared by every engine of that config, so
+    policies and budgets never recompile.
     """
-    b, t, d = h.shape
-    k = routing.expert_ids.shape[-1]
-    e = routing.num_experts
-    xf = h.reshape(b * t, d).astype(dtype)
-    ids = routing.expert_ids.reshape(-1)
-    keep = routing.kept.reshape(-1) & active[ids]
-    pairs = pair_outputs(pool, xf, ids, keep, k, e, activation, dtype, impl, slot_of)
-    return pairs.reshape(b * t, k, -1)
-
-
-class Pieces:
-    """The engine's compiled pieces for one config, shared by every engine of that config (so
-    policies and budgets never recompile). `pieces_for(cfg)` caches them."""
 
     def __init__(self, cfg: VLMConfig):
         self.cfg = cfg
         self.dtype = jnp.dtype(cfg.dtype)
+        self.model = build(cfg)
 
-    def modules(self):
-        d, dt, pdt = self.cfg.decoder, self.dtype, jnp.dtype(self.cfg.param_dtype)
-        attn = Attention(d.num_heads, d.num_kv_heads, d.dim_per_head, d.rope_theta, d.rotary_pct,
-                         d.qkv_bias, d.out_bias, dt, pdt, d.qk_norm, d.norm_eps,
-                         d.rope_interleaved)
-        norm = make_norm(d.norm, d.norm_eps, dt, pdt)
-        m = d.moe
-        router = Router(m.num_experts, m.top_k, m.renormalize, m.capacity_factor, pdt,
-                        m.num_groups, m.topk_groups, m.routed_scaling)
-        return attn, norm, router
+    def _layer(self, i: int) -> DecoderLayer:
+        return DecoderLayer(self.cfg.decoder, i, self.dtype, jnp.dtype(self.cfg.param_dtype))
+
+    @functools.cached_property
+    def _moe_layer(self) -> DecoderLayer:
+        """Every hard-MoE layer is the same module (its index only picks the FFN kind), so this
+        one, and one compilation of each piece, serves them all."""
+        return self._layer(moe_layers(self.cfg)[0])
 
     @functools.cached_property
     def attend_route(self):
-        attn, norm, router = self.modules()
+        layer = self._moe_layer
 
         def run(p, p_next, x, mask, positions, valid, cache, index, from_zero):
-            a, cache = attn.apply({"params": p["attn"]}, norm.apply({"params": p["attn_norm"]}, x),
-                                  mask, positions, cache, index, from_zero)
-            x = x + a
-            h = norm.apply({"params": p["ffn_norm"]}, x)
-            routing = router.apply({"params": p["ffn"]["router"]}, h, valid)
+            x, h, routing, cache = layer.apply({"params": p}, x, mask, positions, valid, cache,
+                                               index, from_zero, method=_attend_route)
             pregate = None
-            if p_next is not None:       # the next MoE layer's router on this hidden state
-                h_next = norm.apply({"params": p_next["ffn_norm"]}, x)
-                pregate = router.apply({"params": p_next["ffn"]["router"]}, h_next,
-                                       valid).expert_ids
+            if p_next is not None:
+                pregate = layer.apply({"params": p_next}, x, valid, method=_pregate)
             return x, h, routing, pregate, cache
         return jax.jit(run, static_argnums=(8,))
 
@@ -117,35 +133,24 @@ class Pieces:
         d = self.cfg.decoder
 
         def run(pool, slot_of, active, acc, h, routing):
-            pairs = expert_pairs(pool, h, routing, active, slot_of, d.activation, self.dtype,
-                                 d.moe.grouped_matmul)
+            pairs = pair_outputs(pool, h, routing, d.activation, self.dtype,
+                                 pair_compute(d.moe.compute), d.moe.grouped_matmul, slot_of,
+                                 active)
             mine = active[routing.expert_ids.reshape(acc.shape[:2])]
             return jnp.where(mine[..., None], pairs, acc)
         return jax.jit(run, donate_argnums=(3,))
 
     @functools.cached_property
     def combine(self):
-        d = self.cfg.decoder
-        m = d.moe
+        layer = self._moe_layer
 
-        def run(p_ffn, x, h, pairs, routing):
-            b, t, _ = h.shape
-            k = pairs.shape[1]
-            w = routing.weights.reshape(b * t, k, 1).astype(self.dtype)
-            y = jnp.sum(pairs * w, axis=1).reshape(b, t, -1)
-            if m.num_shared_experts:
-                shared = MLP(m.num_shared_experts * m.shared_dim, d.activation, d.mlp_bias,
-                             self.dtype).apply({"params": p_ffn["shared_experts"]}, h)
-                if m.shared_gate == "sigmoid":
-                    gate = Dense(1, dtype=self.dtype).apply({"params": p_ffn["shared_gate"]}, h)
-                    shared = jax.nn.sigmoid(gate) * shared
-                y = y + shared
-            return x + y.astype(self.dtype)
+        def run(p, x, h, pairs, routing):
+            return x + layer.apply({"params": p}, h, pairs, routing, method=_combine)
         return jax.jit(run)
 
     @functools.lru_cache(maxsize=None)
     def dense_layer(self, i: int):
-        layer = DecoderLayer(self.cfg.decoder, i, self.dtype, jnp.dtype(self.cfg.param_dtype))
+        layer = self._layer(i)
 
         def run(p, x, mask, positions, valid, cache, index, from_zero):
             x, cache, _ = layer.apply({"params": p}, x, mask, positions, valid, cache, index,
@@ -155,35 +160,20 @@ class Pieces:
 
     @functools.cached_property
     def embed(self):
-        model, image_id = build(self.cfg), self.cfg.image_token_id
-
         def run(params, tokens, images):
-            x = jnp.take(params["decoder"]["embed"], tokens, axis=0).astype(self.dtype)
-            if images is not None:
-                image_tokens, _ = model.apply({"params": params}, images,
-                                              method=type(model).encode_images)
-                x = splice_image_tokens(x, tokens == image_id, image_tokens)
-            return x
+            return self.model.apply({"params": params}, tokens, images, method=VLM.embed)[0]
         return jax.jit(run)
 
     @functools.cached_property
     def head(self):
-        d = self.cfg.decoder
-        norm = make_norm(d.norm, d.norm_eps, self.dtype, jnp.dtype(self.cfg.param_dtype))
-
-        def run(p, x):
-            x = norm.apply({"params": p["final_norm"]}, x)
-            if d.tie_embeddings:
-                return jnp.einsum("btd,vd->btv", x, p["embed"].astype(self.dtype))
-            y = x @ p["lm_head"]["kernel"].astype(self.dtype)
-            return y + p["lm_head"]["bias"].astype(self.dtype) if d.lm_head_bias else y
+        def run(params, x):
+            return self.model.apply({"params": params}, x, method=_head)
         return jax.jit(run)
 
 
-
 @functools.lru_cache(maxsize=8)
-def pieces_for(cfg: VLMConfig) -> Pieces:
-    return Pieces(cfg)
+def pieces_for(cfg: VLMConfig) -> LayerPieces:
+    return LayerPieces(cfg)
 
 
 class OffloadEngine:
@@ -220,7 +210,7 @@ class OffloadEngine:
 
     # -- copies -----------------------------------------------------------------------------------
     def _free(self, key) -> None:
-        self.pool.owner[self.pool.slot_of.pop(key)] = None
+        self.pool.free(key)
         self._inflight.pop(key, None)
 
     def _execute(self, loads) -> None:
@@ -228,8 +218,7 @@ class OffloadEngine:
         for load in loads:
             if load.victim is not None:
                 self._free(load.victim)
-            slot = self.pool.owner.index(None)
-            self._inflight[load.key] = self.pool.load(load.key, slot)
+            self._inflight[load.key] = self.pool.load(load.key)
 
     def _wait(self, layer: int, experts) -> None:
         staged = [self._inflight.pop((layer, e)) for e in sorted(experts)
@@ -247,7 +236,7 @@ class OffloadEngine:
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            jax.block_until_ready(jax.device_put(self.store.host[key], self.pool._device))
+            jax.block_until_ready(jax.device_put(self.store.host[key], self.pool.sharding))
             times.append(time.perf_counter() - start)
         self.stats.copy_s_per_expert = statistics.median(times[1:])
         return self.stats.copy_s_per_expert
@@ -271,7 +260,7 @@ class OffloadEngine:
                               None if images is None else jnp.asarray(images))
         # committed to the pool's device like everything computed from the pool, so each piece
         # sees one argument placement (and compiles once)
-        x = jax.device_put(x, self.pool._device)
+        x = jax.device_put(x, self.pool.sharding)
         valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
         from_zero = cache is None or fresh_cache
         caches = [None] * d.num_layers if cache is None else cache["layers"]
@@ -298,20 +287,19 @@ class OffloadEngine:
             visit = Visit(i, frozenset(int(e) for e in ids[kept]), self._forward, hint,
                           forecast if li == 0 else None, int(token_mask.sum()))
             self.stream.append(visit)
-            x = self._moe(pl["ffn"], x, h, routing, self.core.visit(len(self.stream) - 1, visit),
-                          i)
+            x = self._moe(pl, x, h, routing, self.core.visit(len(self.stream) - 1, visit), i)
         x = x[:, -1:] if last_only else x
-        logits = self.pieces.head(p, x).astype(jnp.float32)
+        logits = self.pieces.head(self.params, x)
         self._record(routed, pregates, tokens, token_mask, positions, int(not from_zero),
                      np.arange(b) if request_ids is None else np.asarray(request_ids))
         self._forward += 1
         return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
 
-    def _moe(self, p_ffn, x, h, routing, plan, layer: int):
+    def _moe(self, p_layer, x, h, routing, plan, layer: int):
         b, t, _ = h.shape
         k = routing.expert_ids.shape[-1]
         acc = jax.device_put(jnp.zeros((b * t, k, self.pool.arrays["w_down"].shape[-1]),
-                                       self.dtype), self.pool._device)
+                                       self.dtype), self.pool.sharding)
         for key in plan.dropped:
             self._free(key)
         for r in plan.rounds:
@@ -322,7 +310,7 @@ class OffloadEngine:
             slot_of = jnp.asarray(self.pool.slot_table(layer))
             acc = self.pieces.pairs(self.pool.arrays, slot_of, jnp.asarray(active), acc, h,
                                     routing)
-        out = self.pieces.combine(p_ffn, x, h, acc, routing)
+        out = self.pieces.combine(p_layer, x, h, acc, routing)
         self._execute(plan.prefetch)                  # overlaps this layer's compute
         return out
 

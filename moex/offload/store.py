@@ -10,7 +10,7 @@ Shape letters: L_moe MoE layers, E experts per layer, S device slots, D width, F
                expert is an async `jax.device_put` of its host arrays plus an in-place (donated)
                slot update compiled once. `slot_table(layer)` maps that layer's experts to slots
                (-1: not resident); expert compute reads weights through it
-               (`moex.nn.experts.experts_ragged(..., slot_of=...)`), so cache changes never
+               (`moex.nn.experts.pair_outputs(..., slot_of=...)`), so cache changes never
                recompile.
 
 The pool never holds more than its byte budget: S = floor(budget / bytes of one expert).
@@ -94,55 +94,75 @@ class ExpertStore:
 
 
 class SlotPool:
-    """S device slots for experts; loads by async device_put + in-place slot update."""
+    """S device slots for experts; loads by async device_put + in-place slot update.
+
+    Public state: `arrays` (weight -> (S, ...) device array), `num_slots`, `budget_bytes`,
+    `device` and `sharding` (where the slots live), and the counters `loads` and
+    `bytes_loaded`. Which expert sits in which slot is private: ask `is_resident`, `resident`,
+    `first_free_slot` and `slot_table`, and change it with `load` and `free`.
+    """
 
     def __init__(self, store: ExpertStore, budget_bytes: int, device=None):
         self.store = store
-        self.device = device or jax.devices()[0]
         self.num_slots = int(budget_bytes // store.expert_bytes)
         if self.num_slots < 1:
             raise ValueError(f"expert budget {budget_bytes} B holds no expert; one expert of "
                              f"{store.cfg.name} is {store.expert_bytes} B")
         self.budget_bytes = budget_bytes
-        on_device = SingleDeviceSharding(self.device, memory_kind="device")
-        self._device = on_device
-        self.arrays = {w: jax.device_put(jnp.zeros((self.num_slots,) + s, d), on_device)
+        self.device = device or jax.devices()[0]
+        self.sharding = SingleDeviceSharding(self.device, memory_kind="device")
+        self.arrays = {w: jax.device_put(jnp.zeros((self.num_slots,) + s, d), self.sharding)
                        for w, (s, d) in store.shapes.items()}
-        self.owner: list[tuple[int, int] | None] = [None] * self.num_slots
-        self.slot_of: dict[tuple[int, int], int] = {}
+        self._owner: list[tuple[int, int] | None] = [None] * self.num_slots   # slot -> key
+        self._slot_of: dict[tuple[int, int], int] = {}                        # key -> slot
         self.bytes_loaded = 0
         self.loads = 0
         self._update = jax.jit(_set_slot, donate_argnums=0)
-
-    @classmethod
-    def from_fraction(cls, store: ExpertStore, fraction: float, device=None) -> "SlotPool":
-        if not 0 < fraction <= 1:
-            raise ValueError(f"expert budget fraction must be in (0, 1], found {fraction}")
-        return cls(store, int(fraction * store.total_bytes), device)
 
     @property
     def pool_bytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in self.arrays.values())
 
-    def load(self, key: tuple[int, int], slot: int) -> dict:
-        """Copy expert `key` = (layer, expert) into `slot`, replacing whatever was there (if key
-        was resident in another slot, that slot is freed). Returns the staged device arrays of
-        the (async) copy: block on them to wait for it."""
+    def is_resident(self, key: tuple[int, int]) -> bool:
+        return key in self._slot_of
+
+    def resident(self) -> frozenset:
+        """The (layer, expert) keys in the pool."""
+        return frozenset(self._slot_of)
+
+    def first_free_slot(self) -> int | None:
+        """The lowest slot that holds no expert, or None when the pool is full."""
+        return next((s for s, key in enumerate(self._owner) if key is None), None)
+
+    def free(self, key: tuple[int, int]) -> None:
+        """Expert `key` leaves the pool: its slot is free (its weights stay until overwritten)."""
+        if key not in self._slot_of:
+            raise KeyError(f"expert {key} is not in the pool (resident: {sorted(self._slot_of)})")
+        self._owner[self._slot_of.pop(key)] = None
+
+    def load(self, key: tuple[int, int], slot: int | None = None) -> dict:
+        """Copy expert `key` = (layer, expert) into `slot` (default: the first free one),
+        replacing whatever was there (if key was resident in another slot, that slot is freed).
+        Returns the staged device arrays of the (async) copy: block on them to wait for it."""
+        if slot is None:
+            slot = self.first_free_slot()
+            if slot is None:
+                raise ValueError(f"no free slot for {key}: all {self.num_slots} slots hold "
+                                 "experts; free one first (free(key))")
         if not 0 <= slot < self.num_slots:
             raise IndexError(f"slot {slot} outside the pool of {self.num_slots}")
         if key not in self.store.host:
             raise KeyError(f"no expert {key} in the store (MoE layers {self.store.layers}, "
                            f"{self.store.num_experts} experts)")
-        staged = {w: jax.device_put(a, self._device) for w, a in self.store.host[key].items()}
+        staged = {w: jax.device_put(a, self.sharding) for w, a in self.store.host[key].items()}
         self.arrays = self._update(self.arrays, jnp.int32(slot), staged)
-        prev = self.slot_of.pop(key, None)
-        if prev is not None:
-            self.owner[prev] = None
-        old = self.owner[slot]
+        if key in self._slot_of:
+            self.free(key)
+        old = self._owner[slot]
         if old is not None:
-            del self.slot_of[old]
-        self.owner[slot] = key
-        self.slot_of[key] = slot
+            del self._slot_of[old]
+        self._owner[slot] = key
+        self._slot_of[key] = slot
         self.bytes_loaded += self.store.expert_bytes
         self.loads += 1
         if self.pool_bytes > self.budget_bytes:
@@ -152,7 +172,7 @@ class SlotPool:
 
     def slot_table(self, layer: int) -> np.ndarray:
         """(E,) int32: the slot of each expert of `layer`, -1 if not resident."""
-        return np.asarray([self.slot_of.get((layer, e), -1)
+        return np.asarray([self._slot_of.get((layer, e), -1)
                            for e in range(self.store.num_experts)], np.int32)
 
 
