@@ -25,6 +25,13 @@ NormKind = Literal["rms", "layer"]
 TokenizerKind = Literal["byte", "synthetic-words"]
 
 
+# The expert-compute vocabulary, one word per choice (moex.nn.experts and moex.nn.grouped say
+# what each value computes):
+COMPUTE = ("auto", "sorted", "gather", "broadcast", "dense")   # MoEConfig.compute
+PAIR_COMPUTE = COMPUTE[:4]                  # the routes with per-pair outputs (not 'dense')
+GROUPED_MATMUL = ("auto", "ragged_dot", "blocked")              # MoEConfig.grouped_matmul
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """How the MLP of a block is computed. Shapes: E experts, K selected per token, F expert width.
@@ -55,19 +62,16 @@ class MoEConfig:
     num_groups: int = 1                  # DeepSeek-V2 group-limited greedy: experts in G groups,
     topk_groups: int = 1                 # only the top `topk_groups` groups (by max score) eligible
     compute: str = "auto"                # hard MoE: how routed pairs are computed, one of
-                                         # moex.nn.experts.COMPUTE (sorted / gather / broadcast
-                                         # pairs, 'auto' picks by shape; 'dense' one-hot einsum)
-    grouped_matmul: str = "auto"         # the sorted route's kernel, one of
-                                         # moex.nn.grouped.GROUPED_MATMUL
+                                         # COMPUTE (sorted / gather / broadcast pairs, 'auto'
+                                         # picks by shape; 'dense' one-hot einsum; moex.nn.experts)
+    grouped_matmul: str = "auto"         # the sorted route's kernel, one of GROUPED_MATMUL
+                                         # (moex.nn.grouped)
 
     def is_moe_layer(self, i: int) -> bool:
         return (self.kind != "dense" and i >= self.first_k_dense
                 and i % self.every_n == self.layer_offset and i not in self.dense_layers)
 
     def validate(self, where: str) -> None:
-        # the vocabularies live with the code that computes them (moex.nn imports this module)
-        from moex.nn.experts import COMPUTE
-        from moex.nn.grouped import GROUPED_MATMUL
         if self.compute not in COMPUTE or self.grouped_matmul not in GROUPED_MATMUL:
             raise ValueError(f"{where}: compute must be one of {COMPUTE} and grouped_matmul one "
                              f"of {GROUPED_MATMUL}; found {self.compute!r} and "

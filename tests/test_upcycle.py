@@ -133,7 +133,7 @@ def test_refuses_what_it_cannot_upcycle(dense):
 
 
 def test_upcycle_command_on_a_converted_llava(converted, tmp_path):
-    from tests.test_convert import inputs
+    from tests.convert.test_convert import inputs
     src = converted("llava")
     cfg, params, _ = checkpoint.load(src)
     ids, mask, images, _ = inputs(cfg)

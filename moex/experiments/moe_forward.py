@@ -1,4 +1,4 @@
-"""Forward tokens/s of a Mixtral-shaped decoder LM on CPU: moex (ragged / dense experts) vs
+"""Forward tokens/s of a Mixtral-shaped decoder LM on CPU: moex (compute 'auto' / 'dense') vs
 transformers' MixtralForCausalLM (torch), same shapes, same weights, same tokens, one run.
 
     python experiments/bench_moe_forward.py          # = moex bench forward
@@ -9,7 +9,7 @@ expert FFN 1024, vocabulary 512, fp32, full causal forward (no KV cache), logits
 
 The torch model is built first (seed 0) and its weights are copied into the moex param tree, so
 all three implementations run identical weights and therefore identical routing. moex: one
-jax.jit forward per expert path, compiled ahead of the timing (compile time recorded apart),
+jax.jit forward per expert compute, compiled ahead of the timing (compile time recorded apart),
 timed with moex.measure.measure. torch: eval mode, torch.inference_mode, default threads
 and default attention / experts implementations of transformers (recorded). A parity check
 (max |logit difference| against transformers on the first batch size) is printed, not asserted.
@@ -40,13 +40,13 @@ from moex.measure import md_table, write_outputs
 from moex.measure import Timing, measure
 from moex.config import DecoderConfig, MoEConfig, VLMConfig
 from moex.model import build, forward, init_params
-from moex.nn.experts import experts_ragged
+from moex.nn.experts import experts_routed
 from moex.nn.routing import route
 
 SHAPE = dict(vocab=512, d=512, layers=8, heads=8, kv_heads=4, head_dim=64, experts=8, top_k=2,
              expert_dim=1024)
 EPS, THETA = 1e-6, 10000.0
-MOEX_IMPLS = ("ragged", "dense")
+MOEX_COMPUTE = ("auto", "dense")      # MoEConfig.compute values timed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +202,7 @@ def expert_block_rows(hf, params, batches: list[int], seq: int, warmup: int,
     @jax.jit
     def moex_block(p, x):
         logits = jnp.einsum("gsd,de->gse", x, p["router"]["kernel"])
-        return experts_ragged(p["experts"], x, route(logits, top_k=s["top_k"], renormalize=True),
+        return experts_routed(p["experts"], x, route(logits, top_k=s["top_k"], renormalize=True),
                               "swiglu")
 
     swiglu = lambda w, x: (jax.nn.silu(x @ w["w_gate"]) * (x @ w["w_up"])) @ w["w_down"]
@@ -260,9 +260,9 @@ def main(args: ForwardConfig) -> int:
     import transformers
     start, load_before = time.perf_counter(), os.getloadavg()
     hf = hf_model(args.attn)
-    cfgs = {c: moex_config(c) for c in MOEX_IMPLS}
+    cfgs = {c: moex_config(c) for c in MOEX_COMPUTE}
     models = {c: build(cfg) for c, cfg in cfgs.items()}
-    params = params_from_hf(hf, init_params(cfgs["ragged"], seed=0))   # one tree for both paths
+    params = params_from_hf(hf, init_params(cfgs["auto"], seed=0))   # one tree for both paths
     fwds = {c: jax.jit(lambda p, t, m, model=m_: forward(model, p, t, m)[0])
             for c, m_ in models.items()}
     torch_info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
@@ -273,7 +273,7 @@ def main(args: ForwardConfig) -> int:
 
     rng = np.random.default_rng(0)
     rows, parity = [], {}
-    bar = tqdm(total=len(args.batch_sizes) * (len(MOEX_IMPLS) + 1), desc="bench", unit="point")
+    bar = tqdm(total=len(args.batch_sizes) * (len(MOEX_COMPUTE) + 1), desc="bench", unit="point")
     for bi, b in enumerate(args.batch_sizes):
         tokens = rng.integers(0, SHAPE["vocab"], size=(b, args.seq), dtype=np.int32)
         tok_j, mask_j = jnp.asarray(tokens), jnp.ones((b, args.seq), jnp.int32)
@@ -288,7 +288,7 @@ def main(args: ForwardConfig) -> int:
         ref = row("transformers", b, args.seq, t_hf, None)
         bar.update()
         logits = {"transformers": run_torch().numpy()} if bi == 0 else {}
-        for c in MOEX_IMPLS:
+        for c in MOEX_COMPUTE:
             bar.set_postfix_str(f"moex-{c} B={b}")
             t0 = time.perf_counter()
             compiled = fwds[c].lower(params, tok_j, mask_j).compile()
@@ -303,8 +303,8 @@ def main(args: ForwardConfig) -> int:
         if bi == 0:
             parity = {f"{c} vs transformers": float(np.max(np.abs(logits[c] - logits["transformers"])))
                       for c in logits if c != "transformers"}
-            parity["moex-ragged vs moex-dense"] = float(np.max(np.abs(
-                logits["moex-ragged"] - logits["moex-dense"])))
+            parity["moex-auto vs moex-dense"] = float(np.max(np.abs(
+                logits["moex-auto"] - logits["moex-dense"])))
             parity["batch"], parity["max |logit| transformers"] = b, float(
                 np.max(np.abs(logits["transformers"])))
     bar.close()

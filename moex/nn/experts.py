@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moex.config import COMPUTE, PAIR_COMPUTE
 from moex.nn import grouped
 from moex.nn.layers import activation_fn
 from moex.nn.routing import Routing
@@ -47,8 +48,6 @@ def _hidden(params, activation, up, gate=None):
     return activation_fn(activation)(up)
 
 
-COMPUTE = ("auto", "sorted", "gather", "broadcast", "dense")
-PAIR_COMPUTE = ("auto", "sorted", "gather", "broadcast")     # the routes with per-pair outputs
 BROADCAST_TOKENS = 32   # tokens up to which the blocked kernel's 'auto' runs every expert on all
 
 

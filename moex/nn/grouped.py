@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-GROUPED_MATMUL = ("auto", "ragged_dot", "blocked")
+from moex.config import GROUPED_MATMUL
 
 BIG_ROWS = 512    # rows of the whole windows of a group
 TAIL_STEP = 32    # the last window of a group has a multiple of this many rows

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import tiny
+from tests.helpers import tiny
 from moex.data import Question, continuation, likelihood_prompt, rotate
 from moex.data.images import preprocess
 from moex.eval import (Scorer, ScoreConfig, chance, circular_questions, circular_score,
