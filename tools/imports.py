@@ -83,7 +83,10 @@ def imports(mod: str, path: pathlib.Path, known: dict) -> list[tuple[str, int, b
 
 
 def unit(mod: str) -> int:
-    """Index in LAYERS of the unit holding `mod`."""
+    """Index in LAYERS of the unit holding `mod`; a package's __main__ is an entry point, a
+    command like those of moex.cli."""
+    if mod.endswith(".__main__"):
+        return LAYERS.index("moex.cli")
     best = None
     for i, u in enumerate(LAYERS):
         if mod == u or (mod.startswith(u + ".") and u != "moex"):

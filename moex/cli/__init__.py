@@ -1,6 +1,6 @@
 """The `moex` command. Every command lives in this package, one module per group:
 
-    model.py        moex info | presets | generate | upcycle | compare-hf
+    model.py        moex info | presets | generate | upcycle | convert | compare-hf
     lm.py           moex lm train | trace;  moex predictor train | eval | study
     vlm.py          moex vlm data | train | trace
     experiments.py  moex efficiency | compare;  moex bench offload | offload-hf | forward | convert
@@ -23,6 +23,7 @@ USAGE = """commands:
   moex presets                            list the presets
   moex generate PRESET_OR_CHECKPOINT --prompt TEXT [--image FILE] [--offload POLICY]
   moex upcycle SRC OUT --to hard|soft     sparse upcycling of a dense moex checkpoint
+  moex convert SRC OUT [--to-hf]          HF checkpoint <-> moex checkpoint (checkpoints_convert)
   moex compare-hf SRC [--prompts F]       a converted HF checkpoint against transformers
   moex lm train|trace ...                 byte-level LM on the stdlib corpus; routing traces
   moex predictor train|eval|study ...     the routing-path predictor (moex.predict)

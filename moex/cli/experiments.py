@@ -39,7 +39,10 @@ def register(sub) -> None:
     p = sub.add_parser("compare", help="dense vs hard-MoE vs soft-MoE throughput and memory")
     add_fields(p, CompareConfig, flags=RENAMED, help={"family": "preset family: tiny or small"})
     p.set_defaults(fn=lambda a: (compare(from_args(CompareConfig, a)), 0)[1])
+    _bench_parsers(sub)
 
+
+def _bench_parsers(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench",
                                                                         required=True)
     p = bench.add_parser("offload", help="offload policies x expert budgets x batch sizes")

@@ -9,6 +9,9 @@ import jax
 import numpy as np
 from PIL import Image
 
+from checkpoints_convert.convert import convert as convert_hf
+from checkpoints_convert.export import to_hf
+from checkpoints_convert.reader import CheckpointError
 from moex import checkpoint
 from moex.cli.args import add_fields, from_args
 from moex.config import PRESETS, get_config
@@ -29,7 +32,12 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=info)
     sub.add_parser("presets", help="list presets").set_defaults(fn=presets)
+    _generate_parser(sub)
+    _upcycle_parser(sub)
+    _convert_parsers(sub)
 
+
+def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a preset (random weights) or a "
                        "moex checkpoint (trained or converted), optionally offloaded")
     p.add_argument("model", metavar="PRESET_OR_CHECKPOINT",
@@ -56,6 +64,8 @@ def register(sub) -> None:
                    help="device budget for experts with --offload: '25%%', '0.25' or '64MB'")
     p.set_defaults(fn=generate)
 
+
+def _upcycle_parser(sub) -> None:
     p = sub.add_parser("upcycle", help="sparse upcycling: a dense moex checkpoint -> hard- or "
                        "soft-MoE (experts start from the dense FFN)")
     p.add_argument("src", help="dense moex checkpoint folder")
@@ -75,6 +85,18 @@ def register(sub) -> None:
         "noise": "hard routers: logit noise (|x| / sqrt(D) units) that breaks the tie",
         "name": "name of the new config (default: SRC's name -hard / -soft)"})
     p.set_defaults(fn=upcycle)
+
+
+def _convert_parsers(sub) -> None:
+    p = sub.add_parser("convert", help="a HuggingFace checkpoint -> a moex checkpoint, or back "
+                       "with --to-hf (= python -m checkpoints_convert)")
+    p.add_argument("src", help="HF model folder (or, with --to-hf, a moex checkpoint)")
+    p.add_argument("out", help="output folder (must not exist)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="param dtype of the moex checkpoint (default: the source's)")
+    p.add_argument("--to-hf", action="store_true", help="export a moex checkpoint to HF format")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=convert)
 
     p = sub.add_parser("compare-hf", help="logit parity of a HF checkpoint: moex vs transformers")
     p.add_argument("src", help="HuggingFace model folder (config.json + weights)")
@@ -170,6 +192,18 @@ def upcycle(args) -> int:
         out = upcycle_checkpoint(args.src, args.out, from_args(UpcycleSpec, args),
                                  seed=args.seed)
     print(format_info(model_info(checkpoint.load_config(out))))
+    print(f"wrote {out}")
+    return 0
+
+
+def convert(args) -> int:
+    try:
+        if args.to_hf:
+            out = to_hf(args.src, args.out)
+        else:
+            out = convert_hf(args.src, args.out, args.dtype, progress=not args.quiet)
+    except (CheckpointError, FileExistsError) as e:
+        raise ValueError(str(e)) from e
     print(f"wrote {out}")
     return 0
 

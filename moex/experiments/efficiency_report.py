@@ -153,54 +153,72 @@ def report_md(rows, acc, routes, skipped, study, data: dict, roles: dict) -> str
 
 def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
                 routes: list[dict] | None = None) -> list[pathlib.Path]:
+    """The PNG figures of the study under `out`; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    res = [r for r in rows if r["policy"] == RESIDENT_JIT]
-    models = list(dict.fromkeys(r["model"] for r in res))
-    seqs = sorted({r["seq_len"] for r in res})
+    resident = [r for r in rows if r["policy"] == RESIDENT_JIT]
+    figures = [("throughput_vs_batch.png", _throughput_figure(plt, resident)),
+               ("memory_vs_batch.png", _memory_figure(plt, resident)),
+               ("throughput_vs_memory.png", _offload_figure(
+                   plt, [r for r in rows if r["policy"] != RESIDENT_JIT])),
+               ("learning_curves.png", _learning_figure(plt, acc))]
     paths = []
+    for name, fig in figures:
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    for r in routes or []:
+        paths.append(_signature_plot(plt, r, out / f"routing_{r['model']}.png"))
+    return paths
 
-    def series(model, t, key):
-        pts = sorted((r["batch"], r[key]) for r in res if r["model"] == model and r["seq_len"] == t)
-        return [p[0] for p in pts], [p[1] for p in pts]
 
+def _series(rows: list[dict], model: str, seq_len: int, key: str):
+    """(batch sizes, values of `key`) of one model at one sequence length, by batch size."""
+    pts = sorted((r["batch"], r[key]) for r in rows
+                 if r["model"] == model and r["seq_len"] == seq_len)
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _throughput_figure(plt, resident: list[dict]):
+    models = list(dict.fromkeys(r["model"] for r in resident))
+    seqs = sorted({r["seq_len"] for r in resident})
     fig, axes = plt.subplots(2, len(seqs), figsize=(4 * len(seqs), 7), squeeze=False)
     for j, t in enumerate(seqs):
         for i, (key, label) in enumerate((("prefill_tokens_per_s", "prefill tokens/s"),
                                           ("decode_tokens_per_s", "decode tokens/s"))):
             ax = axes[i][j]
             for m in models:
-                ax.plot(*series(m, t, key), marker="o", label=m)
+                ax.plot(*_series(resident, m, t, key), marker="o", label=m)
             ax.set_xscale("log", base=2)
             ax.set_title(f"T = {t}")
             ax.set_xlabel("batch size")
             ax.set_ylabel(label)
     axes[0][0].legend()
-    fig.tight_layout()
-    paths.append(out / "throughput_vs_batch.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
+
+def _memory_figure(plt, resident: list[dict]):
+    models = list(dict.fromkeys(r["model"] for r in resident))
+    seqs = sorted({r["seq_len"] for r in resident})
     fig, axes = plt.subplots(1, len(seqs), figsize=(4 * len(seqs), 3.5), squeeze=False)
     for j, t in enumerate(seqs):
         ax = axes[0][j]
         for m in models:
-            x, y = series(m, t, "peak_device_bytes")
+            x, y = _series(resident, m, t, "peak_device_bytes")
             ax.plot(x, [v / MB for v in y], marker="o", label=f"{m} peak")
-            x, y = series(m, t, "kv_cache_bytes")
+            x, y = _series(resident, m, t, "kv_cache_bytes")
             ax.plot(x, [v / MB for v in y], linestyle="--", label=f"{m} KV cache")
         ax.set_xscale("log", base=2)
         ax.set_title(f"T = {t}")
         ax.set_xlabel("batch size")
         ax.set_ylabel("MB")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "memory_vs_batch.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
-    off = [r for r in rows if r["policy"] != RESIDENT_JIT]
+
+def _offload_figure(plt, off: list[dict]):
     fig, ax = plt.subplots(figsize=(6, 4))
     for batch in sorted({r["batch"] for r in off}):
         for policy in dict.fromkeys(r["policy"] for r in off):
@@ -212,11 +230,10 @@ def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
     ax.set_title("offloaded experts: throughput vs device-memory budget")
     if off:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "throughput_vs_memory.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
+
+def _learning_figure(plt, acc: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for a in acc:
         curve = a.get("learning_curve") or []
@@ -231,13 +248,7 @@ def write_plots(rows: list[dict], acc: list[dict], out: pathlib.Path,
         ax.set_title(title)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "learning_curves.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    for r in routes or []:
-        paths.append(_signature_plot(plt, r, out / f"routing_{r['model']}.png"))
-    return paths
+    return fig
 
 
 def _signature_plot(plt, route: dict, path: pathlib.Path) -> pathlib.Path:

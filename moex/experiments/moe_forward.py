@@ -255,22 +255,10 @@ def markdown(rows: list[dict]) -> str:
          f"{r['ratio_vs_transformers']:.2f}x"] for r in rows])
 
 
-def main(args: ForwardConfig) -> int:
+def forward_rows(hf, params, fwds, args: ForwardConfig) -> tuple[list[dict], dict]:
+    """Timed forwards of transformers and each moex compute per batch size (rows), and the
+    logit parity on the first batch size."""
     import torch
-    import transformers
-    start, load_before = time.perf_counter(), os.getloadavg()
-    hf = hf_model(args.attn)
-    cfgs = {c: moex_config(c) for c in MOEX_COMPUTE}
-    models = {c: build(cfg) for c, cfg in cfgs.items()}
-    params = params_from_hf(hf, init_params(cfgs["auto"], seed=0))   # one tree for both paths
-    fwds = {c: jax.jit(lambda p, t, m, model=m_: forward(model, p, t, m)[0])
-            for c, m_ in models.items()}
-    torch_info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                  "transformers": transformers.__version__,
-                  "attn_implementation": hf.config._attn_implementation,
-                  "experts_implementation": getattr(hf.config, "_experts_implementation", None)}
-    print(f"torch {torch_info}", flush=True)
-
     rng = np.random.default_rng(0)
     rows, parity = [], {}
     bar = tqdm(total=len(args.batch_sizes) * (len(MOEX_COMPUTE) + 1), desc="bench", unit="point")
@@ -308,6 +296,25 @@ def main(args: ForwardConfig) -> int:
             parity["batch"], parity["max |logit| transformers"] = b, float(
                 np.max(np.abs(logits["transformers"])))
     bar.close()
+    return rows, parity
+
+
+def main(args: ForwardConfig) -> int:
+    import torch
+    import transformers
+    start, load_before = time.perf_counter(), os.getloadavg()
+    hf = hf_model(args.attn)
+    cfgs = {c: moex_config(c) for c in MOEX_COMPUTE}
+    models = {c: build(cfg) for c, cfg in cfgs.items()}
+    params = params_from_hf(hf, init_params(cfgs["auto"], seed=0))   # one tree for both paths
+    fwds = {c: jax.jit(lambda p, t, m, model=m_: forward(model, p, t, m)[0])
+            for c, m_ in models.items()}
+    torch_info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                  "transformers": transformers.__version__,
+                  "attn_implementation": hf.config._attn_implementation,
+                  "experts_implementation": getattr(hf.config, "_experts_implementation", None)}
+    print(f"torch {torch_info}", flush=True)
+    rows, parity = forward_rows(hf, params, fwds, args)
     kernels = kernel_rows(args.batch_sizes, args.seq, args.warmup, 2 * args.repeats + 1)
     blocks = expert_block_rows(hf, params, args.batch_sizes, args.seq, args.warmup, 2 * args.repeats + 1)
     for r in rows:

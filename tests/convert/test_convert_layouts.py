@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoints_convert.__main__ import main as convert_main
 from checkpoints_convert.convert import convert
 from checkpoints_convert.reader import CheckpointError
 from moex import checkpoint
+from moex.cli import main as moex_main
 from tests.hf_models import model_class
 
 
@@ -92,10 +94,14 @@ def test_unknown_architecture_lists_supported(hf_model, tmp_path, capsys):
     cfg = json.loads((src / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
     (src / "config.json").write_text(json.dumps(cfg))
-    assert convert_main([str(src), str(tmp_path / "out"), "--quiet"]) == 2
+    assert moex_main(["convert", str(src), str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "'GPT2LMHeadModel' is not supported" in err and "MixtralForCausalLM" in err
     assert not (tmp_path / "out").exists()
+    # python -m checkpoints_convert is the same command
+    done = subprocess.run([sys.executable, "-m", "checkpoints_convert", str(src),
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 2 and "'GPT2LMHeadModel' is not supported" in done.stderr
 
 
 def test_truncated_safetensors_is_reported(hf_model, tmp_path):
