@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 
 from checkpoints_convert.convert import convert_params, open_source
+from moex.model import build, forward
+from moex.tokenizer import left_pad
 
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):",
                    "Mixture-of-experts models route each token to"]
@@ -34,11 +37,8 @@ def _log_softmax(x):
 
 
 def compare_hf(src, prompts: list[str] | None = None, seed: int = 0) -> dict:
-    import jax.numpy as jnp
-    import torch
+    import torch                            # optional dependencies (moex[convert])
     import transformers
-    from moex.model import build, forward
-    from moex.tokenizer import left_pad
 
     src = pathlib.Path(src)
     reader, arch, cfg = open_source(src)
