@@ -161,9 +161,8 @@ def generate(args) -> int:
         spec = parse_policy(args.offload)
         store = ExpertStore.from_params(cfg, loaded.params)
         forecaster = forecaster_for(spec, cfg, store, (ids, mask, images), args.max_new_tokens)
-        engine = OffloadEngine(cfg, None, spec.policy, parse_budget(args.expert_budget,
-                                                                    store.total_bytes),
-                               forecaster=forecaster, store=store)
+        budget = parse_budget(args.expert_budget, store.total_bytes)
+        engine = OffloadEngine(cfg, None, spec.policy, budget, forecaster=forecaster, store=store)
         out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
                               sampling=sampling)
     else:

@@ -274,6 +274,7 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
     predictive:prior from an all-resident run on the next B questions."""
     cfg = m.cfg
     store = ExpertStore.from_params(cfg, m.params)
+    rest = tree_bytes(store.dense_params)
     points = [(parse_policy("all-resident"), "100%")] + [
         (parse_policy(p), b) for b in study.budgets for p in study.policies]
     rows = []
@@ -282,24 +283,26 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
         seq = prompts[0].shape[1]
         kv = tree_bytes(jax.eval_shape(lambda: init_cache(   # shapes only, as in resident rows
             cfg.decoder, batch, seq + study.offload_new_tokens, np.dtype(cfg.dtype)))["layers"])
-        warm, reference, calibration = set(), None, None
+        warm, forecasters, reference = set(), {}, None
         for spec, label in points:
             if progress_bar is not None:
                 progress_bar.set_postfix_str(f"{cfg.name} offload B={batch} {spec.label} {label}")
-            if spec.forecast in ("prior",) and calibration is None:
-                calibration = reference_run(cfg, store, *_offload_prompts(
-                    m, study, questions[batch:2 * batch] or questions[:batch]),
-                    new_tokens=study.offload_new_tokens).trace()
+            if spec not in forecasters:          # after all-resident, whose trace is the oracle's
+                calibration = None
+                if spec.forecast == "prior":
+                    calibration = reference_run(cfg, store, *_offload_prompts(
+                        m, study, questions[batch:2 * batch] or questions[:batch]),
+                        new_tokens=study.offload_new_tokens).trace()
+                forecasters[spec] = make_forecaster(spec, reference, calibration)
             budget = parse_budget(label, store.total_bytes)
             slots = budget_slots(budget, store.expert_bytes)
-            runs, eng = cold_runs(cfg, store, spec.policy,
-                                  make_forecaster(spec, reference, calibration), budget, prompts,
+            runs, eng = cold_runs(cfg, store, spec.policy, forecasters[spec], budget, prompts,
                                   study.offload_new_tokens, study.offload_repeats,
                                   warmup=slots not in warm)
             warm.add(slots)
             if spec.policy == "all-resident":
                 reference = eng.trace()
-            rest, pool = tree_bytes(store.dense_params), eng.pool.pool_bytes
+            pool = eng.pool.pool_bytes
             med = lambda key: statistics.median(key(t) for t in runs)
             rows.append({**_keys(cfg, batch, seq, spec.label, label),
                          **_timing_cells(batch * seq, batch, [t["prefill_s"] for t in runs],

@@ -128,6 +128,7 @@ def run(grid: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], li
     model = model_of(grid)
     cfg = model.cfg
     store = ExpertStore.from_params(cfg, model.params)
+    dense_bytes = tree_bytes(store.dense_params)
     budgets = [(b, parse_budget(b, store.total_bytes)) for b in grid.budgets]
     specs = [parse_policy(p) for p in grid.policies]
     points = [(bud, spec) for bud in budgets for spec in specs
@@ -161,15 +162,15 @@ def run(grid: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], li
             except ValueError as e:                 # a budget below the policy's minimum
                 skipped.append(f"B={batch} {label} {spec.label}: {e}")
             else:
-                rows.append(point_row(cfg, store, eng, timing, base, trace, copy_s, spec, label,
-                                      budget, ids, grid))
+                rows.append(point_row(cfg, store, dense_bytes, eng, timing, base, trace, copy_s,
+                                      spec, label, budget, ids, grid))
             bar.update()
     bar.close()
     return rows, skipped
 
 
-def point_row(cfg, store, eng, timing: dict, base: dict, trace, copy_s: float, spec: PolicySpec,
-              label: str, budget: int, ids, grid: OffloadBenchConfig) -> dict:
+def point_row(cfg, store, dense_bytes: int, eng, timing: dict, base: dict, trace, copy_s: float,
+              spec: PolicySpec, label: str, budget: int, ids, grid: OffloadBenchConfig) -> dict:
     """One result row: the point's timing, its cache counts, bytes moved, memory and bounds."""
     s, t = eng.core.stats, eng.timings
     batch, slots = ids.shape[0], eng.pool.num_slots
@@ -190,7 +191,7 @@ def point_row(cfg, store, eng, timing: dict, base: dict, trace, copy_s: float, s
         "stall_s": eng.stats.stall_s,
         "hidden_fraction": hidden_fraction(eng.stats.stall_s, s.loads * copy_s),
         "peak_pool_bytes": eng.pool.pool_bytes,
-        "device_param_bytes": tree_bytes(store.dense_params) + eng.pool.pool_bytes,
+        "device_param_bytes": dense_bytes + eng.pool.pool_bytes,
         "memory_kind": store.memory_kind,
         "bound_decode_tok_s": min(base["decode_tok_s"], transfer_bound),
         "copy_s_per_expert": copy_s,

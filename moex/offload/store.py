@@ -26,6 +26,7 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from moex.config import VLMConfig
+from moex.offload.spec import budget_slots
 
 WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 
@@ -104,7 +105,7 @@ class SlotPool:
 
     def __init__(self, store: ExpertStore, budget_bytes: int, device=None):
         self.store = store
-        self.num_slots = int(budget_bytes // store.expert_bytes)
+        self.num_slots = budget_slots(budget_bytes, store.expert_bytes)
         if self.num_slots < 1:
             raise ValueError(f"expert budget {budget_bytes} B holds no expert; one expert of "
                              f"{store.cfg.name} is {store.expert_bytes} B")

@@ -33,11 +33,12 @@ def make_forecaster(spec: PolicySpec, reference: Trace | None = None,
         return None
     if spec.predictor:
         return PredictorForecast(*load_predictor(spec.predictor))
-    source = reference if spec.forecast == "oracle" else calibration
+    oracle = spec.forecast == "oracle"
+    source = reference if oracle else calibration
     if source is None:
-        raise ValueError(f"{spec}: needs a {'reference' if spec.forecast == 'oracle' else 'calibration'} "
-                         "trace (an all-resident run: moex.offload.forecast.reference_run)")
-    return OracleForecast(source) if spec.forecast == "oracle" else PriorForecast.from_trace(source)
+        raise ValueError(f"{spec}: needs a {'reference' if oracle else 'calibration'} trace (an "
+                         "all-resident run: moex.offload.forecast.reference_run)")
+    return OracleForecast(source) if oracle else PriorForecast.from_trace(source)
 
 
 def forecaster_for(spec: PolicySpec, cfg, store, prompts, new_tokens: int):
