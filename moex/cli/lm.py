@@ -4,21 +4,25 @@ byte-level LMs on the stdlib corpus, their routing traces, and the routing-path 
     moex lm train small-hard --steps 400                  # -> runs/lm/small-hard/model
     moex lm trace runs/lm/small-hard/model --domain code --split train --out traces/code.npz
     moex predictor train traces/code.npz --out runs/rpp/code
+    moex lm trace runs/lm/small-hard/model --domain code --hidden --out traces/code.npz
+    moex predictor train traces/code.npz --kind lookahead --out runs/heads/code
     moex predictor eval runs/rpp/code traces/code-heldout.npz traces/prose-heldout.npz \\
-        --prior-trace traces/code.npz --out results/rpp
+        --prior-trace traces/code.npz --heads runs/heads/code --out results/rpp
     moex predictor study                                  # = experiments/routing_predictor.py
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 from moex import checkpoint
 from moex.cli.args import add_fields, from_args
 from moex.experiments.routing_predictor import StudyConfig, study
-from moex.predict.evaluate import evaluate_predictor, markdown
+from moex.predict.evaluate import evaluate_predictors, markdown
 from moex.predict.lm import LMTrainConfig, record_traces, train_lm
+from moex.predict.lookahead import HeadShape, HeadTrainConfig, train_heads_from_trace
 from moex.predict.train import PredictorShape, PredictorTrainConfig, train_from_trace
 
 
@@ -38,22 +42,39 @@ def register(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", action="store_true", help="also record every MoE layer's hidden "
+                   "states (trace format v3; what `moex predictor train --kind lookahead` needs)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=lm_trace)
 
     pr = sub.add_parser("predictor", help="routing-path predictor: train / eval / study")
     pr_sub = pr.add_subparsers(dest="predictor_cmd", required=True)
-    p = pr_sub.add_parser("train", help="train on one trace file (90/10 request split)")
+    p = pr_sub.add_parser("train", help="train a routing-path predictor or lookahead heads on "
+                          "one trace file (90/10 request split)")
     p.add_argument("trace")
     p.add_argument("--out", required=True)
-    add_fields(p, PredictorShape)
-    add_fields(p, PredictorTrainConfig)
+    p.add_argument("--kind", choices=["rpp", "lookahead"], default="rpp",
+                   help="rpp: the routing-path predictor (prompt -> routes); lookahead: per-layer "
+                   "heads (hidden state -> the next layers' experts; the trace needs --hidden)")
+    add_fields(p, PredictorShape, help={"gen_len": "rpp: generated positions forecast"})
+    add_fields(p, PredictorTrainConfig, defaults={"batch_size": None}, help={
+        "batch_size": "requests (rpp; default 16) or trace rows (lookahead; default 256) per step",
+        "head_lr": "rpp", "body_lr": "rpp"})
+    add_fields(p, HeadShape, help={"offsets": "lookahead: head l predicts MoE layers l + o",
+                                   "hidden": "lookahead: hidden width (0: linear heads)",
+                                   "source": "lookahead: post-attention or pre-attention"})
+    add_fields(p, HeadTrainConfig, skip=("steps", "batch_size", "warmup", "weight_decay",
+                                         "seed"), help={"lr": "lookahead"})
     p.set_defaults(fn=predictor_train)
-    p = pr_sub.add_parser("eval", help="predictor and baselines on trace files")
-    p.add_argument("predictor")
+    p = pr_sub.add_parser("eval", help="predictors and baselines on trace files")
+    p.add_argument("predictor", nargs="?", help="routing-path predictor folder (optional)")
     p.add_argument("traces", nargs="+", help="trace files (e.g. in-domain and cross-domain)")
     p.add_argument("--prior-trace", required=True, help="trace for the frequency prior "
                    "(the predictor's training trace)")
+    p.add_argument("--heads", action="append", default=[],
+                   help="a lookahead head-set folder (repeat for several)")
+    p.add_argument("--gen-len", type=int, default=16,
+                   help="generated positions per request (without a predictor; else its own)")
     p.add_argument("--out")
     p.set_defaults(fn=predictor_eval)
     p = pr_sub.add_parser("study", help="the routing-path predictor study, end to end "
@@ -62,7 +83,9 @@ def register(sub) -> None:
         "requests": "training-trace requests per domain",
         "vlm_family": "the VLM family of the VLM step",
         "vlm_questions": "training-trace questions of the VLM step",
-        "vlm": "the VLM step (traces, predictor and offload bench of the trained mini-hard)"})
+        "vlm": "the VLM step (traces, predictors and offload bench of the trained mini-hard)",
+        "head_steps": "training steps of each lookahead head set",
+        "head_hidden": "lookahead heads' hidden width (0: linear heads)"})
     p.set_defaults(fn=lambda args: study(from_args(StudyConfig, args)))
 
 
@@ -77,21 +100,34 @@ def lm_train(args) -> int:
 def lm_trace(args) -> int:
     cfg, params, _ = checkpoint.load(args.model)
     trace = record_traces(cfg, params, args.domain, args.split, args.requests, args.prompt_len,
-                          args.new_tokens, args.batch, args.seed)
+                          args.new_tokens, args.batch, args.seed, hidden=args.hidden)
     print(f"wrote {trace.save(args.out)} ({len(trace)} tokens)")
     return 0
 
 
 def predictor_train(args) -> int:
-    log = train_from_trace(args.trace, args.out, from_args(PredictorShape, args),
-                           from_args(PredictorTrainConfig, args))
+    train_cfg = from_args(PredictorTrainConfig, args)
+    if args.kind == "lookahead":
+        head_cfg = from_args(HeadTrainConfig, args, steps=train_cfg.steps,
+                             batch_size=train_cfg.batch_size or HeadTrainConfig.batch_size,
+                             warmup=train_cfg.warmup, weight_decay=train_cfg.weight_decay,
+                             seed=train_cfg.seed)
+        log = train_heads_from_trace(args.trace, args.out, from_args(HeadShape, args), head_cfg)
+    else:
+        train_cfg = dataclasses.replace(
+            train_cfg, batch_size=train_cfg.batch_size or PredictorTrainConfig.batch_size)
+        log = train_from_trace(args.trace, args.out, from_args(PredictorShape, args), train_cfg)
     print(json.dumps(log[-1]))
     print(f"wrote {args.out}")
     return 0
 
 
 def predictor_eval(args) -> int:
-    report = evaluate_predictor(args.predictor, args.traces, args.prior_trace)
+    traces = list(args.traces)
+    predictor = args.predictor
+    if predictor and predictor.endswith(".npz"):       # no predictor: the first trace file
+        predictor, traces = None, [predictor] + traces
+    report = evaluate_predictors(traces, args.prior_trace, predictor, args.heads, args.gen_len)
     text = markdown(report)
     print(text)
     if args.out:

@@ -21,7 +21,7 @@ from moex.info import format_info, model_info
 from moex.offload.engine import OffloadEngine
 from moex.offload.spec import parse_budget, parse_policy
 from moex.offload.store import ExpertStore
-from moex.predict.forecast import forecaster_for
+from moex.predict.forecast import forecaster_for, make_lookahead
 from moex.tokenizer import IMAGE_TAG, left_pad
 from moex.upcycle import UpcycleSpec, upcycle_checkpoint
 
@@ -162,7 +162,8 @@ def generate(args) -> int:
         store = ExpertStore.from_params(cfg, loaded.params)
         forecaster = forecaster_for(spec, cfg, store, (ids, mask, images), args.max_new_tokens)
         budget = parse_budget(args.expert_budget, store.total_bytes)
-        engine = OffloadEngine(cfg, None, spec.policy, budget, forecaster=forecaster, store=store)
+        engine = OffloadEngine(cfg, None, spec.policy, budget, forecaster=forecaster, store=store,
+                               lookahead=make_lookahead(spec))
         out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
                               sampling=sampling)
     else:

@@ -37,6 +37,8 @@ def register(sub) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--data", default=d.data)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--hidden", action="store_true", help="also record every MoE layer's hidden "
+                   "states (trace format v3, for `moex predictor train --kind lookahead`)")
     p.set_defaults(fn=trace)
 
     p = vlm.add_parser("data", help="write the synthetic MMBench / SEED-Bench splits")
@@ -59,7 +61,8 @@ def train(args) -> int:
 def trace(args) -> int:
     result, n = trace_benchmark(args.model, split=args.split, mmbench=args.mmbench,
                                 questions=args.questions, new_tokens=args.new_tokens,
-                                batch=args.batch, data=args.data, seed=args.seed)
+                                batch=args.batch, data=args.data, seed=args.seed,
+                                hidden=args.hidden)
     path = result.save(args.out)
     print(f"{path}: {len(result)} tokens of {n} questions, MoE layers {result.moe_layers}")
     return 0

@@ -60,7 +60,7 @@ from moex.nn.decoder import init_cache
 from moex.offload.forecast import reference_run
 from moex.offload.spec import budget_slots, parse_budget, parse_policy
 from moex.offload.store import ExpertStore
-from moex.predict.forecast import make_forecaster
+from moex.predict.forecast import make_forecaster, make_lookahead
 from moex.predict.vlm import vlm_prompts
 from moex.train_vlm import Recipe, train_family
 
@@ -298,7 +298,7 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
             slots = budget_slots(budget, store.expert_bytes)
             runs, eng = cold_runs(cfg, store, spec.policy, forecasters[spec], budget, prompts,
                                   study.offload_new_tokens, study.offload_repeats,
-                                  warmup=slots not in warm)
+                                  warmup=slots not in warm, lookahead=make_lookahead(spec))
             warm.add(slots)
             if spec.policy == "all-resident":
                 reference = eng.trace()

@@ -40,7 +40,7 @@ from moex.offload.forecast import reference_run
 from moex.offload.spec import PolicySpec, budget_slots, parse_budget, parse_policy
 from moex.offload.store import ExpertStore
 from moex.predict.corpus import samples
-from moex.predict.forecast import make_forecaster
+from moex.predict.forecast import make_forecaster, make_lookahead
 from moex.predict.vlm import vlm_prompts
 from moex.tokenizer import left_pad
 
@@ -94,13 +94,15 @@ def prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str 
 
 
 def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tokens: int,
-              repeats: int, warmup: bool = False) -> tuple[list[dict], OffloadEngine]:
+              repeats: int, warmup: bool = False,
+              lookahead=None) -> tuple[list[dict], OffloadEngine]:
     """`repeats` greedy generates of `prompts` = (ids, mask, images), each from a cold pool
     (after one untimed one with `warmup`: a new pool size compiles its slot update and expert
     pieces): per run the engine's timings, hit rate and bytes loaded; and the last engine."""
     runs, eng = [], None
     for i in range(repeats + warmup):
-        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store)
+        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store,
+                            lookahead=lookahead)
         eng.generate(*prompts, max_new_tokens=new_tokens, stop_tokens=())
         if i >= warmup:
             runs.append({**eng.timings, "hit_rate": eng.core.stats.hit_rate,
@@ -109,11 +111,11 @@ def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tok
 
 
 def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, grid,
-              warmup: bool = False) -> tuple[dict, OffloadEngine]:
+              warmup: bool = False, lookahead=None) -> tuple[dict, OffloadEngine]:
     """Decode tokens/s (median, min, max), prefill tokens/s and stall fraction (medians) over
     `repeats` cold-pool generates."""
     runs, eng = cold_runs(cfg, store, policy, forecaster, budget, (ids, mask, images),
-                          grid.new_tokens, grid.repeats, warmup)
+                          grid.new_tokens, grid.repeats, warmup, lookahead)
     rates = [ids.shape[0] * t["decode_steps"] / t["decode_s"] for t in runs]
     return {"decode_tok_s": statistics.median(rates), "decode_tok_s_min": min(rates),
             "decode_tok_s_max": max(rates),
@@ -151,13 +153,15 @@ def run(grid: OffloadBenchConfig, progress: bool = True) -> tuple[list[dict], li
                                                          grid.data),
                                     new_tokens=grid.new_tokens).trace()
         forecasters = {spec: make_forecaster(spec, trace, calibration) for spec in specs}
+        heads = {spec: make_lookahead(spec) for spec in specs}
         bar.update()
         for (label, budget), spec in points:
             bar.set_postfix_str(f"B={batch} {label} {spec.label}")
             slots = budget_slots(budget, store.expert_bytes)
             try:
                 timing, eng = run_point(cfg, store, spec.policy, forecasters[spec], budget,
-                                        ids, mask, images, grid, warmup=slots not in warm)
+                                        ids, mask, images, grid, warmup=slots not in warm,
+                                        lookahead=heads[spec])
                 warm.add(slots)
             except ValueError as e:                 # a budget below the policy's minimum
                 skipped.append(f"B={batch} {label} {spec.label}: {e}")

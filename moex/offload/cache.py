@@ -6,7 +6,8 @@ needed expert must be resident: one already in a slot is a **hit**; one that is 
 **miss**, loaded on demand (first, before any prefetch) into a free slot or over a victim the
 policy chooses (never one the current layer needs). A visit may carry hints for prefetching
 policies: `pregate` (the experts the next MoE layer's router picks from this layer's hidden
-state) and, at a forward's first MoE layer, `forecast` ((L_moe, E) probabilities that the
+state), `lookahead` (lookahead heads' probabilities for the MoE layers ahead) and, at a
+forward's first MoE layer, `forecast` ((L_moe, E) probabilities that the
 forward uses each expert; `admit` runs the policy's admission prefetch before the forward).
 
 Slots: S in all. Per-layer policies (LRU and LFU, as in mixtral-offloading) split them evenly
@@ -51,6 +52,7 @@ class Visit(NamedTuple):
     pregate: frozenset | None = None        # predicted experts of the next MoE layer
     forecast: np.ndarray | None = None      # (L_moe, E), at a forward's first MoE visit
     tokens: int = 0                         # tokens in the forward (for the compute model)
+    lookahead: dict | None = None           # {MoE layer ahead: (E,) probabilities} from heads
 
 
 class Load(NamedTuple):
@@ -342,19 +344,24 @@ def forward_groups(trace, batch: int | None) -> list[np.ndarray]:
     return [np.arange(s, min(s + batch, len(trace))) for s in range(0, len(trace), batch)]
 
 
-def stream_from_trace(trace, batch: int | None = None, forecaster=None) -> list[Visit]:
+def stream_from_trace(trace, batch: int | None = None, forecaster=None,
+                      lookahead=None) -> list[Visit]:
     """Visits of a trace replayed in order: for each forward (as recorded, or `batch` rows at a
     time), each MoE layer with the union of the experts its tokens picked, the union of the
-    tokens' pre-gate predictions (where the trace has them), and at the first MoE layer the
-    forecaster's (L_moe, E) forecast for those rows (where one is given)."""
+    tokens' pre-gate predictions (where the trace has them), at the first MoE layer the
+    forecaster's (L_moe, E) forecast for those rows (where one is given), and the lookahead
+    heads' hints from the rows' recorded hidden states (where heads are given)."""
     stream = []
     for f, rows in enumerate(forward_groups(trace, batch)):
         forecast = None if forecaster is None else np.asarray(forecaster.for_rows(trace, rows))
+        ahead = None if lookahead is None else lookahead.for_rows(trace, rows)
         for li, layer in enumerate(trace.moe_layers):
             needed = frozenset(int(e) for e in trace.experts[rows, li].ravel())
             pregate = None
             if trace.pregate is not None and li + 1 < len(trace.moe_layers):
                 pregate = frozenset(int(e) for e in trace.pregate[rows, li + 1].ravel() if e >= 0)
+            hints = None if ahead is None else {trace.moe_layers[li + o]: p
+                                                for o, p in ahead[li].items()}
             stream.append(Visit(layer, needed, f, pregate, forecast if li == 0 else None,
-                                len(rows)))
+                                len(rows), hints))
     return stream

@@ -13,6 +13,9 @@ A forward (prefill or decode step):
      experts, waits for the copies of the experts the round needs (that wait is the *stall*) and
      runs the round's experts through the expert->slot table; after the layer's compute is
      dispatched it issues the prefetches, which overlap that compute and the next attention.
+     With lookahead heads (the `lookahead` policy, predictive's combined form) the layer's heads
+     run on the same hidden state, dispatched beside the router, and their predictions for the
+     layers ahead come back in the same sync as the routing.
 Every piece runs the model's own moex.nn modules on the model's params (`LayerPieces`); the
 experts' pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
 Expert outputs are kept per token-expert pair, each round filling its experts' pairs, and
@@ -178,18 +181,26 @@ def pieces_for(cfg: VLMConfig) -> LayerPieces:
 
 class OffloadEngine:
     def __init__(self, cfg: VLMConfig, params, policy: str, budget_bytes: int, device=None,
-                 forecaster=None, rounds: bool = True, store: ExpertStore | None = None):
+                 forecaster=None, rounds: bool = True, store: ExpertStore | None = None,
+                 lookahead=None, record_hidden: bool = False):
         """params: the model's params (experts are moved to host memory), or None with `store`
-        (an ExpertStore built once and shared by several engines)."""
+        (an ExpertStore built once and shared by several engines). lookahead: trained heads
+        (`moex.predict.lookahead.LookaheadHints`) for the lookahead policy and for predictive's
+        combined form. record_hidden: the trace also records each MoE layer's hidden states
+        (trace fields `hidden`, `hidden_pre`: what the heads train on)."""
         d = cfg.decoder
         if d.parallel_block or d.attention != "gqa":
             raise ValueError(f"{cfg.name}: the offload engine runs sequential GQA blocks only")
         self.cfg = cfg
-        if forecaster is not None:
-            forecaster.check_model(cfg)
+        for hint in (forecaster, lookahead):
+            if hint is not None:
+                hint.check_model(cfg)
         self.store = store if store is not None else ExpertStore.from_params(cfg, params, device)
         self.pool = SlotPool(self.store, budget_bytes, device)
-        self.policy = make_policy(policy)
+        self.policy = make_policy(policy, lookahead is not None)
+        if self.policy.uses_lookahead and lookahead is None:
+            raise ValueError(f"{policy} needs lookahead heads (moex.predict.lookahead)")
+        self.lookahead, self.record_hidden = lookahead, record_hidden
         if self.policy.needs_future:
             raise ValueError(f"{policy} needs the future trace: replay it with "
                              "moex.offload.simulator.simulate")
@@ -264,7 +275,7 @@ class OffloadEngine:
         valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
         from_zero = cache is None or fresh_cache
         caches = [None] * d.num_layers if cache is None else cache["layers"]
-        new_layers, routed, pregates = [], {}, {}
+        new_layers, routed, pregates, hidden = [], {}, {}, {"hidden": {}, "hidden_pre": {}}
         for i, lc in enumerate(caches):
             pl = p[f"layer_{i}"]
             if i not in moe_layers:
@@ -274,24 +285,31 @@ class OffloadEngine:
                 continue
             li = moe_layers.index(i)
             nxt = moe_layers[li + 1] if li + 1 < len(moe_layers) else None
+            x_in = x
             x, h, routing, pregate, lc = self.pieces.attend_route(
                 pl, None if nxt is None else p[f"layer_{nxt}"], x, mask, positions, valid, lc,
                 index, from_zero)
             new_layers.append(lc)
+            ahead = None if self.lookahead is None else self.lookahead.dispatch(li, x)
+            if self.record_hidden:
+                hidden["hidden"][li], hidden["hidden_pre"][li] = x, x_in
             ids, kept = np.asarray(routing.expert_ids), np.asarray(routing.kept)
+            if ahead is not None:
+                ahead = {moe_layers[li + o]: probs for o, probs in
+                         self.lookahead.for_layer(li, ahead, token_mask).items()}
             routed[i] = {"expert_ids": ids, "probs": routing.probs}
             hint = None
             if pregate is not None:
                 pregates[nxt] = np.asarray(pregate)
                 hint = frozenset(int(e) for e in pregates[nxt][token_mask.astype(bool)].ravel())
             visit = Visit(i, frozenset(int(e) for e in ids[kept]), self._forward, hint,
-                          forecast if li == 0 else None, int(token_mask.sum()))
+                          forecast if li == 0 else None, int(token_mask.sum()), ahead)
             self.stream.append(visit)
             x = self._moe(pl, x, h, routing, self.core.visit(len(self.stream) - 1, visit), i)
         x = x[:, -1:] if last_only else x
         logits = self.pieces.head(self.params, x)
         self._record(routed, pregates, tokens, token_mask, positions, int(not from_zero),
-                     np.arange(b) if request_ids is None else np.asarray(request_ids))
+                     np.arange(b) if request_ids is None else np.asarray(request_ids), hidden)
         self._forward += 1
         return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
 
@@ -315,15 +333,18 @@ class OffloadEngine:
         return out
 
     def _record(self, routed, pregates, tokens, token_mask, positions, phase: int,
-                request_ids) -> None:
+                request_ids, hidden) -> None:
         b, t = token_mask.shape
         layers = self.store.layers
         pre = np.full((b, t, len(layers), self.cfg.decoder.moe.top_k), -1, np.int16)
         for li, layer in enumerate(layers):
             if layer in pregates:
                 pre[:, :, li] = pregates[layer]
+        states = {name: np.stack([np.asarray(per[li], np.float16) for li in range(len(layers))],
+                                 axis=2) if per else None                     # (B, T, L, D)
+                  for name, per in hidden.items()}
         self.recorder.add({"decoder": routed}, token_mask, request_ids, np.asarray(positions),
-                          phase, pre, tokens)
+                          phase, pre, tokens, **states)
 
     def trace(self):
         return self.recorder.trace()

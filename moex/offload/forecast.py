@@ -94,11 +94,13 @@ class PriorForecast:
 
 
 def reference_run(cfg, store, tokens, token_mask, images=None, *, new_tokens: int,
-                  request_ids=None):
+                  request_ids=None, record_hidden: bool = False):
     """The all-resident engine after one greedy generate of the prompts (no stop token): its
-    `trace()` is their routing (the oracle's source, a prior's calibration, a study's trace) and
-    its `timings` the baseline's."""
-    engine = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store)
+    `trace()` is their routing (the oracle's source, a prior's calibration, a study's trace;
+    with `record_hidden` also the hidden states the lookahead heads train on) and its
+    `timings` the baseline's."""
+    engine = OffloadEngine(cfg, None, "all-resident", store.total_bytes, store=store,
+                           record_hidden=record_hidden)
     engine.generate(tokens, token_mask, images, max_new_tokens=new_tokens, stop_tokens=(),
                     request_ids=request_ids)
     return engine

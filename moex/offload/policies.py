@@ -13,8 +13,21 @@ simulator count identically. See cache.py for the access stream, rounds and the 
                 (sum of probabilities), each layer's most probable experts are prefetched in layer
                 order, slots of layers this forward has finished are recycled first, and a
                 prefetch never evicts a planned expert worth more than itself
+  lookahead     one pool; while layer l computes, prefetch the experts that trained lookahead
+                heads (`moex.predict.lookahead`) give a probability >= PREFETCH_PROB for the MoE
+                layers l+1 .. l+d, nearest layer first, most probable first; eviction keeps the
+                experts predicted for this forward's upcoming layers (by probability), then LRU
+  predictive    with lookahead heads (`predictive:FORECAST+HEADS`, class Combined): PLEC's quotas
+                and admission plan come from the forecast (the routing-path predictor), and at
+                each layer the heads re-rank the layers l+1 .. l+d: their predictions replace the
+                forecast's for those layers, and each layer's prefetch is its experts with
+                probability >= PREFETCH_PROB up to the layer's quota (never fewer than those with
+                probability >= 0.5); layers beyond the heads' reach keep the admission plan
   belady        offline optimal for demand caching: evict the expert needed furthest in the future
                 (needs the whole stream: replay only)
+
+Wrong guesses of any prefetching policy stay demand misses: prefetches only change which experts
+are resident, never what a layer computes.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ class Policy(abc.ABC):
     needs_future = False        # replay only (Belady)
     uses_pregate = False        # wants Visit.pregate hints
     uses_forecast = False       # wants Visit.forecast at each forward's admission
+    uses_lookahead = False      # wants Visit.lookahead hints from lookahead heads
 
     def __init__(self):
         self.last: dict[Key, int] = {}
@@ -155,7 +169,8 @@ class Predictive(Policy):
         if f.shape != (len(self.layers), f.shape[-1]):
             raise ValueError(f"forecast has shape {f.shape}, expected ({len(self.layers)}, E)")
         self.forecast, self.position = f, -1
-        q = self.quotas(f)
+        self.belief = f.copy()                # what this forward is expected to use
+        q = self.quota = self.quotas(f)
         self.plan = [(layer, int(e)) for i, layer in enumerate(self.layers)
                      for e in np.argsort(-f[i], kind="stable")[:q[i]]]
         return list(self.plan)
@@ -175,13 +190,80 @@ class Predictive(Policy):
     def _value(self, key: Key, t: int):
         i = self.index[key[0]]
         upcoming = i > self.position
-        return (upcoming, float(self.forecast[i, key[1]]), self.last.get(key, -1), key)
+        return (upcoming, float(self.belief[i, key[1]]), self.last.get(key, -1), key)
 
     def victims(self, t, candidates, count, incoming=None):
         ranked = sorted(candidates, key=lambda k: self._value(k, t))
         if incoming is not None:
             ranked = [k for k in ranked if self._value(k, t)[:2] < self._value(incoming, t)[:2]]
         return ranked[:count]
+
+
+PREFETCH_PROB = 0.2             # lookahead: prefetch an expert the heads give at least this
+
+
+def ranked_ahead(lookahead: dict, index: dict) -> list:
+    """Visit.lookahead {layer: (E,) probabilities} -> [(layer, probs)], nearest layer first."""
+    return sorted(lookahead.items(), key=lambda kv: index[kv[0]])
+
+
+def likely(probs: np.ndarray, limit: int | None = None) -> list[int]:
+    """Experts with probability >= PREFETCH_PROB, most probable first, at most `limit` of them
+    but never fewer than those with probability >= 0.5."""
+    order = [int(e) for e in np.argsort(-probs, kind="stable") if probs[e] >= PREFETCH_PROB]
+    sure = int((probs >= 0.5).sum())
+    return order if limit is None else order[:max(limit, sure)]
+
+
+class Lookahead(Policy):
+    name = "lookahead"
+    uses_lookahead = True
+
+    def start(self, stream, slots, layers):
+        super().start(stream, slots, layers)
+        self.position, self.belief = -1, {}
+
+    def enter(self, t, v):
+        i = self.index[v.layer]
+        if i <= self.position:                          # a new forward
+            self.belief = {}
+        self.position = i
+
+    def prefetch(self, t, v):
+        keys = []
+        for layer, probs in ranked_ahead(v.lookahead or {}, self.index):
+            self.belief.update({(layer, e): float(p) for e, p in enumerate(probs)})
+            keys += [(layer, e) for e in likely(probs)]
+        return keys
+
+    def _value(self, key: Key):
+        upcoming = self.index[key[0]] > self.position
+        return (upcoming, self.belief.get(key, 0.0) if upcoming else 0.0, self.last.get(key, -1),
+                key)
+
+    def victims(self, t, candidates, count, incoming=None):
+        ranked = sorted(candidates, key=self._value)
+        if incoming is not None:
+            ranked = [k for k in ranked if self._value(k)[:2] < self._value(incoming)[:2]]
+        return ranked[:count]
+
+
+class Combined(Predictive):
+    """`predictive` with lookahead heads (see the module docstring)."""
+
+    name = "predictive+lookahead"
+    uses_lookahead = True
+
+    def prefetch(self, t, v):
+        if self.forecast is None:
+            return super().prefetch(t, v)
+        keys, reach = [], self.position
+        for layer, probs in ranked_ahead(v.lookahead or {}, self.index):
+            i = self.index[layer]
+            self.belief[i] = probs
+            keys += [(layer, e) for e in likely(probs, int(self.quota[i]))]
+            reach = max(reach, i)
+        return keys + [k for k in self.plan if self.index[k[0]] > reach]
 
 
 class Belady(Policy):
@@ -204,10 +286,14 @@ class Belady(Policy):
         return sorted(candidates, key=lambda k: (-self._next_use(k, t), k))[:count]
 
 
-POLICIES = {p.name: p for p in (AllResident, OnDemand, LRU, LFU, Pregated, Predictive, Belady)}
+POLICIES = {p.name: p for p in (AllResident, OnDemand, LRU, LFU, Pregated, Predictive, Lookahead,
+                                Belady)}
 
 
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, lookahead: bool = False) -> Policy:
+    """The policy `name`; predictive with `lookahead` is the combined policy."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    if lookahead and name == "predictive":
+        return Combined()
     return POLICIES[name]()

@@ -101,25 +101,34 @@ class _CopyEngine:
 
 def simulate(trace, policy: str, slots: int, batch: int | None, expert_bytes: int,
              transfer: TransferModel = TransferModel(), compute: ComputeModel = ComputeModel(),
-             forecaster=None) -> SimResult:
-    p = make_policy(policy)
+             forecaster=None, lookahead=None) -> SimResult:
+    """Replay `trace` under `policy`; `lookahead`: trained heads (`moex.predict.lookahead.
+    LookaheadHints`) for the lookahead policy and for predictive's combined form."""
+    p = make_policy(policy, lookahead is not None)
     if p.uses_pregate and trace.pregate is None:
         raise ValueError(f"{policy} needs pre-gate predictions, and this trace (recorded on "
                          f"{trace.model}) has none: record it with the offload engine")
     if p.uses_forecast and forecaster is None:
         raise ValueError(f"{policy} needs a forecaster (moex.offload.forecast)")
-    stream = stream_from_trace(trace, batch, forecaster if p.uses_forecast else None)
+    if p.uses_lookahead and (lookahead is None or trace.hidden is None):
+        raise ValueError(f"{policy} needs lookahead heads and a trace with hidden states "
+                         f"(`moex lm trace --hidden`); {trace.model}'s trace has "
+                         f"{'none' if trace.hidden is None else 'them'}")
+    stream = stream_from_trace(trace, batch, forecaster if p.uses_forecast else None,
+                               lookahead if p.uses_lookahead else None)
     return simulate_stream(stream, policy, slots, trace.moe_layers, trace.num_experts,
-                           expert_bytes, transfer, compute, tokens=len(trace), batch=batch)
+                           expert_bytes, transfer, compute, tokens=len(trace), batch=batch,
+                           lookahead=p.uses_lookahead)
 
 
 def simulate_stream(stream, policy: str, slots: int, layers: list[int], num_experts: int,
                     expert_bytes: int, transfer: TransferModel = TransferModel(),
                     compute: ComputeModel = ComputeModel(), tokens: int | None = None,
-                    batch: int | None = None) -> SimResult:
+                    batch: int | None = None, lookahead: bool = False) -> SimResult:
     """The time model on a stream of visits (`simulate` builds one from a trace); `tokens`
-    defaults to the sum of each forward's tokens."""
-    p = make_policy(policy)
+    defaults to the sum of each forward's tokens; `lookahead`: the stream carries lookahead
+    hints (predictive then runs combined)."""
+    p = make_policy(policy, lookahead)
     core = CacheCore(p, slots, layers, num_experts)
     minimum = core.minimum_slots(stream)
     if slots < minimum:

@@ -2,7 +2,7 @@
 predictor and the replay simulator.
 
 File format (`.npz`, written to a temp file and renamed):
-  meta        JSON string: {"format": "moex-trace-v2", "model": name, "moe_layers": [decoder
+  meta        JSON string: {"format": "moex-trace-v3", "model": name, "moe_layers": [decoder
               layer indices], "num_experts": E, "top_k": K}; optional: "domain" (code, prose,
               vlm, ...) and "request_labels" (a label per request id 0..R-1, e.g. the question
               category of a VLM prompt)
@@ -15,8 +15,14 @@ File format (`.npz`, written to a temp file and renamed):
   pregate     (N, L, K) int16   optional: row l holds the experts MoE layer l's router picks from
                                 MoE layer l-1's hidden state (pre-gating; row 0 is -1)
   token       (N,) int32        optional: the token's id (input of the routing-path predictor)
+  hidden      (N, L, D) float16 optional (v3): MoE layer l's hidden state before its own routing
+                                -- the residual stream after the layer's attention, before the
+                                FFN norm (input of the lookahead heads, `moex.predict.lookahead`)
+  hidden_pre  (N, L, D) float16 optional (v3): MoE layer l's input before attention (the
+                                "pre-attention" variant of the heads)
 Rows are in the order the tokens were processed: a prefill's tokens, then decode steps.
-v1 files (no `forward`, no `pregate`) load with one forward per row.
+v1 files (no `forward`, no `pregate`) load with one forward per row; v2 files are v3 files
+without the hidden states.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ import numpy as np
 from moex.config import VLMConfig
 from moex.offload.store import moe_layers
 
-FORMAT = "moex-trace-v2"
-READABLE = ("moex-trace-v1", FORMAT)
+FORMAT = "moex-trace-v3"
+READABLE = ("moex-trace-v1", "moex-trace-v2", FORMAT)
+OPTIONAL = ("pregate", "token", "hidden", "hidden_pre")     # per-row arrays a trace may lack
 
 
 @dataclasses.dataclass
@@ -52,6 +59,8 @@ class Trace:
     token: np.ndarray | None = None
     domain: str | None = None
     request_labels: list[str] | None = None
+    hidden: np.ndarray | None = None
+    hidden_pre: np.ndarray | None = None
 
     def __post_init__(self):
         if self.forward is None:
@@ -80,8 +89,7 @@ class Trace:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                extra = {k: getattr(self, k) for k in ("pregate", "token")
-                         if getattr(self, k) is not None}
+                extra = {k: getattr(self, k) for k in OPTIONAL if getattr(self, k) is not None}
                 np.savez(f, meta=np.asarray(json.dumps(meta)), request=self.request,
                          position=self.position, phase=self.phase, forward=self.forward,
                          experts=self.experts, probs=self.probs, **extra)
@@ -106,16 +114,18 @@ class Trace:
         if meta.get("format") not in READABLE:
             raise ValueError(f"{path}: format {meta.get('format')!r}, expected one of {READABLE}")
         n, layers, k = len(data["request"]), len(meta["moe_layers"]), meta["top_k"]
+        width = next((data[h].shape[-1] for h in ("hidden", "hidden_pre") if h in data), 0)
         shapes = {"experts": (n, layers, k), "probs": (n, layers, meta["num_experts"]),
                   "position": (n,), "phase": (n,), "forward": (n,), "pregate": (n, layers, k),
-                  "token": (n,)}
+                  "token": (n,), "hidden": (n, layers, width), "hidden_pre": (n, layers, width)}
         for name, shape in shapes.items():
             if name in data and data[name].shape != shape:
                 raise ValueError(f"{path}: {name} has shape {data[name].shape}, expected {shape}")
         return Trace(meta["model"], list(meta["moe_layers"]), meta["num_experts"], k,
                      data["request"], data["position"], data["phase"], data["experts"],
                      data["probs"], data.get("forward"), data.get("pregate"), data.get("token"),
-                     meta.get("domain"), meta.get("request_labels"))
+                     meta.get("domain"), meta.get("request_labels"), data.get("hidden"),
+                     data.get("hidden_pre"))
 
     @staticmethod
     def concat(traces: list["Trace"]) -> "Trace":
@@ -135,7 +145,8 @@ class Trace:
         return Trace(first.model, first.moe_layers, first.num_experts, first.top_k,
                      cat("request"), cat("position"), cat("phase"), cat("experts"),
                      cat("probs"), np.concatenate([t.forward + o for t, o in zip(traces, offsets)]),
-                     optional("pregate"), optional("token"))
+                     optional("pregate"), optional("token"), hidden=optional("hidden"),
+                     hidden_pre=optional("hidden_pre"))
 
 
 class TraceRecorder:
@@ -149,11 +160,11 @@ class TraceRecorder:
         self.rows: list[dict] = []
 
     def add(self, aux: dict, token_mask, request_ids, positions, phase: int,
-            pregate=None, tokens=None) -> None:
+            pregate=None, tokens=None, hidden=None, hidden_pre=None) -> None:
         """aux: a forward's aux (or any dict with aux["decoder"][layer] holding "expert_ids"
         (B, T, K) and "probs" (B, T, E)); token_mask, positions (B, T); request_ids (B,);
         pregate: optional (B, T, L, K) pre-gate predictions (see the file format); tokens:
-        optional (B, T) token ids."""
+        optional (B, T) token ids; hidden, hidden_pre: optional (B, T, L, D) hidden states."""
         mask = np.asarray(token_mask).astype(bool)
         b, t = mask.shape
         per_layer = [aux["decoder"][i] for i in self.layers]
@@ -168,6 +179,9 @@ class TraceRecorder:
             row["pregate"] = np.asarray(pregate)[mask]
         if tokens is not None:
             row["token"] = np.asarray(tokens)[mask]
+        for name, value in (("hidden", hidden), ("hidden_pre", hidden_pre)):
+            if value is not None:
+                row[name] = np.asarray(value)[mask]
         self.rows.append(row)
 
     def trace(self) -> Trace:
@@ -179,4 +193,6 @@ class TraceRecorder:
         return Trace(self.cfg.name, self.layers, m.num_experts, m.top_k, cat("request", np.int32),
                      cat("position", np.int32), cat("phase", np.int8), cat("experts", np.int16),
                      cat("probs", np.float16), cat("forward", np.int32),
-                     optional("pregate", np.int16), optional("token", np.int32))
+                     optional("pregate", np.int16), optional("token", np.int32),
+                     hidden=optional("hidden", np.float16),
+                     hidden_pre=optional("hidden_pre", np.float16))

@@ -7,6 +7,8 @@ E experts.
     ex = examples(trace, gen_len=32)
     ex.tokens (R, P) int32, ex.mask (R, P), ex.routes (R, P + G, L, E) bool,
     ex.route_mask (R, P + G) -- 1 where the position exists (real prompt token / generated token)
+    ex.rows (R, P + G) int64 -- the trace row of each position (-1 where none): per-row scores
+                                (N, L, E) map onto the grid as scores[ex.rows]
 
 A generated position g holds the routing of the g-th token the request *fed* in decode (the
 token sampled before it), in order. The trace must carry token ids (`moex.offload.engine`
@@ -27,6 +29,7 @@ class Examples:
     routes: np.ndarray
     route_mask: np.ndarray
     requests: np.ndarray          # (R,) request ids
+    rows: np.ndarray              # (R, P + G) trace row per position, -1 where none
     num_layers: int
     num_experts: int
     top_k: int
@@ -37,7 +40,7 @@ class Examples:
     def take(self, index) -> "Examples":
         return dataclasses.replace(self, tokens=self.tokens[index], mask=self.mask[index],
                                    routes=self.routes[index], route_mask=self.route_mask[index],
-                                   requests=self.requests[index])
+                                   requests=self.requests[index], rows=self.rows[index])
 
     def split(self, heldout: float = 0.1, seed: int = 0) -> tuple["Examples", "Examples"]:
         """(train, validation) by a seeded permutation of the requests."""
@@ -68,8 +71,11 @@ def examples(trace, gen_len: int, max_prompt: int | None = None) -> Examples:
     mask = np.zeros((n, p), np.int32)
     routes = np.zeros((n, p + gen_len, l, e), bool)
     route_mask = np.zeros((n, p + gen_len), np.int32)
+    rows = np.full((n, p + gen_len), -1, np.int64)
     for i, (prompt, gen) in enumerate(zip(prompts, gens)):
         off = p - len(prompt)                                   # left padding
+        rows[i, off:p] = prompt
+        rows[i, p:p + len(gen)] = gen
         tokens[i, off:] = trace.token[prompt]
         mask[i, off:] = 1
         for j, row in enumerate(prompt):
@@ -78,7 +84,15 @@ def examples(trace, gen_len: int, max_prompt: int | None = None) -> Examples:
         for g, row in enumerate(gen):
             _set(routes[i, p + g], trace.experts[row])
         route_mask[i, p:p + len(gen)] = 1
-    return Examples(tokens, mask, routes, route_mask, ids, l, e, trace.top_k)
+    return Examples(tokens, mask, routes, route_mask, ids, rows, l, e, trace.top_k)
+
+
+def on_grid(ex: Examples, row_scores: np.ndarray, fill: np.ndarray) -> np.ndarray:
+    """Per-row scores (N, L, E) -> (R, P + G, L, E) on the examples' grid (`fill` (L, E) where a
+    position has no row)."""
+    out = np.asarray(row_scores, np.float64)[np.maximum(ex.rows, 0)]
+    out[ex.rows < 0] = fill
+    return out
 
 
 def _set(dst: np.ndarray, experts: np.ndarray) -> None:

@@ -13,6 +13,9 @@ the prompts (before the first MoE layer) and keeps the per-position probabilitie
 forecast is the probability that any of its tokens uses each expert
 (`moex.offload.forecast.batch_probability`): the prompt positions at prefill, generated position
 f - 1 at decode step f. Mispredictions are corrected at run time by the engine's demand loads.
+
+    make_lookahead(spec)       the lookahead heads a spec names (`lookahead:HEADS`,
+                               `predictive:F+HEADS`), as LookaheadHints; None otherwise
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 from moex.offload.forecast import OracleForecast, PriorForecast, batch_probability, reference_run
 from moex.offload.spec import PolicySpec
 from moex.offload.trace import Trace
+from moex.predict.lookahead import LookaheadHints
 from moex.predict.model import RPPConfig
 from moex.predict.train import load_predictor, predict
 
@@ -39,6 +43,11 @@ def make_forecaster(spec: PolicySpec, reference: Trace | None = None,
         raise ValueError(f"{spec}: needs a {'reference' if oracle else 'calibration'} trace (an "
                          "all-resident run: moex.offload.forecast.reference_run)")
     return OracleForecast(source) if oracle else PriorForecast.from_trace(source)
+
+
+def make_lookahead(spec: PolicySpec):
+    """The lookahead heads `spec` names, or None."""
+    return LookaheadHints.load(spec.lookahead) if spec.lookahead else None
 
 
 def forecaster_for(spec: PolicySpec, cfg, store, prompts, new_tokens: int):

@@ -13,7 +13,8 @@ cross-entropy + the config's load-balance and z losses. The trained model is sav
 checkpoint (`moex.checkpoint`) with the preset's inference config.
 
 Traces: prompts are held-out (or train) windows of a domain; the all-resident offload engine
-generates greedily and records every token's routing, its pre-gate prediction and its token id.
+generates greedily and records every token's routing, its pre-gate prediction and its token id
+(and, with `hidden`, every MoE layer's hidden states: what the lookahead heads train on).
 """
 
 from __future__ import annotations
@@ -120,15 +121,18 @@ def train_lm(lm_run: LMTrainConfig, progress: bool = True, stop_at: int | None =
 
 def record_traces(cfg: VLMConfig, params, domain: str, split: str, requests: int,
                   prompt_len: int, new_tokens: int, batch: int = 8, seed: int = 0,
-                  corpus_limit: int | None = None, progress: bool = True):
-    """Routing traces of `requests` greedy generations from `domain` prompts (one Trace)."""
+                  corpus_limit: int | None = None, progress: bool = True,
+                  hidden: bool = False):
+    """Routing traces of `requests` greedy generations from `domain` prompts (one Trace); with
+    `hidden` also every MoE layer's hidden states (trace format v3, for the lookahead heads)."""
     store = ExpertStore.from_params(cfg, params)
     windows = samples(domain, split, requests, prompt_len, seed, corpus_limit)
     traces = []
     for start in tqdm(range(0, requests, batch), desc=f"trace {domain}", disable=not progress):
         ids = windows[start:start + batch]
         traces.append(reference_run(cfg, store, ids, np.ones_like(ids), new_tokens=new_tokens,
-                                    request_ids=np.arange(start, start + len(ids))).trace())
+                                    request_ids=np.arange(start, start + len(ids)),
+                                    record_hidden=hidden).trace())
     trace = Trace.concat(traces)
     trace.domain = domain
     return trace

@@ -40,30 +40,37 @@ def _per_layer(num, den):
     return num / np.maximum(den, 1)
 
 
-def evaluate(scores, truth, mask, k: int, batch_sizes=BATCH_SIZES) -> dict:
-    """Metrics per layer (lists) and their means; see the module docstring."""
+def evaluate(scores, truth, mask, k: int, batch_sizes=BATCH_SIZES, defined=None) -> dict:
+    """Metrics per layer (lists) and their means; see the module docstring. `defined` (L,) bool:
+    the layers the method predicts (pre-gate and SLP have no layer 0, a lookahead head at
+    offset o no layer below o); the others are None in the lists and left out of the means."""
     scores, truth = np.asarray(scores, np.float64), np.asarray(truth, bool)
     keep = np.asarray(mask, bool)
     scores, truth = scores[keep], truth[keep]
+    defined = np.ones(truth.shape[1], bool) if defined is None else np.asarray(defined, bool)
     pred = topk_sets(scores, k)
     hit = (pred & truth).sum(-1)                                    # (N, L)
-    topk_recall = (hit / np.maximum(truth.sum(-1), 1)).mean(0)
+    topk_recall = (hit / np.maximum(truth.sum(-1), 1)).mean(0) if len(truth) else \
+        np.zeros(truth.shape[1])
     thresh = scores >= 0.5
     tp = (thresh & truth).sum((0, 2))
-    out = {"topk_recall": topk_recall.tolist(),
-           "precision": _per_layer(tp, thresh.sum((0, 2))).tolist(),
-           "recall": _per_layer(tp, truth.sum((0, 2))).tolist()}
+    out = {"topk_recall": topk_recall,
+           "precision": _per_layer(tp, thresh.sum((0, 2))),
+           "recall": _per_layer(tp, truth.sum((0, 2)))}
     for b in batch_sizes:
-        acc, waste = batch_acc(pred, truth, b)
-        out[f"b_acc_{b}"], out[f"wasted_{b}"] = acc.tolist(), waste.tolist()
-    out.update({f"mean_{name}": float(np.mean(v)) for name, v in list(out.items())})
-    return out
+        out[f"b_acc_{b}"], out[f"wasted_{b}"] = batch_acc(pred, truth, b)
+    means = {f"mean_{name}": float(np.mean(v[defined])) if defined.any() else None
+             for name, v in out.items()}
+    out = {name: [float(x) if d else None for x, d in zip(v, defined)] for name, v in out.items()}
+    return {**out, **means, "positions": int(keep.sum())}
 
 
 def batch_acc(pred: np.ndarray, truth: np.ndarray, b: int) -> tuple[np.ndarray, np.ndarray]:
     """(B_acc per layer, wasted fraction per layer) over consecutive batches of b positions
     (a last partial batch counts too)."""
-    accs, wastes = [], []
+    accs, wastes = [np.zeros(pred.shape[1])], [np.zeros(pred.shape[1])]
+    if len(pred):
+        accs, wastes = [], []
     for s in range(0, len(pred), b):
         rp, rt = pred[s:s + b].any(0), truth[s:s + b].any(0)            # (L, E)
         inter = (rp & rt).sum(-1)

@@ -35,9 +35,10 @@ def vlm_prompts(cfg, tokenizer, questions: Sequence, style: str = "compact",
 
 
 def record_vlm_traces(cfg, params, tokenizer, questions: Sequence, new_tokens: int = 4,
-                      batch: int = 8, progress: bool = True, style: str = "compact"):
+                      batch: int = 8, progress: bool = True, style: str = "compact",
+                      hidden: bool = False):
     """One Trace of greedy answers to `questions` (request i = question i), with
-    `request_labels` = the questions' categories."""
+    `request_labels` = the questions' categories (and, with `hidden`, the hidden states)."""
     store = ExpertStore.from_params(cfg, params)
     traces = []
     groups = list(batches(questions, batch))
@@ -45,7 +46,8 @@ def record_vlm_traces(cfg, params, tokenizer, questions: Sequence, new_tokens: i
     for group in tqdm(groups, desc="trace vlm", disable=not progress):
         ids, mask, images = vlm_prompts(cfg, tokenizer, group, style)
         traces.append(reference_run(cfg, store, ids, mask, images, new_tokens=new_tokens,
-                                    request_ids=np.arange(start, start + len(group))).trace())
+                                    request_ids=np.arange(start, start + len(group)),
+                                    record_hidden=hidden).trace())
         start += len(group)
     trace = Trace.concat(traces)
     trace.domain = "vlm"
@@ -55,7 +57,8 @@ def record_vlm_traces(cfg, params, tokenizer, questions: Sequence, new_tokens: i
 
 def trace_benchmark(model_dir, *, split: str = "dev", mmbench: str | None = None,
                     questions: int = 256, new_tokens: int = 4, batch: int = 16,
-                    data: str = "runs/data/synthetic", seed: int = 0) -> tuple[Trace, int]:
+                    data: str = "runs/data/synthetic", seed: int = 0,
+                    hidden: bool = False) -> tuple[Trace, int]:
     """(trace, questions traced) of a trained VLM checkpoint answering the first `questions`
     (0: all) of an MMBench-format TSV, or of the synthetic split `split` under `data`."""
     model = load_model(model_dir)
@@ -65,4 +68,4 @@ def trace_benchmark(model_dir, *, split: str = "dev", mmbench: str | None = None
         qs = read_mmbench(write_synthetic(data, SyntheticSpec(seed=seed))[f"mmbench/{split}"])
     qs = qs[:questions or None]
     return record_vlm_traces(model.cfg, model.params, model.tokenizer, qs, new_tokens=new_tokens,
-                             batch=batch), len(qs)
+                             batch=batch, hidden=hidden), len(qs)
