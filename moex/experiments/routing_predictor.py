@@ -61,13 +61,13 @@ from moex.training import trained_model_dir
 class StudyConfig:
     preset: str = "small-hard"
     lm_steps: int = 400
-    requests: int = 96                  # training-trace requests per domain
+    requests: int = 288                 # training-trace requests per domain
     heldout_requests: int = 32
     prompt_len: int = 64
     new_tokens: int = 16
     predictor_steps: int = 1500
-    head_steps: int = 1500
-    head_hidden: int = 256              # lookahead heads' hidden width (0: linear)
+    head_steps: int = 3000
+    head_hidden: int = 512              # lookahead heads' hidden width (0: linear)
     bench_repeats: int = 3
     vlm_family: str = "mini"            # the VLM family of step 7
     vlm_questions: int = 512            # training-trace questions of step 7
@@ -76,10 +76,13 @@ class StudyConfig:
     out: str = "results/routing_predictor"
 
 
-def traced(path: pathlib.Path, record) -> pathlib.Path:
-    """`path`, recorded now unless it holds a trace with hidden states (v3)."""
-    if not path.exists() or Trace.load(path).hidden is None:
-        record().save(path)
+def traced(path: pathlib.Path, requests: int, record) -> pathlib.Path:
+    """`path`, recorded now unless it holds a trace of `requests` requests with hidden states."""
+    if path.exists():
+        old = Trace.load(path)
+        if old.hidden is not None and len(np.unique(old.request)) == requests:
+            return path
+    record().save(path)
     return path
 
 
@@ -94,7 +97,7 @@ def study(plan: StudyConfig) -> int:
     for domain in ("code", "prose"):
         for split, n, seed in (("train", plan.requests, 0), ("heldout", plan.heldout_requests, 1)):
             traces[domain, split] = traced(
-                runs / "traces" / f"{plan.preset}-{domain}-{split}.npz",
+                runs / "traces" / f"{plan.preset}-{domain}-{split}.npz", n,
                 lambda: record_traces(cfg, params, domain, split, n, plan.prompt_len,
                                       plan.new_tokens, seed=seed, hidden=True))
 
@@ -209,7 +212,7 @@ def vlm_domain(plan: StudyConfig, runs: pathlib.Path, out: pathlib.Path) -> None
     _, _, model_dir = train_family(plan.vlm_family, recipe)[1]
     traces = {}
     for split, n in (("train", plan.vlm_questions), ("dev", 128)):
-        traces[split] = traced(runs / "traces" / f"{plan.vlm_family}-hard-vlm-{split}.npz",
+        traces[split] = traced(runs / "traces" / f"{plan.vlm_family}-hard-vlm-{split}.npz", n,
                                lambda: trace_benchmark(model_dir, split=split, questions=n,
                                                        data=recipe.data, hidden=True)[0])
     name = f"{plan.vlm_family}-hard-vlm"
