@@ -14,9 +14,10 @@
      scheduling time, and the decode tokens/s of the orders replayed through the simulator
   7. the third domain, VLM prompts: the trained mini-hard VLM of the main job (trained by its
      recipe if missing; --no-vlm skips it) answers synthetic MMBench questions; traces of the
-     train and dev splits, RPPs of two sizes and lookahead heads trained on the first and
+     train and dev splits, RPPs of two sizes (the wider also with the first MoE layer's input
+     states, which carry the image tokens) and lookahead heads trained on the first and
      evaluated on the second (per question category and on generated positions too), and
-     `moex bench offload --domain vlm`
+     `moex bench offload --domain vlm` with the image-state RPP
 
     python experiments/routing_predictor.py            # = moex predictor study
     python experiments/routing_predictor.py --lm-steps 100 --requests 32 --predictor-steps 300
@@ -216,14 +217,19 @@ def vlm_domain(plan: StudyConfig, runs: pathlib.Path, out: pathlib.Path) -> None
                                lambda: trace_benchmark(model_dir, split=split, questions=n,
                                                        data=recipe.data, hidden=True)[0])
     name = f"{plan.vlm_family}-hard-vlm"
-    rpp = predictor(traces["train"], runs / "rpp" / name, 4, plan.predictor_steps)
-    wide = predictor(traces["train"], runs / "rpp" / f"{name}-wide", 4, plan.predictor_steps,
-                     PredictorShape(gen_len=4, d_model=128, d_ff=512))
+    rpps = {"rpp d_model 32, token ids": PredictorShape(gen_len=4),
+            "rpp d_model 128, token ids": PredictorShape(gen_len=4, d_model=128, d_ff=512),
+            "rpp d_model 128, token ids + image states": PredictorShape(
+                gen_len=4, d_model=128, d_ff=512, states=True)}
+    folders = dict(zip(rpps, ("", "-wide", "-wide-states")))
+    rpps = {label: predictor(traces["train"], runs / "rpp" / f"{name}{folders[label]}", 4,
+                             plan.predictor_steps, shape) for label, shape in rpps.items()}
     heads = head_set(traces["train"], runs / "heads" / name, plan,
                      HeadShape(hidden=plan.head_hidden))
-    result = {"rpp d_model 32": evaluate_predictors([traces["dev"]], traces["train"], rpp,
-                                                    [heads]),
-              "rpp d_model 128": evaluate_predictors([traces["dev"]], traces["train"], wide)}
+    result = {label: evaluate_predictors([traces["dev"]], traces["train"], rpp,
+                                         [heads] if i == 0 else [])
+              for i, (label, rpp) in enumerate(rpps.items())}
+    rpp = rpps["rpp d_model 128, token ids + image states"]
     (out / "vlm_eval.json").write_text(json.dumps(result, indent=1))
     text = "## Predictors trained on VLM prompts (train split), evaluated on the dev split\n\n"
     text += "\n\n".join(f"### {k}\n\n" + markdown(r) for k, r in result.items())

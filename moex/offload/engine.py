@@ -3,9 +3,10 @@
 Shape letters: B batch, T new tokens, D width, K choices per token, E experts, L_moe MoE layers.
 
 A forward (prefill or decode step):
-  1. admission: a `predictive` policy gets the forecaster's (L_moe, E) forecast and its
-     prefetches are issued (async `device_put`) before anything computes;
-  2. embeddings (and, with images, the vision tower + projector, spliced at the placeholders);
+  1. embeddings (and, with images, the vision tower + projector, spliced at the placeholders);
+  2. admission, before the first MoE layer: a `predictive` policy gets the forecaster's
+     (L_moe, E) forecast (a routing-path predictor may read that layer's input states) and its
+     prefetches are issued (async `device_put`) before any expert computes;
   3. per decoder layer: dense layers run whole. For a MoE layer a jitted piece runs attention,
      the router and the pre-gate (the next MoE layer's router on this layer's hidden state); the
      engine reads the routing (one device -> host sync), the `CacheCore` turns it into rounds of
@@ -262,11 +263,6 @@ class OffloadEngine:
         b, t = tokens.shape
         moe_layers = self.store.layers
         forecast = None
-        if self.policy.uses_forecast:
-            forecast = np.asarray(self.forecaster.for_forward(
-                self._forward, tokens, token_mask, prefill=cache is None or fresh_cache))
-            first = Visit(moe_layers[0], frozenset(), self._forward, None, forecast, b * t)
-            self._execute(self.core.admit(len(self.stream), first))
         x = self.pieces.embed(self.params, jnp.asarray(tokens),
                               None if images is None else jnp.asarray(images))
         # committed to the pool's device like everything computed from the pool, so each piece
@@ -286,6 +282,8 @@ class OffloadEngine:
             li = moe_layers.index(i)
             nxt = moe_layers[li + 1] if li + 1 < len(moe_layers) else None
             x_in = x
+            if li == 0 and self.policy.uses_forecast:
+                forecast = self._admit(tokens, token_mask, x, cache is None or fresh_cache)
             x, h, routing, pregate, lc = self.pieces.attend_route(
                 pl, None if nxt is None else p[f"layer_{nxt}"], x, mask, positions, valid, lc,
                 index, from_zero)
@@ -312,6 +310,17 @@ class OffloadEngine:
                      np.arange(b) if request_ids is None else np.asarray(request_ids), hidden)
         self._forward += 1
         return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
+
+    def _admit(self, tokens, token_mask, x, prefill: bool) -> np.ndarray:
+        """A forward's admission, before its first MoE layer: the forecaster's (L_moe, E)
+        forecast (a predictor may read that layer's input states x) and the policy's
+        prefetches."""
+        b, t = tokens.shape
+        forecast = np.asarray(self.forecaster.for_forward(self._forward, tokens, token_mask,
+                                                          prefill=prefill, states=x))
+        first = Visit(self.store.layers[0], frozenset(), self._forward, None, forecast, b * t)
+        self._execute(self.core.admit(len(self.stream), first))
+        return forecast
 
     def _moe(self, p_layer, x, h, routing, plan, layer: int):
         b, t, _ = h.shape

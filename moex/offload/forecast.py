@@ -3,10 +3,11 @@ forward's batch uses each expert of each MoE layer, (L_moe, E).
 
 Two entry points, one per consumer:
   for_rows(trace, rows)                   replay: the forward that ran these trace rows
-  for_forward(index, tokens, token_mask, prefill)
+  for_forward(index, tokens, token_mask, prefill, states)
                                           live engine: forward `index` of the engine (0 = its
                                           first prefill, then decode steps) on tokens (B, T)
-                                          with token_mask (B, T); prefill: a new request batch
+                                          with token_mask (B, T); prefill: a new request batch;
+                                          states: the first MoE layer's input (B, T, D)
 
   OracleForecast  the routing a reference run recorded (1 for each used expert, else 0): a
                   perfect predictor, the ceiling of prediction. Live use needs the same requests
@@ -54,7 +55,8 @@ class OracleForecast:
     def for_rows(self, trace: Trace, rows) -> np.ndarray:
         return used_experts(trace, rows)
 
-    def for_forward(self, index: int, tokens=None, token_mask=None, prefill=True) -> np.ndarray:
+    def for_forward(self, index: int, tokens=None, token_mask=None, prefill=True,
+                    states=None) -> np.ndarray:
         rows = np.flatnonzero(self.trace.forward == index)
         if len(rows) == 0:
             raise ValueError(f"the oracle's trace has no forward {index} (it recorded "
@@ -88,7 +90,8 @@ class PriorForecast:
     def for_rows(self, trace: Trace, rows) -> np.ndarray:
         return self._for(len(rows))
 
-    def for_forward(self, index: int, tokens=None, token_mask=None, prefill=True) -> np.ndarray:
+    def for_forward(self, index: int, tokens=None, token_mask=None, prefill=True,
+                    states=None) -> np.ndarray:
         return self._for(int(np.asarray(token_mask).sum()))
 
 

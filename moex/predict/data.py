@@ -9,6 +9,8 @@ E experts.
     ex.route_mask (R, P + G) -- 1 where the position exists (real prompt token / generated token)
     ex.rows (R, P + G) int64 -- the trace row of each position (-1 where none): per-row scores
                                 (N, L, E) map onto the grid as scores[ex.rows]
+    ex.states (R, P, W) float16 or None -- with `states=True`, the prompt's states entering the
+                                first MoE layer (trace field `hidden_pre`, layer 0)
 
 A generated position g holds the routing of the g-th token the request *fed* in decode (the
 token sampled before it), in order. The trace must carry token ids (`moex.offload.engine`
@@ -33,6 +35,7 @@ class Examples:
     num_layers: int
     num_experts: int
     top_k: int
+    states: np.ndarray | None = None  # (R, P, W) first MoE layer's input states of the prompt
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -40,7 +43,8 @@ class Examples:
     def take(self, index) -> "Examples":
         return dataclasses.replace(self, tokens=self.tokens[index], mask=self.mask[index],
                                    routes=self.routes[index], route_mask=self.route_mask[index],
-                                   requests=self.requests[index], rows=self.rows[index])
+                                   requests=self.requests[index], rows=self.rows[index],
+                                   states=None if self.states is None else self.states[index])
 
     def split(self, heldout: float = 0.1, seed: int = 0) -> tuple["Examples", "Examples"]:
         """(train, validation) by a seeded permutation of the requests."""
@@ -49,7 +53,11 @@ class Examples:
         return self.take(np.sort(order[n_val:])), self.take(np.sort(order[:n_val]))
 
 
-def examples(trace, gen_len: int, max_prompt: int | None = None) -> Examples:
+def examples(trace, gen_len: int, max_prompt: int | None = None,
+             states: bool = False) -> Examples:
+    if states and trace.hidden_pre is None:
+        raise ValueError(f"trace of {trace.model} has no hidden states (`hidden_pre`): record it "
+                         "with --hidden to train or run a predictor that reads them")
     if trace.token is None:
         raise ValueError(f"trace of {trace.model} has no token ids: record it with the offload "
                          "engine (moex.offload.engine.OffloadEngine.trace)")
@@ -84,7 +92,12 @@ def examples(trace, gen_len: int, max_prompt: int | None = None) -> Examples:
         for g, row in enumerate(gen):
             _set(routes[i, p + g], trace.experts[row])
         route_mask[i, p:p + len(gen)] = 1
-    return Examples(tokens, mask, routes, route_mask, ids, rows, l, e, trace.top_k)
+    grid = None
+    if states:
+        grid = np.zeros((n, p, trace.hidden_pre.shape[-1]), np.float16)
+        prompt_rows = rows[:, :p]
+        grid[prompt_rows >= 0] = trace.hidden_pre[prompt_rows[prompt_rows >= 0], 0]
+    return Examples(tokens, mask, routes, route_mask, ids, rows, l, e, trace.top_k, grid)
 
 
 def on_grid(ex: Examples, row_scores: np.ndarray, fill: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ def method_scores(trace: Trace, ex, prior: np.ndarray, rpp=None, heads=()) -> di
     from_layer_1 = np.arange(ex.num_layers) >= 1
     out = {}
     if rpp is not None:
-        out["rpp"] = (predict(*rpp, ex.tokens, ex.mask), everywhere)
+        out["rpp"] = (predict(*rpp, ex.tokens, ex.mask, states=ex.states), everywhere)
     for cfg, params in heads:
         cfg.check_trace(trace)
         probs = head_probabilities(cfg, params, getattr(trace, SOURCES[cfg.source]))
@@ -64,7 +64,8 @@ def evaluate_predictors(traces, prior_trace, predictor=None, heads=(), gen_len: 
         if rpp is not None and shape != (rpp[0].num_layers, rpp[0].num_experts):
             raise ValueError(f"{path}: trace has (L, E) = {shape}, the predictor "
                              f"({rpp[0].num_layers}, {rpp[0].num_experts})")
-        ex = examples(trace, gen_len, rpp[0].max_prompt if rpp else None)
+        ex = examples(trace, gen_len, rpp[0].max_prompt if rpp else None,
+                      states=bool(rpp and rpp[0].state_width))
         scores = method_scores(trace, ex, prior, rpp, head_sets)
         truth, k = _flat(ex.routes), trace.top_k
         generated = np.zeros_like(ex.route_mask)

@@ -72,11 +72,17 @@ class PredictorForecast:
     def check_model(self, cfg) -> None:
         self.rpp_cfg.check_model(cfg)
 
-    def for_forward(self, index: int, tokens, token_mask, prefill: bool = True) -> np.ndarray:
+    def for_forward(self, index: int, tokens, token_mask, prefill: bool = True,
+                    states=None) -> np.ndarray:
         tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
         if prefill or self.probs is None:
             # a prefill (a new request batch): one predictor forward for all its positions
-            self.probs = predict(self.rpp_cfg, self.params, tokens, token_mask)
+            if self.rpp_cfg.state_width and states is None:
+                raise ValueError("this routing-path predictor reads the first MoE layer's input "
+                                 "states; the caller gave none")
+            self.probs = predict(self.rpp_cfg, self.params, tokens, token_mask,
+                                 states=np.asarray(states, np.float16)
+                                 if self.rpp_cfg.state_width else None)
             self.mask, self.start = token_mask, index
             return batch_probability(self.probs[:, :tokens.shape[1]], token_mask)
         p = self.mask.shape[1]

@@ -5,8 +5,10 @@ will pick for every prompt token and for the next `gen_len` generated tokens.
 Shape letters: B batch, P prompt length, G generated positions, D d_model, L MoE layers,
 E experts.
 
-  encoder   token + position embeddings, `enc_layers` bidirectional pre-norm blocks over the
-            prompt (padding masked) -> a contextual state per prompt token (B, P, D)
+  encoder   token + position embeddings (+, with `state_width` W > 0, a projection of the
+            target model's states entering its first MoE layer (B, P, W): for a VLM these carry
+            the projected image tokens the placeholder ids hide), `enc_layers` bidirectional
+            pre-norm blocks over the prompt (padding masked) -> a state per prompt token (B, P, D)
   decoder   one query per generated position (a learned embedding of its index 0..G-1),
             `dec_layers` blocks of self-attention among the queries and cross-attention to the
             encoder states -> (B, G, D)
@@ -43,6 +45,7 @@ class RPPConfig:
     max_prompt: int = 512
     gen_len: int = 32                  # G
     model: str = ""                    # the target model's name
+    state_width: int = 0               # W: also read the first MoE layer's input states (0: no)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -90,9 +93,13 @@ class RoutingPathPredictor(nn.Module):
     cfg: RPPConfig
 
     @nn.compact
-    def __call__(self, tokens, token_mask):
-        """tokens, token_mask (B, P) -> logits (B, P + G, L, E) float32."""
+    def __call__(self, tokens, token_mask, states=None):
+        """tokens, token_mask (B, P), states (B, P, W) when state_width > 0 -> logits
+        (B, P + G, L, E) float32."""
         c = self.cfg
+        if (states is None) != (c.state_width == 0):
+            raise ValueError(f"routing-path predictor with state_width {c.state_width} was "
+                             f"given {'no' if states is None else 'input'} states")
         b, p = tokens.shape
         if p > c.max_prompt:
             raise ValueError(f"prompt of {p} tokens is longer than the predictor's max_prompt "
@@ -101,6 +108,13 @@ class RoutingPathPredictor(nn.Module):
         pos = jnp.clip(jnp.cumsum(valid, axis=1) - 1, 0)
         x = nn.Embed(c.vocab_size, c.d_model, name="embed")(tokens)
         x = x + nn.Embed(c.max_prompt, c.d_model, name="pos")(pos)
+        if c.state_width:
+            if states.shape[-1] != c.state_width:
+                raise ValueError(f"states of width {states.shape[-1]}, the predictor reads "
+                                 f"{c.state_width}")
+            st = states.astype(jnp.float32)
+            st = st * jax.lax.rsqrt(jnp.mean(st * st, -1, keepdims=True) + 1e-6)
+            x = x + nn.Dense(c.d_model, name="state_in")(st)
         pair = valid[:, None, :, None] & valid[:, None, None, :]
         pair = pair | jnp.eye(p, dtype=bool)[None, None]       # padding rows attend to themselves
         for i in range(c.enc_layers):
@@ -129,5 +143,6 @@ def bce_loss(logits, targets, mask):
 
 def init_predictor(cfg: RPPConfig, seed: int = 0):
     tokens = jnp.zeros((1, 4), jnp.int32)
+    states = jnp.zeros((1, 4, cfg.state_width)) if cfg.state_width else None
     return jax.jit(RoutingPathPredictor(cfg).init)(jax.random.key(seed), tokens,
-                                                   jnp.ones_like(tokens))["params"]
+                                                   jnp.ones_like(tokens), states)["params"]

@@ -55,19 +55,26 @@ def loss_fn(rpp_cfg: RPPConfig):
     model = RoutingPathPredictor(rpp_cfg)
 
     def run(params, batch):
-        logits = model.apply({"params": params}, batch["tokens"], batch["mask"])
+        logits = model.apply({"params": params}, batch["tokens"], batch["mask"],
+                             batch.get("states"))
         loss = bce_loss(logits, batch["routes"], batch["route_mask"])
         return loss, {}
     return run
+
+
+def _batch(ex, i) -> dict:
+    out = {"tokens": jnp.asarray(ex.tokens[i]), "mask": jnp.asarray(ex.mask[i]),
+           "routes": jnp.asarray(ex.routes[i]), "route_mask": jnp.asarray(ex.route_mask[i])}
+    if ex.states is not None:
+        out["states"] = jnp.asarray(ex.states[i])
+    return out
 
 
 def batches(ex, train_cfg: PredictorTrainConfig):
     def draw(step: int) -> dict:
         rng = np.random.default_rng(np.random.SeedSequence([train_cfg.seed, step]))
         i = rng.integers(0, len(ex), train_cfg.batch_size)
-        return {"tokens": jnp.asarray(ex.tokens[i]), "mask": jnp.asarray(ex.mask[i]),
-                "routes": jnp.asarray(ex.routes[i]),
-                "route_mask": jnp.asarray(ex.route_mask[i])}
+        return _batch(ex, i)
     return draw
 
 
@@ -77,6 +84,9 @@ def train_predictor(ex, rpp_cfg: RPPConfig, train_cfg: PredictorTrainConfig, ckp
     if (ex.num_layers, ex.num_experts) != (rpp_cfg.num_layers, rpp_cfg.num_experts):
         raise ValueError(f"examples have (L, E) = ({ex.num_layers}, {ex.num_experts}), the "
                          f"predictor ({rpp_cfg.num_layers}, {rpp_cfg.num_experts})")
+    if (ex.states is None) != (rpp_cfg.state_width == 0):
+        raise ValueError(f"the predictor reads states of width {rpp_cfg.state_width}; the "
+                         f"examples {'lack' if ex.states is None else 'have'} them")
     if ex.tokens.shape[1] > rpp_cfg.max_prompt or ex.routes.shape[1] - ex.tokens.shape[1] != \
             rpp_cfg.gen_len:
         raise ValueError(f"examples have prompts of {ex.tokens.shape[1]} and "
@@ -96,14 +106,17 @@ def _probabilities(rpp_cfg: RPPConfig):
     """The jitted predictor -> probabilities function of one config (compiled once per shape,
     shared by every call: a forecaster runs it at each request batch's admission)."""
     model = RoutingPathPredictor(rpp_cfg)
-    return jax.jit(lambda p, t, m: jax.nn.sigmoid(model.apply({"params": p}, t, m)))
+    return jax.jit(lambda p, t, m, s: jax.nn.sigmoid(model.apply({"params": p}, t, m, s)))
 
 
-def predict(rpp_cfg: RPPConfig, params, tokens, mask, batch: int = 64) -> np.ndarray:
-    """Probabilities (R, P + G, L, E) float32."""
+def predict(rpp_cfg: RPPConfig, params, tokens, mask, batch: int = 64,
+            states=None) -> np.ndarray:
+    """Probabilities (R, P + G, L, E) float32; states (R, P, W) for a predictor that reads
+    them."""
     run = _probabilities(rpp_cfg)
+    part = lambda a, s: None if a is None else jnp.asarray(a[s:s + batch])
     out = [np.asarray(run(params, jnp.asarray(tokens[s:s + batch]),
-                          jnp.asarray(mask[s:s + batch])))
+                          jnp.asarray(mask[s:s + batch]), part(states, s)))
            for s in range(0, len(tokens), batch)]
     return np.concatenate(out)
 
@@ -140,6 +153,8 @@ class PredictorShape:
     d_ff: int = 2048
     max_prompt: int = 512               # at least the trace's longest prompt
     vocab_size: int = 260               # at least the trace's largest token id + 1
+    states: bool = False                # also read the first MoE layer's input states (a VLM's
+                                        # image tokens; the trace needs --hidden)
 
 
 def train_from_trace(trace_path, out, shape: PredictorShape = PredictorShape(),
@@ -147,12 +162,13 @@ def train_from_trace(trace_path, out, shape: PredictorShape = PredictorShape(),
     """Train a routing-path predictor on one trace file (a 90/10 request split; the validation
     loss is logged), save it to OUT (resuming from OUT.train); returns the log."""
     trace = Trace.load(trace_path)
-    ex = examples(trace, shape.gen_len)
+    ex = examples(trace, shape.gen_len, states=shape.states)
     train, val = ex.split(0.1, train_cfg.seed)
     rpp_cfg = RPPConfig(len(trace.moe_layers), trace.num_experts, trace.top_k,
-                     vocab_size=int(max(trace.token.max() + 1, shape.vocab_size)),
-                     d_model=shape.d_model, d_ff=shape.d_ff, gen_len=shape.gen_len,
-                     max_prompt=max(shape.max_prompt, ex.tokens.shape[1]), model=trace.model)
+                        vocab_size=int(max(trace.token.max() + 1, shape.vocab_size)),
+                        d_model=shape.d_model, d_ff=shape.d_ff, gen_len=shape.gen_len,
+                        max_prompt=max(shape.max_prompt, ex.tokens.shape[1]), model=trace.model,
+                        state_width=0 if ex.states is None else ex.states.shape[-1])
     out = pathlib.Path(out)
     params, log = train_predictor(train, rpp_cfg, train_cfg, ckpt_dir=out.with_name(out.name + ".train"),
                                   evaluate=validation_loss(rpp_cfg, val))
@@ -165,7 +181,5 @@ def validation_loss(rpp_cfg: RPPConfig, val):
     loss = loss_fn(rpp_cfg)
 
     def evaluate(state) -> dict:
-        batch = {"tokens": jnp.asarray(val.tokens), "mask": jnp.asarray(val.mask),
-                 "routes": jnp.asarray(val.routes), "route_mask": jnp.asarray(val.route_mask)}
-        return {"val_loss": float(loss(state.params, batch)[0])}
+        return {"val_loss": float(loss(state.params, _batch(val, np.arange(len(val))))[0])}
     return evaluate

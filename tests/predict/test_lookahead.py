@@ -194,3 +194,27 @@ def test_cli_trains_evaluates_and_runs_the_combined_policy(recorded, tmp_path):
     assert {"lookahead_d1", "lookahead_d2", "pregate", "tlp", "slp", "prior"} <= set(methods)
     assert methods["lookahead_d2"]["topk_recall"][:2] == [None, None]    # no head reaches them
     assert report["generated"]["trace.npz"]["tlp"]["positions"] == 3 * 3
+
+
+def test_rpp_reading_first_layer_states_trains_and_runs_live(recorded, tmp_path):
+    """The routing-path predictor may also read the states entering the first MoE layer (a
+    VLM's image tokens): trained from a v3 trace, run live at admission, numbers unchanged."""
+    from moex.predict.forecast import PredictorForecast
+    from moex.predict.train import PredictorShape, PredictorTrainConfig, load_predictor, \
+        train_from_trace
+    trace = recorded.save(tmp_path / "trace.npz")
+    train_from_trace(trace, tmp_path / "rpp", PredictorShape(gen_len=3, d_model=16, d_ff=32,
+                                                             states=True),
+                     PredictorTrainConfig(steps=3, batch_size=2, warmup=1))
+    rpp_cfg, params = load_predictor(tmp_path / "rpp")
+    assert rpp_cfg.state_width == CFG.decoder.d_model
+    ids, mask = prompts(0, 3, 6)
+    want_tokens, want_logits, _ = reference(ids, mask)
+    eng = OffloadEngine(CFG, None, "predictive", 6 * STORE.expert_bytes, store=STORE,
+                        forecaster=PredictorForecast(rpp_cfg, params))
+    tokens, logits = eng.greedy(ids, mask, NEW_TOKENS)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_array_equal(logits, want_logits)
+    assert eng.core.stats.prefetches > 0
+    with pytest.raises(ValueError, match="reads the first MoE layer's input states"):
+        PredictorForecast(rpp_cfg, params).for_forward(0, ids, mask, prefill=True)
