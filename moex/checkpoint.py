@@ -192,3 +192,28 @@ def load_model(source, seed: int = 0, tokenizer=None) -> LoadedModel:
                            f"random weights (seed {seed})")
     raise FileNotFoundError(f"{source!r} is neither a moex checkpoint folder (no "
                             f"{path / 'config.json'}) nor a preset (`moex presets` lists them)")
+
+
+def save_small(out, files: dict, params) -> pathlib.Path:
+    """A small trained model (a predictor, a head set): OUT/<name> for each of `files`
+    {name: text} + OUT/params (orbax, one item), staged in a temp dir and renamed into place."""
+    import orbax.checkpoint as ocp
+    with staged(out, replace=True) as tmp:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save((tmp / "params").absolute(), params)
+        ckpt.wait_until_finished()
+    return pathlib.Path(out)
+
+
+def load_small(path, marker: str, what: str, hint: str, parse, init):
+    """(config, params) of a folder `save_small` wrote: `marker` names its config file, parsed
+    by `parse(text)`; `init(config)` gives the params' structure (shapes only are used)."""
+    import orbax.checkpoint as ocp
+    path = pathlib.Path(path)
+    if not (path / marker).is_file():
+        raise FileNotFoundError(f"{path}: not a {what} (no {marker}; {hint})")
+    cfg = parse((path / marker).read_text())
+    like = jax.eval_shape(lambda: init(cfg))
+    return cfg, ocp.StandardCheckpointer().restore((path / "params").absolute(), like)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moex.checkpoint import staged
+from moex.checkpoint import load_small, save_small
 from moex.offload.spec import HEADS_FILE
 from moex.offload.store import moe_layers
 from moex.offload.trace import Trace
@@ -270,26 +270,15 @@ def layer_scores(cfg: LookaheadConfig, probs: np.ndarray, offset: int, fill: np.
 
 
 def save_heads(out, cfg: LookaheadConfig, params, metadata: dict | None = None) -> pathlib.Path:
-    """OUT/lookahead.json + OUT/params (orbax), written to a temp dir and renamed into place."""
-    import orbax.checkpoint as ocp
-    with staged(out, replace=True) as tmp:
-        (tmp / HEADS_FILE).write_text(cfg.to_json())
-        (tmp / "meta.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save((tmp / "params").absolute(), params)
-        ckpt.wait_until_finished()
-    return pathlib.Path(out)
+    """OUT/lookahead.json + OUT/meta.json + OUT/params (orbax), written atomically."""
+    return save_small(out, {HEADS_FILE: cfg.to_json(),
+                            "meta.json": json.dumps(metadata or {}, indent=1, default=str)}, params)
 
 
 def load_heads(path) -> tuple[LookaheadConfig, dict]:
-    import orbax.checkpoint as ocp
-    path = pathlib.Path(path)
-    if not (path / HEADS_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a lookahead head set (no {HEADS_FILE}; train one "
-                                "with `moex predictor train --kind lookahead`)")
-    cfg = LookaheadConfig.from_json((path / HEADS_FILE).read_text())
-    like = jax.eval_shape(lambda: init_heads(cfg))
-    return cfg, ocp.StandardCheckpointer().restore((path / "params").absolute(), like)
+    return load_small(path, HEADS_FILE, "lookahead head set",
+                      "train one with `moex predictor train --kind lookahead`",
+                      LookaheadConfig.from_json, init_heads)
 
 
 @dataclasses.dataclass(frozen=True)

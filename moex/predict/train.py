@@ -26,7 +26,8 @@ from moex.offload.trace import Trace
 from moex.predict.data import examples
 from moex.predict.model import RPPConfig, RoutingPathPredictor, bce_loss, init_predictor
 from moex.training import TrainState, fit, make_step, warmup_cosine
-from moex.checkpoint import staged
+from moex.checkpoint import load_small, save_small
+from moex.offload.spec import PREDICTOR_FILE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,26 +123,15 @@ def predict(rpp_cfg: RPPConfig, params, tokens, mask, batch: int = 64,
 
 
 def save_predictor(out, rpp_cfg: RPPConfig, params, metadata: dict | None = None) -> pathlib.Path:
-    """OUT/rpp.json + OUT/params (orbax), written to a temp dir and renamed into place."""
-    import orbax.checkpoint as ocp
-    with staged(out, replace=True) as tmp:
-        (tmp / "rpp.json").write_text(rpp_cfg.to_json())
-        (tmp / "meta.json").write_text(json.dumps(metadata or {}, indent=1, default=str))
-        ckpt = ocp.StandardCheckpointer()
-        ckpt.save((tmp / "params").absolute(), params)
-        ckpt.wait_until_finished()
-    return pathlib.Path(out)
+    """OUT/rpp.json + OUT/meta.json + OUT/params (orbax), written atomically."""
+    return save_small(out, {PREDICTOR_FILE: rpp_cfg.to_json(),
+                            "meta.json": json.dumps(metadata or {}, indent=1, default=str)}, params)
 
 
 def load_predictor(path) -> tuple[RPPConfig, dict]:
-    import orbax.checkpoint as ocp
-    path = pathlib.Path(path)
-    if not (path / "rpp.json").is_file():
-        raise FileNotFoundError(f"{path}: not a routing-path predictor (no rpp.json)")
-    rpp_cfg = RPPConfig.from_json((path / "rpp.json").read_text())
-    like = jax.eval_shape(lambda: init_predictor(rpp_cfg))
-    params = ocp.StandardCheckpointer().restore((path / "params").absolute(), like)
-    return rpp_cfg, params
+    return load_small(path, PREDICTOR_FILE, "routing-path predictor",
+                      "train one with `moex predictor train`", RPPConfig.from_json,
+                      init_predictor)
 
 
 @dataclasses.dataclass(frozen=True)
