@@ -132,6 +132,24 @@ class LayerPieces:
             return x, h, routing, pregate, cache
         return jax.jit(run, static_argnums=(8,))
 
+    @functools.lru_cache(maxsize=None)
+    def attend_route_ahead(self, heads):
+        """attend_route and lookahead heads in one compiled piece: `heads(head_params, x,
+        index)` maps the post-attention state x (B, T, D) of MoE layer `index` to per-token
+        probabilities (B, T, O, E) (`moex.predict.lookahead.layer_fn`); one dispatch, and its
+        result comes back in the same sync as the routing."""
+        layer = self._moe_layer
+
+        def run(p, p_next, head_params, head_index, x, mask, positions, valid, cache, index,
+                from_zero):
+            x, h, routing, cache = layer.apply({"params": p}, x, mask, positions, valid, cache,
+                                               index, from_zero, method=_attend_route)
+            pregate = None
+            if p_next is not None:
+                pregate = layer.apply({"params": p_next}, x, valid, method=_pregate)
+            return x, h, routing, pregate, cache, heads(head_params, x, head_index)
+        return jax.jit(run, static_argnums=(10,))
+
     @functools.cached_property
     def pairs(self):
         d = self.cfg.decoder
@@ -284,11 +302,16 @@ class OffloadEngine:
             x_in = x
             if li == 0 and self.policy.uses_forecast:
                 forecast = self._admit(tokens, token_mask, x, cache is None or fresh_cache)
-            x, h, routing, pregate, lc = self.pieces.attend_route(
-                pl, None if nxt is None else p[f"layer_{nxt}"], x, mask, positions, valid, lc,
-                index, from_zero)
+            p_next = None if nxt is None else p[f"layer_{nxt}"]
+            ahead = None
+            if self.lookahead is None:
+                x, h, routing, pregate, lc = self.pieces.attend_route(
+                    pl, p_next, x, mask, positions, valid, lc, index, from_zero)
+            else:
+                x, h, routing, pregate, lc, ahead = self.pieces.attend_route_ahead(
+                    self.lookahead.layer_fn)(pl, p_next, self.lookahead.params, jnp.int32(li),
+                                             x, mask, positions, valid, lc, index, from_zero)
             new_layers.append(lc)
-            ahead = None if self.lookahead is None else self.lookahead.dispatch(li, x)
             if self.record_hidden:
                 hidden["hidden"][li], hidden["hidden_pre"][li] = x, x_in
             ids, kept = np.asarray(routing.expert_ids), np.asarray(routing.kept)

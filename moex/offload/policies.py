@@ -248,11 +248,39 @@ class Lookahead(Policy):
         return ranked[:count]
 
 
+REUSE_PROB = 0.5               # combined: chance that an expert used in this forward serves the
+                               # next forward too (about the previous-token baseline's recall on
+                               # the study's traces, 0.3-0.5)
+
+
 class Combined(Predictive):
-    """`predictive` with lookahead heads (see the module docstring)."""
+    """`predictive` with lookahead heads (see the module docstring). Eviction weighs what each
+    resident is worth in probabilities: an expert of an upcoming layer its prediction (the
+    heads' where they reached, else the forecast's), one this forward already used REUSE_PROB
+    (the next forward may need it again), any other 0; a prefetch replaces only a resident worth
+    less than itself, so a guess at 0.2 three layers ahead never evicts an expert likely to be
+    reused."""
 
     name = "predictive+lookahead"
     uses_lookahead = True
+
+    def admit(self, t, v):
+        self.admitted = t
+        return super().admit(t, v)
+
+    def _value(self, key: Key, t: int):
+        i = self.index[key[0]]
+        if i > self.position:
+            worth = float(self.belief[i, key[1]])
+        else:
+            worth = REUSE_PROB if self.last.get(key, -1) >= self.admitted else 0.0
+        return (worth, self.last.get(key, -1), key)
+
+    def victims(self, t, candidates, count, incoming=None):
+        ranked = sorted(candidates, key=lambda k: self._value(k, t))
+        if incoming is not None:
+            ranked = [k for k in ranked if self._value(k, t)[0] < self._value(incoming, t)[0]]
+        return ranked[:count]
 
     def prefetch(self, t, v):
         if self.forecast is None:

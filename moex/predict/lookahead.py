@@ -244,10 +244,22 @@ def _all_layers(cfg: LookaheadConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def _one_layer(cfg: LookaheadConfig):
+def layer_fn(cfg: LookaheadConfig):
+    """(params, x (B, T, D), MoE layer index) -> probabilities (B, T, O, E): one layer's heads,
+    reading x at float16, the precision the trace records (so live and replayed hints agree).
+    One function per config, so the engine compiles it into its attention piece once."""
     model = LookaheadHeads(cfg)
-    return jax.jit(lambda p, x, i: jax.nn.sigmoid(model.apply({"params": p}, x, i,
-                                                              method=LookaheadHeads.layer)))
+
+    def run(params, x, index):
+        logits = model.apply({"params": params}, x.astype(jnp.float16), index,
+                             method=LookaheadHeads.layer)
+        return jax.nn.sigmoid(logits)
+    return run
+
+
+@functools.lru_cache(maxsize=8)
+def _one_layer(cfg: LookaheadConfig):
+    return jax.jit(layer_fn(cfg))
 
 
 def head_probabilities(cfg: LookaheadConfig, params, hidden, batch: int = 4096) -> np.ndarray:
@@ -310,8 +322,9 @@ def train_heads_from_trace(trace_path, out, shape: HeadShape = HeadShape(),
 class LookaheadHints:
     """The heads at run time, for the lookahead and combined policies: per MoE layer visit, the
     probability that the forward's tokens use each expert of the layers ahead, {offset: (E,)}
-    for the offsets whose layer exists. `dispatch` + `for_layer` serve the live engine (device
-    hidden states), `for_rows` the replay simulator (the trace's recorded hidden states)."""
+    for the offsets whose layer exists. `layer_fn` (compiled into the engine's attention piece)
+    and `for_layer` serve the live engine, `for_rows` the replay simulator (the trace's recorded
+    hidden states)."""
 
     name = "lookahead"
 
@@ -337,10 +350,14 @@ class LookaheadHints:
         return {o: 1.0 - np.prod(1.0 - p[:, j], axis=0) for j, o in enumerate(self.cfg.offsets)
                 if index + o < self.cfg.num_layers}
 
+    @property
+    def layer_fn(self):
+        """The heads as a pure function (`layer_fn`), for the engine to compile into its piece."""
+        return layer_fn(self.cfg)
+
     def dispatch(self, index: int, x):
-        """Start the heads of MoE layer `index` on x (B, T, D) (a device array): (B, T, O, E)."""
-        # as float16, the precision the trace records: live and replayed hints agree
-        return _one_layer(self.cfg)(self.params, x.astype(jnp.float16), jnp.int32(index))
+        """The heads of MoE layer `index` alone on x (B, T, D) (a device array): (B, T, O, E)."""
+        return _one_layer(self.cfg)(self.params, x, jnp.int32(index))
 
     def for_layer(self, index: int, token_probs, token_mask) -> dict:
         """{offset: (E,)} from `dispatch`'s result (this reads it back to the host)."""
