@@ -34,3 +34,14 @@ def converted(hf_model, tmp_path_factory):
             cache[name, dtype] = convert(hf_model(name), out, dtype, progress=False)
         return cache[name, dtype]
     return get
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_code():
+    """Drop compiled executables after each test module. Every XLA CPU executable keeps memory
+    maps open, and one process running the whole suite would otherwise pass the kernel's
+    vm.max_map_count (65530) and crash inside the compiler."""
+    yield
+    import gc
+    jax.clear_caches()
+    gc.collect()
