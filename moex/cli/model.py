@@ -177,6 +177,7 @@ def generate(args) -> int:
         report = engine.report()
         report.pop("per_layer")
         report["forecast"] = getattr(engine.forecaster, "name", None)
+        report["lookahead"] = spec.lookahead
         print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
     return 0
 
