@@ -15,8 +15,8 @@ A forward (prefill or decode step):
      runs the round's experts through the expert->slot table; after the layer's compute is
      dispatched it issues the prefetches, which overlap that compute and the next attention.
      With lookahead heads (the `lookahead` policy, predictive's combined form) the layer's heads
-     run on the same hidden state, dispatched beside the router, and their predictions for the
-     layers ahead come back in the same sync as the routing.
+     run on the same hidden state, compiled into the same piece as the router, and their
+     predictions for the layers ahead come back in the same sync as the routing.
 Every piece runs the model's own moex.nn modules on the model's params (`LayerPieces`); the
 experts' pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
 Expert outputs are kept per token-expert pair, each round filling its experts' pairs, and
@@ -119,18 +119,19 @@ class LayerPieces:
         one, and one compilation of each piece, serves them all."""
         return self._layer(moe_layers(self.cfg)[0])
 
+    def _attend_route_pregate(self, p, p_next, x, mask, positions, valid, cache, index,
+                              from_zero):
+        layer = self._moe_layer
+        x, h, routing, cache = layer.apply({"params": p}, x, mask, positions, valid, cache,
+                                           index, from_zero, method=_attend_route)
+        pregate = None
+        if p_next is not None:
+            pregate = layer.apply({"params": p_next}, x, valid, method=_pregate)
+        return x, h, routing, pregate, cache
+
     @functools.cached_property
     def attend_route(self):
-        layer = self._moe_layer
-
-        def run(p, p_next, x, mask, positions, valid, cache, index, from_zero):
-            x, h, routing, cache = layer.apply({"params": p}, x, mask, positions, valid, cache,
-                                               index, from_zero, method=_attend_route)
-            pregate = None
-            if p_next is not None:
-                pregate = layer.apply({"params": p_next}, x, valid, method=_pregate)
-            return x, h, routing, pregate, cache
-        return jax.jit(run, static_argnums=(8,))
+        return jax.jit(self._attend_route_pregate, static_argnums=(8,))
 
     @functools.lru_cache(maxsize=None)
     def attend_route_ahead(self, heads):
@@ -138,16 +139,9 @@ class LayerPieces:
         index)` maps the post-attention state x (B, T, D) of MoE layer `index` to per-token
         probabilities (B, T, O, E) (`moex.predict.lookahead.layer_fn`); one dispatch, and its
         result comes back in the same sync as the routing."""
-        layer = self._moe_layer
-
-        def run(p, p_next, head_params, head_index, x, mask, positions, valid, cache, index,
-                from_zero):
-            x, h, routing, cache = layer.apply({"params": p}, x, mask, positions, valid, cache,
-                                               index, from_zero, method=_attend_route)
-            pregate = None
-            if p_next is not None:
-                pregate = layer.apply({"params": p_next}, x, valid, method=_pregate)
-            return x, h, routing, pregate, cache, heads(head_params, x, head_index)
+        def run(head_params, head_index, *args):
+            out = self._attend_route_pregate(*args)
+            return (*out, heads(head_params, out[0], head_index))
         return jax.jit(run, static_argnums=(10,))
 
     @functools.cached_property
@@ -236,6 +230,8 @@ class OffloadEngine:
         self.dtype = jnp.dtype(cfg.dtype)
         self._inflight: dict = {}                 # key -> staged device arrays of its copy
         self.pieces = pieces_for(cfg)
+        if lookahead is not None:                 # the fused attention + heads piece
+            self._attend_ahead = self.pieces.attend_route_ahead(lookahead.layer_fn)
         self._forward = 0
 
     # -- copies -----------------------------------------------------------------------------------
@@ -308,9 +304,9 @@ class OffloadEngine:
                 x, h, routing, pregate, lc = self.pieces.attend_route(
                     pl, p_next, x, mask, positions, valid, lc, index, from_zero)
             else:
-                x, h, routing, pregate, lc, ahead = self.pieces.attend_route_ahead(
-                    self.lookahead.layer_fn)(pl, p_next, self.lookahead.params, jnp.int32(li),
-                                             x, mask, positions, valid, lc, index, from_zero)
+                x, h, routing, pregate, lc, ahead = self._attend_ahead(
+                    self.lookahead.params, jnp.int32(li), pl, p_next, x, mask, positions, valid,
+                    lc, index, from_zero)
             new_layers.append(lc)
             if self.record_hidden:
                 hidden["hidden"][li], hidden["hidden_pre"][li] = x, x_in

@@ -133,7 +133,26 @@ class Pregated(Policy):
         return [(self.layers[i + 1], e) for e in sorted(v.pregate)]
 
 
-class Predictive(Policy):
+class ValuedEviction(Policy):
+    """Eviction by a value per resident, `_value(key, t)` (a tuple, lowest evicted first); a
+    prefetch of `incoming` replaces only a resident whose worth -- the value's first
+    `worth_fields` entries -- is below its own."""
+
+    worth_fields = 2
+
+    def _value(self, key: Key, t: int) -> tuple:
+        raise NotImplementedError
+
+    def victims(self, t, candidates, count, incoming=None):
+        value = lambda k: self._value(k, t)
+        ranked = sorted(candidates, key=value)
+        if incoming is not None:
+            n = self.worth_fields
+            ranked = [k for k in ranked if value(k)[:n] < value(incoming)[:n]]
+        return ranked[:count]
+
+
+class Predictive(ValuedEviction):
     name = "predictive"
     uses_forecast = True
 
@@ -192,12 +211,6 @@ class Predictive(Policy):
         upcoming = i > self.position
         return (upcoming, float(self.belief[i, key[1]]), self.last.get(key, -1), key)
 
-    def victims(self, t, candidates, count, incoming=None):
-        ranked = sorted(candidates, key=lambda k: self._value(k, t))
-        if incoming is not None:
-            ranked = [k for k in ranked if self._value(k, t)[:2] < self._value(incoming, t)[:2]]
-        return ranked[:count]
-
 
 PREFETCH_PROB = 0.2             # lookahead: prefetch an expert the heads give at least this
 
@@ -215,7 +228,7 @@ def likely(probs: np.ndarray, limit: int | None = None) -> list[int]:
     return order if limit is None else order[:max(limit, sure)]
 
 
-class Lookahead(Policy):
+class Lookahead(ValuedEviction):
     name = "lookahead"
     uses_lookahead = True
 
@@ -236,16 +249,10 @@ class Lookahead(Policy):
             keys += [(layer, e) for e in likely(probs)]
         return keys
 
-    def _value(self, key: Key):
+    def _value(self, key: Key, t: int):
         upcoming = self.index[key[0]] > self.position
         return (upcoming, self.belief.get(key, 0.0) if upcoming else 0.0, self.last.get(key, -1),
                 key)
-
-    def victims(self, t, candidates, count, incoming=None):
-        ranked = sorted(candidates, key=self._value)
-        if incoming is not None:
-            ranked = [k for k in ranked if self._value(k)[:2] < self._value(incoming)[:2]]
-        return ranked[:count]
 
 
 REUSE_PROB = 0.5               # combined: chance that an expert used in this forward serves the
@@ -263,6 +270,7 @@ class Combined(Predictive):
 
     name = "predictive+lookahead"
     uses_lookahead = True
+    worth_fields = 1
 
     def admit(self, t, v):
         self.admitted = t
@@ -275,12 +283,6 @@ class Combined(Predictive):
         else:
             worth = REUSE_PROB if self.last.get(key, -1) >= self.admitted else 0.0
         return (worth, self.last.get(key, -1), key)
-
-    def victims(self, t, candidates, count, incoming=None):
-        ranked = sorted(candidates, key=lambda k: self._value(k, t))
-        if incoming is not None:
-            ranked = [k for k in ranked if self._value(k, t)[0] < self._value(incoming, t)[0]]
-        return ranked[:count]
 
     def prefetch(self, t, v):
         if self.forecast is None:

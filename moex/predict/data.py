@@ -48,9 +48,16 @@ class Examples:
 
     def split(self, heldout: float = 0.1, seed: int = 0) -> tuple["Examples", "Examples"]:
         """(train, validation) by a seeded permutation of the requests."""
-        order = np.random.default_rng(seed).permutation(len(self))
-        n_val = max(1, int(round(heldout * len(self)))) if len(self) > 1 else 0
-        return self.take(np.sort(order[n_val:])), self.take(np.sort(order[:n_val]))
+        train, val = split_requests(len(self), heldout, seed)
+        return self.take(train), self.take(val)
+
+
+def split_requests(n: int, heldout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) indices (sorted) of n requests: a seeded permutation, the first
+    round(heldout * n) (at least one when n > 1) held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(heldout * n))) if n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
 def examples(trace, gen_len: int, max_prompt: int | None = None,

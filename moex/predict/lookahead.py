@@ -39,9 +39,11 @@ import numpy as np
 import optax
 
 from moex.checkpoint import load_small, save_small
+from moex.offload.forecast import batch_probability
 from moex.offload.spec import HEADS_FILE
 from moex.offload.store import moe_layers
 from moex.offload.trace import Trace
+from moex.predict.data import split_requests
 from moex.training import TrainState, fit, make_step, warmup_cosine
 
 SOURCES = {"post-attention": "hidden", "pre-attention": "hidden_pre"}   # -> trace field
@@ -196,11 +198,9 @@ def head_loss(cfg: LookaheadConfig):
 
 
 def split_rows(trace: Trace, heldout: float = 0.1, seed: int = 0):
-    """(train rows, validation rows): a seeded split of the requests, as the RPP's."""
+    """(train rows, validation rows): the RPP's seeded split of the requests (`split_requests`)."""
     ids = np.unique(trace.request)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_val = max(1, int(round(heldout * len(ids)))) if len(ids) > 1 else 0
-    val = np.isin(trace.request, ids[order[:n_val]])
+    val = np.isin(trace.request, ids[split_requests(len(ids), heldout, seed)[1]])
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
@@ -333,6 +333,7 @@ class LookaheadHints:
             raise ValueError("the policies run post-attention heads (they see what the layer's "
                              f"router sees); this head set is {cfg.source}")
         self.cfg, self.params = cfg, params
+        self._rows_of, self._row_probs = None, None       # for_rows: the trace's probabilities
 
     @classmethod
     def load(cls, path) -> "LookaheadHints":
@@ -342,12 +343,10 @@ class LookaheadHints:
         self.cfg.check_model(cfg)
 
     def _ahead(self, index: int, token_probs, token_mask) -> dict:
-        """token_probs (..., O, E) of MoE layer `index`'s tokens -> {offset: (E,)}."""
-        p = np.asarray(token_probs, np.float64)
-        if token_mask is not None:
-            p = p * np.asarray(token_mask, bool)[..., None, None]
-        p = p.reshape(-1, *p.shape[-2:])
-        return {o: 1.0 - np.prod(1.0 - p[:, j], axis=0) for j, o in enumerate(self.cfg.offsets)
+        """token_probs (..., O, E) of MoE layer `index`'s tokens -> {offset: (E,)}: the
+        probability that any (valid) token uses the expert, per offset whose layer exists."""
+        batch = batch_probability(token_probs, token_mask)                       # (O, E)
+        return {o: batch[j] for j, o in enumerate(self.cfg.offsets)
                 if index + o < self.cfg.num_layers}
 
     @property
@@ -360,10 +359,15 @@ class LookaheadHints:
         return _one_layer(self.cfg)(self.params, x, jnp.int32(index))
 
     def for_layer(self, index: int, token_probs, token_mask) -> dict:
-        """{offset: (E,)} from `dispatch`'s result (this reads it back to the host)."""
+        """{offset: (E,)} from the heads' per-token probabilities (B, T, O, E) of MoE layer
+        `index` (the engine's fused piece or `dispatch`; this reads them back to the host)."""
         return self._ahead(index, np.asarray(token_probs), token_mask)
 
     def for_rows(self, trace: Trace, rows) -> list[dict]:
-        """Per MoE layer of the forward that ran `rows`: its {offset: (E,)}."""
-        probs = head_probabilities(self.cfg, self.params, trace.hidden[rows])     # (n, L, O, E)
+        """Per MoE layer of the forward that ran `rows`: its {offset: (E,)}. The heads run once
+        over the whole trace (kept for the next call on the same trace)."""
+        if self._rows_of is not trace:
+            self._rows_of = trace
+            self._row_probs = head_probabilities(self.cfg, self.params, trace.hidden)
+        probs = self._row_probs[rows]                                             # (n, L, O, E)
         return [self._ahead(li, probs[:, li], None) for li in range(self.cfg.num_layers)]
