@@ -539,3 +539,30 @@ def _deepseek_moe():
                        num_kv_heads=16, ffn_dim=10944, norm_eps=1e-6, max_seq_len=4096, moe=moe)
     return VLMConfig("deepseek-moe-16b", lm, dtype="bfloat16", param_dtype="bfloat16",
                      description="DeepSeek-MoE-16B: 64 routed + 2 shared experts, top-6, first layer dense")
+
+
+# Qwen3-VL-30B-A3B's published shapes (config.json of Qwen/Qwen3-VL-30B-A3B-Instruct; see
+# REFERENCES.md). moex runs it as a LLaVA-layout VLM: the vision tower at 768 px in 16 px
+# patches (the 48 x 48 grid of its 2304 position embeddings), 2 x 2 patch merge -> 576 image
+# tokens, the merger MLP as the projector. Not modelled (issue 18): the temporal patch of 2,
+# the DeepStack mergers, interleaved MRoPE -- none of which changes the step's FLOPs or bytes
+# by more than a few percent, which is what this preset is for (moex.perf).
+QWEN3_VL_VISION = VisionConfig(image_size=768, patch_size=16, d_model=1152, num_layers=27,
+                               num_heads=16, mlp_dim=4304, activation="gelu_tanh",
+                               norm_eps=1e-6, class_token=False, pre_norm=False,
+                               post_norm=False, feature_layer=-1, drop_class_token=False,
+                               patch_bias=True, spatial_merge=2,
+                               image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+@preset("qwen3-vl-30b-a3b")
+def _qwen3_vl_30b():
+    moe = MoEConfig(kind="hard", num_experts=128, top_k=8, expert_dim=768, renormalize=True)
+    lm = DecoderConfig(vocab_size=151936, d_model=2048, num_layers=48, num_heads=32,
+                       num_kv_heads=4, head_dim=128, ffn_dim=6144, norm_eps=1e-6,
+                       rope_theta=5e6, qk_norm="head", max_seq_len=262144, moe=moe)
+    return VLMConfig("qwen3-vl-30b-a3b", lm, QWEN3_VL_VISION,
+                     ProjectorConfig(hidden_dim=4608, activation="gelu"),
+                     dtype="bfloat16", param_dtype="bfloat16",
+                     description="Qwen3-VL-30B-A3B shapes: 48 layers, 128 experts top-8 "
+                                 "(performance model; no DeepStack / MRoPE yet)")

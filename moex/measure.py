@@ -121,7 +121,8 @@ def write_outputs(out, rows: list[dict], config: dict, report_md: str,
     """`extra(tmp_dir)` writes further files (plots) into the staged dir before it is published."""
     with staged(out, replace=True) as tmp:
         with open(tmp / "results.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            fields = list(dict.fromkeys(k for r in rows for k in r))   # rows may differ
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
             w.writeheader()
             w.writerows(rows)
         env = environment()

@@ -28,7 +28,7 @@ PACKAGES = ("moex", "checkpoints_convert")
 LAYERS = (
     "moex.config", "moex.tokenizer", "moex.nn", "moex.data", "moex.model", "moex.checkpoint",
     "moex.info", "moex.generate", "moex.measure", "moex.training", "moex.eval", "moex.offload",
-    "moex.upcycle", "moex.predict", "moex.train_vlm", "checkpoints_convert", "moex.experiments",
+    "moex.perf", "moex.upcycle", "moex.predict", "moex.train_vlm", "checkpoints_convert", "moex.experiments",
     "moex.cli", "moex",
 )
 

@@ -3,7 +3,8 @@
     model.py        moex info | presets | generate | upcycle | convert | compare-hf
     lm.py           moex lm train | trace;  moex predictor train | eval | study
     vlm.py          moex vlm data | train | trace
-    experiments.py  moex efficiency | compare;  moex bench offload | offload-hf | forward | convert
+    experiments.py  moex efficiency | compare | gpu-check;  moex bench offload | offload-hf | forward | convert
+    perf.py         moex perf PRESET | calibrate | validate | offload | hardware
 
 A group module has `register(subparsers)`; its commands read their options into the run's
 dataclass (`moex.cli.args`) and call the library. No library module registers a command.
@@ -14,9 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moex.cli import experiments, lm, model, vlm
+from moex.cli import experiments, lm, model, perf, vlm
 
-GROUPS = (model, lm, vlm, experiments)
+GROUPS = (model, lm, vlm, experiments, perf)
 
 USAGE = """commands:
   moex info PRESET [--json]               sizes from shapes: params, active params, bytes, KV bytes
@@ -30,7 +31,10 @@ USAGE = """commands:
   moex vlm data OUT | train PRESET | trace MODEL   synthetic data; train a VLM; its traces
   moex efficiency [...]                   the main experiment (= experiments/vlm_efficiency.py)
   moex compare [...]                      dense vs hard-MoE vs soft-MoE throughput and memory
+  moex gpu-check [--tiny]                 7B grid + offload beside the model (experiments/gpu_check.py)
   moex bench offload|offload-hf|forward|convert   offload grid; Mixtral forward; conversion cost
+  moex perf PRESET --hardware h200 --batch B --seq T   roofline table from the performance model
+  moex perf calibrate|validate|offload|hardware    calibrate on this CPU; check; project offload
 """
 
 

@@ -4,8 +4,10 @@ experiments (`moex.experiments`), each reading its options into its run's datacl
 from __future__ import annotations
 
 from moex.cli.args import add_fields, from_args
-from moex.experiments import convert_cost, efficiency, moe_forward, offload_grid, offload_hf
+from moex.experiments import (convert_cost, efficiency, gpu_check, moe_forward, offload_grid,
+                              offload_hf)
 from moex.experiments.efficiency import GRIDS, EfficiencyConfig
+from moex.experiments.gpu_check import GpuCheckConfig
 from moex.experiments.offload_grid import OffloadBenchConfig
 from moex.experiments.throughput import CompareConfig, compare
 
@@ -32,13 +34,27 @@ def register(sub) -> None:
         "tokenizer": "tokenizer.json (converted checkpoints)",
         "template": "chat template, e.g. 'USER: {prompt} ASSISTANT:' for LLaVA-1.5",
         "style": "prompt style: compact, mmbench, seed",
-        "image_mode": "crop (CLIP) or pad (LLaVA-1.5)"})
+        "image_mode": "crop (CLIP) or pad (LLaVA-1.5)",
+        "project": "hardware specs (h200, rtx4090, ...): print and plot the PROJECTED 7B "
+                   "tables (moex.perf) instead of running the measured study",
+        "project_trace": "routing trace for the offload projection (default: the trained "
+                         "hard model's)"})
     p.set_defaults(fn=lambda a: efficiency.main(from_args(
         EfficiencyConfig, a, policies=tuple(x for x in a.policies if x != "none"))))
 
     p = sub.add_parser("compare", help="dense vs hard-MoE vs soft-MoE throughput and memory")
     add_fields(p, CompareConfig, flags=RENAMED, help={"family": "preset family: tiny or small"})
     p.set_defaults(fn=lambda a: (compare(from_args(CompareConfig, a)), 0)[1])
+
+    p = sub.add_parser("gpu-check", help="the GPU check: 7B-class grid and a Mixtral-shaped "
+                       "offload bench beside the performance model (experiments/gpu_check.py)")
+    add_fields(p, GpuCheckConfig, flags=RENAMED, help={
+        "layers": "decoder layers kept of each 7B preset (0: all)",
+        "hardware": "the spec the predictions use (moex perf hardware)",
+        "offload_layers": "layers of the Mixtral-shaped offload model (0: all)",
+        "tiny": "CPU smoke test: tiny presets and a small grid",
+        "time_limit_s": "points left after this many seconds are reported as skipped"})
+    p.set_defaults(fn=lambda a: (gpu_check.check(from_args(GpuCheckConfig, a)), 0)[1])
     _bench_parsers(sub)
 
 

@@ -49,9 +49,11 @@ from moex.data import SyntheticSpec, read_mmbench, read_seedbench, write_synthet
 from moex.data.vocab import tokenizer_for
 from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_seed
 from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
+from moex.experiments import projection
 from moex.experiments.efficiency_report import (RESIDENT_JIT, accuracy_md, relative_md, report_md,
                                                 throughput_md, write_plots)
 from moex.experiments.offload_grid import cold_runs
+from moex.experiments.projection import ProjectConfig
 from moex.experiments.throughput import CompareConfig, run_point
 from moex.generate import Generator
 from moex.measure import tree_bytes, write_outputs
@@ -60,8 +62,9 @@ from moex.nn.decoder import init_cache
 from moex.offload.forecast import reference_run
 from moex.offload.spec import budget_slots, parse_budget, parse_policy
 from moex.offload.store import ExpertStore
+from moex.offload.trace import Trace
 from moex.predict.forecast import make_forecaster, make_lookahead
-from moex.predict.vlm import vlm_prompts
+from moex.predict.vlm import trace_benchmark, vlm_prompts
 from moex.train_vlm import Recipe, train_family
 
 GRIDS = {   # (batch sizes, sequence lengths incl. image tokens, max B x T per point)
@@ -107,6 +110,10 @@ class EfficiencyConfig:
     runs: str = "runs/vlm"
     seed: int = 0
     out: str = "results/vlm_efficiency"
+    project: tuple[str, ...] = ()               # hardware specs (moex.perf): the PROJECTED 7B
+                                                # tables instead of the measured study
+    project_trace: str = ""                     # routing trace for the offload projection
+                                                # (default: the trained {family}-hard's)
 
     def grid_points(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         name = self.grid if self.grid != "auto" else ("cpu" if jax.default_backend() == "cpu"
@@ -395,8 +402,46 @@ def write_results(rows, acc, routes, skipped, study: EfficiencyConfig, data: dic
                          report_md(rows, acc, routes, skipped, study, data, roles), extra)
 
 
+def project_trace(study: EfficiencyConfig, progress: bool = True) -> Trace:
+    """The routing trace the offload projection maps onto the large models: --project-trace,
+    or the trained {family}-hard model's answers to the synthetic dev questions (trained by the
+    recipe when missing; the trace is cached under runs/traces)."""
+    if study.project_trace:
+        return Trace.load(study.project_trace)
+    path = pathlib.Path(study.runs).parent / "traces" / f"{study.family}-hard-vlm-project.npz"
+    if path.exists():
+        return Trace.load(path)
+    hard = [d for cfg, _, d in train_family(study.family, recipe(study), progress)
+            if cfg.decoder.moe.kind == "hard"]
+    if not hard:
+        raise ValueError(f"the {study.family} family has no hard-MoE decoder to trace: give "
+                         f"--project-trace")
+    trace, _ = trace_benchmark(hard[0], questions=256, new_tokens=8, data=study.data,
+                               seed=study.seed)
+    trace.save(path)
+    return trace
+
+
+def project(study: EfficiencyConfig) -> int:
+    """--project: the 7B tables and offload projections on each named hardware spec."""
+    p = ProjectConfig(hardware=study.project, offload_hardware=study.project,
+                      out=f"{study.out}-projected")
+    grid = [r for hw in p.hardware for r in projection.grid_rows(p, hw)]
+    trace = project_trace(study)
+    offload = projection.offload_rows(p, trace)
+    out = projection.write(p, grid, offload,
+                           notes=f"Routing trace: {trace.model} ({len(trace)} tokens), mapped "
+                                 f"onto each model's experts (moex.perf.offload.map_trace).")
+    print(projection.grid_md(grid), projection.offload_md(offload), sep="\n\n")
+    print(f"\nwrote {out}/results.csv, results.json, report.md and projected_*.png "
+          f"(every figure PROJECTED by moex.perf, not measured)")
+    return 0
+
+
 def main(study: EfficiencyConfig) -> int:
     """The whole study: run, write the results under study.out, print the headline tables."""
+    if study.project:
+        return project(study)
     rows, acc, routes, skipped, data, roles = run(study)
     out = write_results(rows, acc, routes, skipped, study, data, roles)
     print(accuracy_md(acc).split("\n\n")[0], throughput_md(rows), relative_md(rows), sep="\n\n")

@@ -61,7 +61,10 @@ def make_batch(cfg, batch: int, seq_len: int, rng: np.random.Generator):
     return ids, np.ones_like(ids), jnp.asarray(images)
 
 
-def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, grid: CompareConfig) -> dict:
+def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, grid: CompareConfig,
+              peak: bool = True) -> dict:
+    """One grid point's timings and memory; peak=False skips XLA's compiled peak (one more
+    compile of the prefill: the GPU check has no time for it)."""
     rng = np.random.default_rng(grid.seed)
     ids, mask, images = make_batch(cfg, batch, seq_len, rng)
     steps = grid.warmup + max(grid.repeats, grid.decode_steps)   # decode steps run after one prefill
@@ -83,7 +86,7 @@ def run_point(gen: Generator, params, cfg, batch: int, seq_len: int, grid: Compa
     t_dec = measure(decode_step, warmup=grid.warmup, repeats=steps - grid.warmup)
     pb = param_bytes(params)
     peak = compiled_peak_bytes(gen._prefill, params, jnp.asarray(ids), jnp.asarray(mask), images,
-                               max_len=max_len, sampling=GREEDY)
+                               max_len=max_len, sampling=GREEDY) if peak else None
     return {
         "model": cfg.name, "batch": batch, "seq_len": seq_len,
         "prefill_tokens_per_s": batch * seq_len / t_pre.median,

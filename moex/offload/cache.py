@@ -280,22 +280,28 @@ class CacheCore:
         """Prefetches may replace the current layer's experts: the copy lands after the layer's
         compute has read them (the engine's slot update is ordered after it)."""
         loads = []
-        fresh: set[Key] = set()
+        members: dict = {}           # part -> set of its residents (fresh ones included)
+        candidates: dict = {}        # part -> residents not in flight, in resident order
         for key in keys:
             part = self._part(key[0])
             resident = self.resident[part]
-            if key in resident or key in fresh:
+            if part not in members:
+                members[part] = set(resident)
+            if key in members[part]:
                 continue
             victim = None
             if len(resident) >= self.capacity[part]:
-                candidates = [k for k in resident if k not in fresh and k not in self.pending]
-                chosen = self._choose(t, candidates, 1, incoming=key)
+                if part not in candidates:
+                    candidates[part] = [k for k in resident if k not in self.pending]
+                chosen = self._choose(t, list(candidates[part]), 1, incoming=key)
                 if not chosen:
                     break                                 # the policy keeps what it has
                 victim = chosen[0]
                 self._evict(part, victim)
+                members[part].discard(victim)
+                candidates[part].remove(victim)
             resident.append(key)
-            fresh.add(key)
+            members[part].add(key)
             self.pending.add(key)
             self.stats.prefetches += 1
             self.stats.per_layer[key[0]][2] += 1

@@ -55,6 +55,12 @@ class SimResult:
     compute_s: float
     stall_s: float
     total_s: float
+    forward_ends: dict = dataclasses.field(default_factory=dict)  # forward -> its compute's end
+
+    def seconds_after(self, forward: int) -> float:
+        """Time from the end of `forward`'s compute to the end of the run (e.g. the decode
+        steps after a prefill)."""
+        return self.total_s - self.forward_ends[forward]
 
     @property
     def hits(self) -> int:
@@ -137,6 +143,7 @@ def simulate_stream(stream, policy: str, slots: int, layers: list[int], num_expe
     p.start(stream, slots, layers)
     copies = _CopyEngine(transfer.copy_seconds(expert_bytes))
     now = stall = busy = 0.0
+    ends = {}
     for t, v in enumerate(stream):
         if v.forecast is not None:
             copies.issue(core.admit(t, v), now)
@@ -152,10 +159,12 @@ def simulate_stream(stream, policy: str, slots: int, layers: list[int], num_expe
             share = seconds * len(r.experts) / len(v.needed) if len(plan.rounds) > 1 else seconds
             now += share
             busy += share
+        ends[v.forward] = now
     core.finish()
     loads = core.stats.loads
     if tokens is None:
         tokens = sum(v.tokens for v in stream if v.layer == layers[0])
     return SimResult(policy=policy, slots=slots, batch=batch, tokens=tokens, stats=core.stats,
                      bytes_moved=loads * expert_bytes, copy_s=loads * copies.per_copy,
-                     compute_s=busy, stall_s=stall, total_s=max(now, copies.free_at))
+                     compute_s=busy, stall_s=stall, total_s=max(now, copies.free_at),
+                     forward_ends=ends)
