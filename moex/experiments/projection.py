@@ -186,6 +186,14 @@ def grid_plots(rows: list[dict], out: pathlib.Path) -> list[pathlib.Path]:
 
 # -- 2. offloading ------------------------------------------------------------------------------
 
+def device_bytes(cfg, hw_name: str, fraction: float, batch: int, context: int) -> dict:
+    """Device memory of a decode point with `fraction` of the expert bytes resident, and
+    whether it fits the hardware (weights + pool + KV cache; moex.perf.model.memory_bytes)."""
+    m = memory_bytes(cfg, batch, context, offload=1.0 - fraction)
+    need = m["weights"] + m["kv_cache"]
+    return dict(device_bytes=need, fits=need <= get_hardware(hw_name).memory_bytes)
+
+
 def offload_rows(p: ProjectConfig, source: Trace, progress: bool = True) -> list[dict]:
     plan = [(m, h, b) for m in p.offload_presets for h in p.offload_hardware
             for b in p.offload_batches]
@@ -203,6 +211,7 @@ def offload_rows(p: ProjectConfig, source: Trace, progress: bool = True) -> list
         base = dict(source=LABEL, hardware=hw.name, model=name, trace=trace.model,
                     batch=batch, expert_mb=eb / 1e6, resident_tokens_per_s=resident_tps)
         rows.append(dict(base, policy="all-resident", budget="100%", slots=total // eb,
+                         **device_bytes(cfg, hardware, 1.0, batch, p.context),
                          tokens=resident.tokens, tokens_per_s=resident_tps,
                          hit_rate=1.0, bytes_moved=0,
                          stall_fraction=0.0, transfer_bound_tokens_per_s=float("inf"),
@@ -220,6 +229,8 @@ def offload_rows(p: ProjectConfig, source: Trace, progress: bool = True) -> list
                                      skipped=str(e)))
                     continue
                 rows.append(dict(base, policy=policy, budget=budget, slots=slots,
+                                 **device_bytes(cfg, hardware, slots * eb / total, batch,
+                                                p.context),
                                  tokens=r.tokens, tokens_per_s=r.tokens_per_s,
                                  hit_rate=r.hit_rate,
                                  bytes_moved=r.bytes_moved,
@@ -233,7 +244,8 @@ def offload_rows(p: ProjectConfig, source: Trace, progress: bool = True) -> list
 
 def offload_md(rows: list[dict]) -> str:
     lines = ["| hardware | model | B | budget | policy | tok/s | x all-resident | hit rate "
-             "| GB moved / token | transfer bound tok/s |", "|" + "---|" * 10]
+             "| GB moved / token | transfer bound tok/s | device GB (fits) |",
+             "|" + "---|" * 11]
     for r in rows:
         if "skipped" in r:
             continue
@@ -243,7 +255,8 @@ def offload_md(rows: list[dict]) -> str:
                      f"| {r['policy']} | {tokens:,.1f} | {r['ratio_to_resident']:.2f} "
                      f"| {r['hit_rate']:.3f} | "
                      f"{r['bytes_moved'] / 1e9 / max(r['tokens'], 1):.3f} "
-                     f"| {'-' if bound == float('inf') else f'{bound:,.1f}'} |")
+                     f"| {'-' if bound == float('inf') else f'{bound:,.1f}'} "
+                     f"| {r['device_bytes'] / 1e9:.1f} ({'yes' if r['fits'] else 'no'}) |")
     return "\n".join(lines)
 
 

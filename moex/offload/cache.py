@@ -198,8 +198,9 @@ class CacheCore:
         self.policy.enter(t, v)
         self._settle_prefetches(layer, needed)
         want = [(layer, e) for e in sorted(needed)]
-        have = [k for k in want if k in resident]
-        todo = [k for k in want if k not in resident]
+        members = set(resident)
+        have = [k for k in want if k in members]
+        todo = [k for k in want if k not in members]
         s = self.stats
         s.hits += len(have)
         s.misses += len(todo)

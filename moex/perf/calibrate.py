@@ -7,12 +7,11 @@ What is measured (each jitted, warmed up, median of repeats; moex.measure), in t
 step fitting what the earlier ones leave unexplained:
   gemm        a chain of `layers` MLP blocks x -> x + gelu(x W1) W2 with distinct weights
               (D x F and F x D, more bytes than the last-level cache holds, as a model's
-              layers are) at M = 1 ... 4096 rows. Fitted: t = (W + A) / BW + flops / peak,
-              least squares on relative error over every M (A: the matmuls' input and
-              output activations, counted as moex.perf.counts counts them; up to two points
-              the fit misses by > 25 %, disturbed repeats, are dropped) -- the weights stream
-              from memory while the same cores multiply, so the terms add. The fit's error
-              at each M is kept in the file.
+              layers are) at M = 1 ... 4096 rows. Fitted: t = (W + A) / BW + flops / peak
+              (A: the matmuls' input and output activations, counted as moex.perf.counts
+              counts them), the bandwidth from M <= 8 and the peak from M >= 256, medians
+              (`fit_gemm`) -- the weights stream from memory while the same cores multiply,
+              so the terms add. The fit's error at each M is kept in the file.
   bf16 gemm   the same chain in bfloat16 at the largest M: the bf16 peak.
   overhead    a probe decoder built from moex's own modules (PROBE: 4 layers, D 384, 6 / 3
               heads of 64, FFN 768 -- not a preset), one decode step at B = 1 over a short
@@ -92,33 +91,24 @@ def gemm_points(cal: CalibrationConfig, dtype=jnp.float32) -> list[dict]:
     return out
 
 
-def fit_gemm(points: list[dict], drop: int = 2) -> tuple[float, float]:
-    """(bandwidth, peak FLOP/s) minimising the squared relative error of
-    t = (W + A) / BW + flops / peak over the points; up to `drop` points the fit misses by
-    more than 25 % (a repeat disturbed by another process) are dropped and the rest refitted.
-    (A rows_half term would be a constant per chain, indistinguishable from W / BW: the
-    calibrated CPU has rows_half 0 and its small-M slowness is the bandwidth term.)"""
-    keep = list(points)
-    for _ in range(drop + 1):
-        bw, peak = _fit(keep)
-        errors = [abs(np.log(gemm_model(p, bw, peak) / p["seconds"])) for p in keep]
-        worst = int(np.argmax(errors))
-        if errors[worst] <= np.log(1.25) or len(keep) <= 4:
-            break
-        keep.pop(worst)
+def fit_gemm(points: list[dict], small: int = 8, large: int = 256) -> tuple[float, float]:
+    """(bandwidth, peak FLOP/s) of t = (W + A) / BW + flops / peak, in two robust stages: the
+    bandwidth from the points with at most `small` rows (their time is almost all bytes), the
+    peak from those with at least `large` rows (almost all FLOPs), each the median over its
+    points after removing the other term, alternated until stable. Medians keep one
+    disturbed repeat from moving either. (A rows_half term would be a constant per chain,
+    indistinguishable from W / BW: the calibrated CPU has rows_half 0.)"""
+    lo = [p for p in points if p["rows"] <= small] or points[:1]
+    hi = [p for p in points if p["rows"] >= large] or points[-1:]
+    nbytes = lambda p: p["weight_bytes"] + p.get("act_bytes", 0.0)
+    bw = float(np.median([nbytes(p) / p["seconds"] for p in lo]))
+    peak = float(np.median([p["flops"] / p["seconds"] for p in hi]))
+    for _ in range(20):
+        bw = float(np.median([nbytes(p) / max(p["seconds"] - p["flops"] / peak,
+                                              0.05 * p["seconds"]) for p in lo]))
+        peak = float(np.median([p["flops"] / max(p["seconds"] - nbytes(p) / bw,
+                                                 0.05 * p["seconds"]) for p in hi]))
     return bw, peak
-
-
-def _fit(points: list[dict]) -> tuple[float, float]:
-    t = np.array([p["seconds"] for p in points])
-    flops = np.array([p["flops"] for p in points])
-    nbytes = np.array([p["weight_bytes"] + p.get("act_bytes", 0.0) for p in points])
-    a = np.stack([nbytes, flops], 1) / t[:, None]          # linear in (1 / BW, 1 / peak)
-    coef, *_ = np.linalg.lstsq(a, np.ones_like(t), rcond=None)
-    if np.any(coef <= 0):
-        raise ValueError("the GEMM microbenchmark could not be fitted (times not increasing "
-                         "with rows): rerun on a quiet machine")
-    return 1 / coef[0], 1 / coef[1]
 
 
 def gemm_model(p: dict, bw: float, peak: float) -> float:

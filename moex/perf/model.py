@@ -23,6 +23,7 @@ import functools
 
 from moex.config import VLMConfig
 from moex.info import model_info
+from moex.nn.attention import CAUSAL_CHUNK
 from moex.nn.decoder import kv_bytes_per_token
 from moex.perf.counts import Piece, itemsize, pieces
 from moex.perf.hardware import Hardware
@@ -142,15 +143,15 @@ def predict(cfg: VLMConfig, hw: Hardware, phase: str, batch: int, seq: int, rout
 def memory_bytes(cfg: VLMConfig, batch: int, seq: int, offload: float = 0.0) -> dict:
     """Device memory of serving B rows of seq tokens: weights (less the offloaded share of the
     routed experts), the KV cache, and the largest transient of the prefill (an estimate:
-    one attention block's fp32 scores, or the FFN hidden activations, or the logits)."""
+    the fp32 scores of one block of CAUSAL_CHUNK queries over all keys, or the FFN hidden
+    activations, or the logits)."""
     info = cached_info(cfg)
     experts = info.routed_expert_params * itemsize(cfg.param_dtype)
     weights = info.total_params * itemsize(cfg.param_dtype) - experts * offload
     kv = batch * seq * kv_bytes_per_token(cfg.decoder, itemsize(cfg.dtype))
     c = cfg.decoder
     ab = itemsize(cfg.dtype)
-    chunk = min(seq, 128)
-    scores = batch * c.num_heads * chunk * seq * 4 * (seq // chunk if seq > chunk else 1)
+    scores = batch * c.num_heads * min(seq, CAUSAL_CHUNK) * seq * 4    # one query block's
     hidden = batch * seq * max(c.ffn_dim, c.moe.expert_dim * max(c.moe.num_experts, 1)
                                if c.moe.kind == "soft" else c.ffn_dim) * 2 * ab
     transient = max(scores, hidden, batch * c.vocab_size * 4)
