@@ -129,16 +129,16 @@ def offload_rows(c: GpuCheckConfig, hw, deadline: float) -> list[dict]:
     if time.perf_counter() > deadline:
         return [dict(part="offload", model=cfg.name, status="skipped (time limit)")]
     model = LoadedModel(cfg, init_params(cfg, 0), ByteTokenizer(), "random weights (seed 0)")
+    store = ExpertStore.from_params(cfg, model.params)
     bench = OffloadBenchConfig(preset=cfg.name, policies=("all-resident",) + c.policies,
                                budgets=("100%",) + c.budgets, batch_sizes=c.offload_batches,
                                prompt_len=32, new_tokens=c.new_tokens, repeats=c.repeats,
                                out=f"{c.out}/offload")
     try:
-        measured, _ = offload_run(bench, progress=False, model=model)
+        measured, _ = offload_run(bench, progress=False, model=model, store=store)
     except Exception as e:
         traceback.print_exc()
         return [dict(part="offload", model=cfg.name, status=f"failed: {type(e).__name__}: {e}")]
-    store = ExpertStore.from_params(cfg, model.params)
     eb = expert_bytes(cfg)
     rows = []
     for b in c.offload_batches:

@@ -124,14 +124,14 @@ def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, grid,
                                                 for t in runs)}, eng
 
 
-def run(grid: OffloadBenchConfig, progress: bool = True,
-        model: LoadedModel | None = None) -> tuple[list[dict], list[str]]:
-    """The grid's rows, and the points not run (budget below a policy's minimum); `model`: a
-    model in memory instead of the grid's preset or checkpoint."""
+def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | None = None,
+        store: ExpertStore | None = None) -> tuple[list[dict], list[str]]:
+    """The grid's rows, and the points not run (budget below a policy's minimum); `model`
+    (and its `store`): a model in memory instead of the grid's preset or checkpoint."""
     from tqdm import tqdm
     model = model or model_of(grid)
     cfg = model.cfg
-    store = ExpertStore.from_params(cfg, model.params)
+    store = store or ExpertStore.from_params(cfg, model.params)
     dense_bytes = tree_bytes(store.dense_params)
     budgets = [(b, parse_budget(b, store.total_bytes)) for b in grid.budgets]
     specs = [parse_policy(p) for p in grid.policies]

@@ -27,13 +27,13 @@ from tqdm import tqdm
 
 from moex.config import get_config
 from moex.measure import write_outputs
-from moex.offload.forecast import PriorForecast
 from moex.offload.simulator import simulate
-from moex.offload.spec import budget_slots, parse_budget
+from moex.offload.spec import budget_slots, parse_budget, parse_policy
 from moex.offload.trace import Trace
 from moex.perf.hardware import get_hardware
 from moex.perf.model import cached_info, memory_bytes, predict
 from moex.perf.offload import decode_only, expert_bytes, expert_layers, sim_models, trace_for
+from moex.predict.forecast import make_forecaster
 
 KINDS = ("dense", "hard", "soft")
 LABEL = "projected"
@@ -59,6 +59,12 @@ class ProjectConfig:
 
 # -- 1. throughput and memory -------------------------------------------------------------------
 
+def kind_of(cfg) -> str:
+    """dense, hard or soft: the decoder's MoE kind, else the vision tower's."""
+    kinds = (cfg.decoder.moe.kind, cfg.vision.moe.kind if cfg.vision else "dense")
+    return next((k for k in kinds if k != "dense"), "dense")
+
+
 def grid_rows(p: ProjectConfig, hardware: str) -> list[dict]:
     hw = get_hardware(hardware)
     rows = []
@@ -71,9 +77,8 @@ def grid_rows(p: ProjectConfig, hardware: str) -> list[dict]:
                 dec = predict(cfg, hw, "decode", b, t)
                 mem = memory_bytes(cfg, b, t)
                 rows.append(dict(
-                    source=LABEL, hardware=hw.name, model=name, kind=cfg.decoder.moe.kind
-                    if cfg.decoder.moe.kind != "dense" or cfg.vision.moe.kind == "dense"
-                    else cfg.vision.moe.kind, batch=b, seq_len=t,
+                    source=LABEL, hardware=hw.name, model=name, kind=kind_of(cfg),
+                    batch=b, seq_len=t,
                     prefill_s=pre.seconds, prefill_tokens_per_s=pre.tokens_per_s,
                     mc_questions_per_s=b / pre.seconds, prefill_bound=pre.bound,
                     decode_step_s=dec.seconds, decode_tokens_per_s=dec.tokens_per_s,
@@ -219,11 +224,10 @@ def offload_rows(p: ProjectConfig, source: Trace, progress: bool = True) -> list
         for budget in p.budgets:
             slots = budget_slots(parse_budget(budget, total), eb)
             for policy in p.policies:
-                name_only = policy.split(":")[0]
-                forecaster = PriorForecast.from_trace(trace) if policy == "predictive:prior" else None
+                spec = parse_policy(policy)
                 try:
-                    r = simulate(trace, name_only, slots, batch, eb, transfer, compute,
-                                 forecaster=forecaster)
+                    r = simulate(trace, spec.policy, slots, batch, eb, transfer, compute,
+                                 forecaster=make_forecaster(spec, trace, trace))
                 except ValueError as e:              # below the policy's minimum budget
                     rows.append(dict(base, policy=policy, budget=budget, slots=slots,
                                      skipped=str(e)))

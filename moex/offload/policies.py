@@ -140,8 +140,9 @@ class ValuedEviction(Policy):
 
     worth_fields = 2
 
+    @abc.abstractmethod
     def _value(self, key: Key, t: int) -> tuple:
-        raise NotImplementedError
+        """The resident's value at visit t: lowest is evicted first."""
 
     def victims(self, t, candidates, count, incoming=None):
         value = lambda k: self._value(k, t)

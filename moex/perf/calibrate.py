@@ -51,7 +51,6 @@ from moex.perf.model import predict
 PROBE = VLMConfig("calibration-probe", DecoderConfig(
     vocab_size=512, d_model=384, num_layers=4, num_heads=6, num_kv_heads=3, ffn_dim=768,
     max_seq_len=4096))
-CHAIN_OPS = 4                              # kernels per block of the chain (2 dots, gelu, add)
 NO_SOFTMAX = ((1, 1e30),)
 
 
@@ -86,8 +85,7 @@ def gemm_points(cal: CalibrationConfig, dtype=jnp.float32) -> list[dict]:
         t = measure(lambda: fn(x, ws), warmup=1, repeats=cal.repeats).median
         out.append(dict(rows=m, seconds=t, flops=4.0 * m * d * f * cal.layers,
                         weight_bytes=2.0 * d * f * cal.layers * size,
-                        act_bytes=2.0 * m * (d + f) * cal.layers * size,
-                        ops=CHAIN_OPS * cal.layers))
+                        act_bytes=2.0 * m * (d + f) * cal.layers * size))
     return out
 
 
