@@ -9,6 +9,8 @@ from moex.experiments import (convert_cost, efficiency, gpu_check, moe_forward, 
 from moex.experiments.efficiency import GRIDS, EfficiencyConfig
 from moex.experiments.gpu_check import GpuCheckConfig
 from moex.experiments.offload_grid import OffloadBenchConfig
+from moex.experiments import quant_quality
+from moex.experiments.quant_quality import QuantQualityConfig
 from moex.experiments.throughput import CompareConfig, compare
 
 RENAMED = {"batch_sizes": "--batch", "seq_lens": "--seq"}
@@ -68,6 +70,12 @@ def _bench_parsers(sub) -> None:
         "policies": "policies; predictive:prior / predictive:oracle / predictive:PREDICTOR_DIR "
                     "pick its forecaster",
         "budgets": "expert budgets: '25%%', '0.25' or bytes ('64MB')",
+        "expert_dtype": "how the store keeps experts (what a load moves): native, int8 (per "
+                        "output channel), int4 (groups of 64) or int4:G",
+        "misses": "what a miss may do: load (the stored copy), low[:int4|int8] (its "
+                  "low-precision copy when that stalls less; +upgrade: the stored copy "
+                  "follows in the background), host (compute it on the host CPU), joined by "
+                  "'+', e.g. low+upgrade+host",
         "domain": "prompts: random tokens, held-out stdlib code / prose bytes, or synthetic "
                   "MMBench questions with their images (vlm: a trained VLM --checkpoint, e.g. "
                   "runs/vlm/mini-hard/model)",
@@ -88,6 +96,21 @@ def _bench_parsers(sub) -> None:
                          "transformers.from_pretrained")
     add_fields(p, convert_cost.ConvertCostConfig)
     p.set_defaults(fn=lambda a: convert_cost.main(from_args(convert_cost.ConvertCostConfig, a)))
+
+    p = bench.add_parser("quant", help="quality of quantized experts (int8 / int4 / mixed) "
+                         "against full precision: logits, accuracy, held-out loss "
+                         "(experiments/quant_quality.py)")
+    add_fields(p, QuantQualityConfig, help={
+        "vlm": "trained hard-MoE VLM checkpoint ('' skips the VLM)",
+        "lm": "`moex lm train` run folder with run.json and model/ ('' skips the LM)",
+        "formats": "int8, int4, int4:G, or mixed (the top --mixed-keep of each layer's "
+                   "experts by routing counts at full precision, the rest int4)",
+        "mixed_keep": "fraction of each MoE layer's experts mixed keeps at full precision "
+                      "(at least 1)",
+        "questions": "synthetic MMBench and SEED dev questions (0: all)",
+        "lm_windows": "held-out windows per domain (0: the LM run's eval_windows)",
+        "data": "synthetic benchmark root"})
+    p.set_defaults(fn=lambda a: quant_quality.main(from_args(QuantQualityConfig, a)))
 
 
 def _offload_hf(args) -> int:

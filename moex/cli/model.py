@@ -19,6 +19,7 @@ from moex.data.images import preprocess
 from moex.generate import Sampling, generator_for
 from moex.info import format_info, model_info
 from moex.offload.engine import OffloadEngine
+from moex.offload.misses import MissRule, parse_misses
 from moex.offload.spec import parse_budget, parse_policy
 from moex.offload.store import ExpertStore
 from moex.predict.forecast import forecaster_for, make_lookahead
@@ -62,6 +63,15 @@ def _generate_parser(sub) -> None:
                         "predictive:PREDICTOR_DIR); offload stats go to stderr as JSON")
     p.add_argument("--expert-budget", default="25%",
                    help="device budget for experts with --offload: '25%%', '0.25' or '64MB'")
+    p.add_argument("--expert-dtype", default="native",
+                   help="with --offload, how host memory keeps experts (what a load moves): "
+                        "native, int8, int4 or int4:G (dequantized on the device)")
+    p.add_argument("--quantized-slots", action="store_true",
+                   help="with --offload and an int8 / int4 --expert-dtype: device slots keep "
+                        "the quantized copies (more experts per budget, dequantized at use)")
+    p.add_argument("--misses", default="load",
+                   help="with --offload, what a miss may do: load, low[:int4|int8][+upgrade], "
+                        "host, joined by '+' (a cost model measured here decides per miss)")
     p.set_defaults(fn=generate)
 
 
@@ -158,12 +168,18 @@ def generate(args) -> int:
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     engine = None
     if args.offload:
-        spec = parse_policy(args.offload)
-        store = ExpertStore.from_params(cfg, loaded.params)
+        spec, misses = parse_policy(args.offload), parse_misses(args.misses)
+        store = ExpertStore.from_params(cfg, loaded.params, expert_dtype=args.expert_dtype,
+                                        low_dtype=misses.low)
         forecaster = forecaster_for(spec, cfg, store, (ids, mask, images), args.max_new_tokens)
         budget = parse_budget(args.expert_budget, store.total_bytes)
+        rule = None
+        if not misses.plain:
+            probe = OffloadEngine(cfg, None, "on-demand", store.expert_bytes, store=store)
+            rule = MissRule(misses, probe.miss_costs())
         engine = OffloadEngine(cfg, None, spec.policy, budget, forecaster=forecaster, store=store,
-                               lookahead=make_lookahead(spec))
+                               lookahead=make_lookahead(spec), misses=rule,
+                               quantized_slots=args.quantized_slots)
         out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
                               sampling=sampling)
     else:
@@ -178,6 +194,7 @@ def generate(args) -> int:
         report.pop("per_layer")
         report["forecast"] = getattr(engine.forecaster, "name", None)
         report["lookahead"] = spec.lookahead
+        report["miss_option"] = misses.label
         print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
     return 0
 

@@ -5,19 +5,23 @@
     moex perf calibrate              microbenchmarks -> runs/perf/calibration.json ("cpu")
     moex perf validate               predicted vs measured prefill / decode of the small-* presets
     moex perf offload                offload projected per hardware (moex.experiments.projection)
+    moex perf precision              quantized stores, low-precision and host-computed misses
+                                     projected per hardware (moex.experiments.precision_projection)
     moex perf hardware               the hardware specs
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 
 from moex.checkpoint import load_config
 from moex.config import PRESETS, get_config
+from moex.measure import write_outputs
 from moex.cli.args import add_fields, from_args
-from moex.experiments import projection
+from moex.experiments import precision_projection, projection
 from moex.experiments.projection import ProjectConfig
 from moex.offload.trace import Trace
 from moex.perf.calibrate import CalibrationConfig, calibrate, write_calibration
@@ -26,7 +30,7 @@ from moex.perf.model import predict, roofline_table
 from moex.perf.routing import routing_for
 from moex.experiments.perf_validate import ValidateConfig, validate
 
-SPECIAL = ("calibrate", "validate", "offload", "hardware")
+SPECIAL = ("calibrate", "validate", "offload", "precision", "hardware")
 
 
 def register(sub) -> None:
@@ -84,6 +88,8 @@ def run(args) -> int:
         _, report = validate(from_args(ValidateConfig, a), get_hardware(a.hardware))
         print(report)
         return 0
+    if args.target == "precision":
+        return _precision(args.rest)
     if args.target == "offload":
         p = argparse.ArgumentParser(prog="moex perf offload")
         add_fields(p, ProjectConfig, flags={"offload_hardware": "--hardware",
@@ -114,4 +120,26 @@ def run(args) -> int:
                     p = predict(cfg, hw, phase, b, s, routing, offload=a.offload)
                     out.append(p.as_dict() if a.json else roofline_table(p))
     print(json.dumps(out, indent=2) if a.json else "\n\n".join(out))
+    return 0
+
+
+def _precision(rest) -> int:
+    p = argparse.ArgumentParser(prog="moex perf precision")
+    add_fields(p, precision_projection.PrecisionConfig, flags={"batches": "--batch"}, help={
+        "trace": "routing trace (.npz) recorded on a trained hard-MoE model (moex vlm trace / "
+                 "moex lm trace)",
+        "variants": "EXPERT_DTYPE/MISSES: native|int8|int4[:G] / load|low[:FMT][+upgrade]|"
+                    "host|low+host"})
+    cfg = from_args(precision_projection.PrecisionConfig, p.parse_args(rest))
+    if not cfg.trace:
+        raise ValueError("moex perf precision needs --trace: a routing trace of a trained "
+                         "hard-MoE model (moex vlm trace, moex lm trace)")
+    for v in cfg.variants:
+        precision_projection.parse_variant(v)
+    rows = precision_projection.rows_for(cfg, Trace.load(cfg.trace))
+    out = write_outputs(cfg.out, rows, dataclasses.asdict(cfg),
+                        "# PROJECTED (performance model, not measured): moving fewer bytes\n\n"
+                        f"Routing trace: {cfg.trace}.\n\n" + precision_projection.section(rows))
+    print(precision_projection.findings(rows))
+    print(f"\nwrote {out}/results.csv, results.json, report.md")
     return 0

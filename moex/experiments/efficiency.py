@@ -49,7 +49,7 @@ from moex.data import SyntheticSpec, read_mmbench, read_seedbench, write_synthet
 from moex.data.vocab import tokenizer_for
 from moex.eval import ScoreConfig, Scorer, chance, evaluate_mmbench, evaluate_seed
 from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
-from moex.experiments import projection
+from moex.experiments import precision_projection, projection
 from moex.experiments.efficiency_report import (RESIDENT_JIT, accuracy_md, relative_md, report_md,
                                                 throughput_md, write_plots)
 from moex.experiments.offload_grid import cold_runs
@@ -429,10 +429,14 @@ def project(study: EfficiencyConfig) -> int:
     grid = [r for hw in p.hardware for r in projection.grid_rows(p, hw)]
     trace = project_trace(study)
     offload = projection.offload_rows(p, trace)
+    precision = precision_projection.rows_for(
+        precision_projection.PrecisionConfig(hardware=study.project), trace)
     out = projection.write(p, grid, offload,
                            notes=f"Routing trace: {trace.model} ({len(trace)} tokens), mapped "
-                                 f"onto each model's experts (moex.perf.offload.map_trace).")
-    print(projection.grid_md(grid), projection.offload_md(offload), sep="\n\n")
+                                 f"onto each model's experts (moex.perf.offload.map_trace).",
+                           more=precision, more_md=precision_projection.section(precision))
+    print(projection.grid_md(grid), projection.offload_md(offload),
+          precision_projection.findings(precision), sep="\n\n")
     print(f"\nwrote {out}/results.csv, results.json, report.md and projected_*.png "
           f"(every figure PROJECTED by moex.perf, not measured)")
     return 0

@@ -3,6 +3,9 @@
     moex bench offload                                  # small-hard, budgets 100/50/25/12.5 %
     moex bench offload --preset tiny-hard --batch 1 --budgets 0.5 --repeats 2 --out /tmp/x
     moex bench offload --checkpoint ckpt/mixtral-tiny   # a converted checkpoint (moex format)
+    moex bench offload --expert-dtype native int8 int4 --misses load low+upgrade host
+                                                        # quantized stores, low-precision and
+                                                        # host-computed misses
 
 Per batch size B: B prompts of random tokens (lengths drawn in [T/2, T], left-padded), greedy
 generation of N new tokens through the live engine (`moex.offload.engine`). First the
@@ -11,6 +14,12 @@ generate (the engines of a config share their compiled pieces, so no other point
 Its trace gives the oracle forecast and Belady's hit rate at each budget; an all-resident run on
 other prompts gives the frequency prior. Every (budget, policy) point then runs `repeats`
 generates, each from a cold pool; decode tokens/s = B x steps / decode time (median, min, max).
+
+Each policy point runs once per expert dtype (`--expert-dtype`: the store's copy, native / int8 /
+int4, `moex.offload.quant`), miss option (`--misses`: load, low[:FMT][+upgrade], host[+fill],
+`moex.offload.misses`; the cost model is measured here by `OffloadEngine.miss_costs`) and slot
+form (`--slots`: dequantized, or quantized -- slots keep a quantized store's copies, more per
+byte). The baseline is the native all-resident engine.
 
 Columns: hit rate (needed experts found resident, prefetched ones included), reuse rate
 (1 - loads / accesses), Belady's hit rate at the same budget on the baseline's trace
@@ -37,6 +46,8 @@ from moex.measure import tree_bytes, write_outputs
 from moex.offload.cache import belady_bound, stream_from_trace
 from moex.offload.engine import OffloadEngine, hidden_fraction
 from moex.offload.forecast import reference_run
+from moex.offload.misses import MissRule, parse_misses
+from moex.offload.quant import label as dtype_label, parse_expert_dtype
 from moex.offload.spec import PolicySpec, budget_slots, parse_budget, parse_policy
 from moex.offload.store import ExpertStore
 from moex.predict.corpus import samples
@@ -59,6 +70,9 @@ class OffloadBenchConfig:
     new_tokens: int = 16
     repeats: int = 5
     seed: int = 0
+    expert_dtype: tuple[str, ...] = ("native",)    # the store's copy: native, int8, int4[:G]
+    misses: tuple[str, ...] = ("load",)            # load | low[:FMT][+upgrade] | host[+fill]
+    slots: tuple[str, ...] = ("dequantized",)      # quantized: slots keep int8 / int4 copies
     domain: str = "random"                 # prompts: random tokens, stdlib code / prose, or
                                            # vlm (synthetic MMBench dev questions with images)
     data: str = "runs/data/synthetic"      # synthetic benchmark root (domain vlm)
@@ -94,15 +108,16 @@ def prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str 
 
 
 def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tokens: int,
-              repeats: int, warmup: bool = False,
-              lookahead=None) -> tuple[list[dict], OffloadEngine]:
+              repeats: int, warmup: bool = False, lookahead=None, misses=None,
+              quantized_slots: bool = False) -> tuple[list[dict], OffloadEngine]:
     """`repeats` greedy generates of `prompts` = (ids, mask, images), each from a cold pool
     (after one untimed one with `warmup`: a new pool size compiles its slot update and expert
     pieces): per run the engine's timings, hit rate and bytes loaded; and the last engine."""
     runs, eng = [], None
     for i in range(repeats + warmup):
         eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store,
-                            lookahead=lookahead)
+                            lookahead=lookahead, misses=misses,
+                            quantized_slots=quantized_slots)
         eng.generate(*prompts, max_new_tokens=new_tokens, stop_tokens=())
         if i >= warmup:
             runs.append({**eng.timings, "hit_rate": eng.core.stats.hit_rate,
@@ -111,11 +126,13 @@ def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tok
 
 
 def run_point(cfg, store, policy, forecaster, budget, ids, mask, images, grid,
-              warmup: bool = False, lookahead=None) -> tuple[dict, OffloadEngine]:
+              warmup: bool = False, lookahead=None, misses=None,
+              quantized_slots: bool = False) -> tuple[dict, OffloadEngine]:
     """Decode tokens/s (median, min, max), prefill tokens/s and stall fraction (medians) over
     `repeats` cold-pool generates."""
     runs, eng = cold_runs(cfg, store, policy, forecaster, budget, (ids, mask, images),
-                          grid.new_tokens, grid.repeats, warmup, lookahead)
+                          grid.new_tokens, grid.repeats, warmup, lookahead, misses,
+                          quantized_slots)
     rates = [ids.shape[0] * t["decode_steps"] / t["decode_s"] for t in runs]
     return {"decode_tok_s": statistics.median(rates), "decode_tok_s_min": min(rates),
             "decode_tok_s_max": max(rates),
@@ -135,12 +152,11 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
     dense_bytes = tree_bytes(store.dense_params)
     budgets = [(b, parse_budget(b, store.total_bytes)) for b in grid.budgets]
     specs = [parse_policy(p) for p in grid.policies]
-    points = [(bud, spec) for bud in budgets for spec in specs
+    variants = variants_of(grid, model, store)
+    points = [(bud, spec, var) for bud in budgets for spec in specs for var in variants
               if spec.policy != "all-resident" or bud[1] >= store.total_bytes]
     bar = tqdm(total=len(grid.batch_sizes) * (len(points) + 1), disable=not progress,
                desc="offload")
-    copy_s = OffloadEngine(cfg, None, "on-demand", store.expert_bytes,
-                           store=store).calibrate_copy()
     rows, skipped = [], []
     for batch in grid.batch_sizes:
         ids, mask, images = prompts(model, batch, grid.prompt_len, grid.seed + batch, grid.domain,
@@ -148,7 +164,7 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
         bar.set_postfix_str(f"B={batch} all-resident baseline")
         base, ref = run_point(cfg, store, "all-resident", None, store.total_bytes, ids, mask,
                               images, grid, True)
-        warm = {ref.pool.num_slots}
+        warm = {(ref.pool.num_slots, "native", False)}
         trace = ref.trace()
         calibration = reference_run(cfg, store, *prompts(model, batch, grid.prompt_len,
                                                          grid.seed + 1000 + batch, grid.domain,
@@ -157,43 +173,96 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
         forecasters = {spec: make_forecaster(spec, trace, calibration) for spec in specs}
         heads = {spec: make_lookahead(spec) for spec in specs}
         bar.update()
-        for (label, budget), spec in points:
-            bar.set_postfix_str(f"B={batch} {label} {spec.label}")
+        for (label, budget), spec, var in points:
+            name = f"B={batch} {label} {spec.label} {var.label}"
+            bar.set_postfix_str(name)
             slots = budget_slots(budget, store.expert_bytes)
+            form = (slots, var.fmt, var.quantized)
             try:
-                timing, eng = run_point(cfg, store, spec.policy, forecasters[spec], budget,
-                                        ids, mask, images, grid, warmup=slots not in warm,
-                                        lookahead=heads[spec])
-                warm.add(slots)
+                timing, eng = run_point(cfg, var.store, spec.policy, forecasters[spec], budget,
+                                        ids, mask, images, grid, warmup=form not in warm,
+                                        lookahead=heads[spec], misses=var.rule,
+                                        quantized_slots=var.quantized)
+                warm.add(form)
             except ValueError as e:                 # a budget below the policy's minimum
-                skipped.append(f"B={batch} {label} {spec.label}: {e}")
+                skipped.append(f"{name}: {e}")
             else:
-                rows.append(point_row(cfg, store, dense_bytes, eng, timing, base, trace, copy_s,
-                                      spec, label, budget, ids, grid))
+                rows.append(point_row(cfg, var, dense_bytes, eng, timing, base, trace, spec,
+                                      label, budget, ids, grid))
             bar.update()
     bar.close()
     return rows, skipped
 
 
-def point_row(cfg, store, dense_bytes: int, eng, timing: dict, base: dict, trace, copy_s: float,
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How experts move at a point: the store (its dtype and low-precision copy) and the miss
+    rule (None: load every miss whole), with the measured copy time of one stored expert."""
+    store: ExpertStore
+    misses: str
+    rule: MissRule | None
+    copy_s: float
+    quantized: bool = False                 # slots keep the quantized copies
+
+    @property
+    def fmt(self) -> str:
+        return dtype_label(self.store.fmt)
+
+    @property
+    def label(self) -> str:
+        return f"{self.fmt}/{self.misses}" + ("/quantized" if self.quantized else "")
+
+
+def variants_of(grid: OffloadBenchConfig, model: LoadedModel,
+                store: ExpertStore) -> list[Variant]:
+    """One Variant per (expert dtype, miss option, slot form): stores built once per (dtype,
+    low copy), the cost model measured once per store; quantized slots only where they apply
+    (an int8 / int4 store without a low-precision copy)."""
+    stores, costs, out = {(None, None): store}, {}, []
+    for dtype in grid.expert_dtype:
+        fmt = parse_expert_dtype(dtype)
+        for text in grid.misses:
+            spec = parse_misses(text)
+            key = (fmt, spec.low)
+            if key not in stores:
+                stores[key] = ExpertStore.from_params(model.cfg, model.params, expert_dtype=fmt,
+                                                      low_dtype=spec.low)
+            s = stores[key]
+            if key not in costs:
+                probe = OffloadEngine(model.cfg, None, "on-demand", s.expert_bytes, store=s)
+                costs[key] = (probe.miss_costs(), probe.calibrate_copy())
+            rule = None if spec.plain else MissRule(spec, costs[key][0])
+            for form in grid.slots:
+                quantized = form == "quantized"
+                if not quantized or (fmt is not None and spec.low is None):
+                    out.append(Variant(s, spec.label, rule, costs[key][1], quantized))
+    return out
+
+
+def point_row(cfg, var: Variant, dense_bytes: int, eng, timing: dict, base: dict, trace,
               spec: PolicySpec, label: str, budget: int, ids, grid: OffloadBenchConfig) -> dict:
     """One result row: the point's timing, its cache counts, bytes moved, memory and bounds."""
-    s, t = eng.core.stats, eng.timings
+    s, t, store, copy_s = eng.core.stats, eng.timings, var.store, var.copy_s
     batch, slots = ids.shape[0], eng.pool.num_slots
-    copy_decode = t["decode_loads"] * copy_s
+    copy_decode = t["decode_bytes"] / store.stored_bytes * copy_s
     transfer_bound = batch * t["decode_steps"] / copy_decode if copy_decode else float("inf")
     return {
         "model": cfg.name, "batch": batch, "prompt_len": int(ids.shape[1]),
         "new_tokens": grid.new_tokens, "budget": label, "budget_bytes": budget,
-        "budget_fraction": budget / store.total_bytes, "policy": spec.label, "slots": slots,
+        "budget_fraction": budget / store.total_bytes, "policy": spec.label,
+        "expert_dtype": var.fmt, "miss_option": var.misses,
+        "quantized_slots": var.quantized, "slots": slots,
         **timing,
         "ratio_to_all_resident": timing["decode_tok_s"] / base["decode_tok_s"],
         "hit_rate": s.hit_rate, "reuse_rate": s.reuse_rate,
         "belady_hit_rate": belady_bound(stream_from_trace(trace), slots).hit_rate,
         "misses": s.misses, "prefetches": s.prefetches, "prefetch_used": s.prefetch_used,
         "prefetch_wasted": s.prefetch_wasted, "extra_rounds": s.extra_rounds,
+        "served_low": s.served_low, "served_host": s.served_host, "upgrades": s.upgrades,
         "bytes_moved": eng.pool.bytes_loaded,
-        "decode_bytes_moved": t["decode_loads"] * store.expert_bytes,
+        "decode_bytes_moved": t["decode_bytes"],
+        "decode_bytes_per_step": t["decode_bytes"] / max(1, t["decode_steps"]),
+        "stored_expert_bytes": store.stored_bytes,
         "stall_s": eng.stats.stall_s,
         "hidden_fraction": hidden_fraction(eng.stats.stall_s, s.loads * copy_s),
         "peak_pool_bytes": eng.pool.pool_bytes,
@@ -205,17 +274,21 @@ def point_row(cfg, store, dense_bytes: int, eng, timing: dict, base: dict, trace
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| B | budget | policy | slots | decode tok/s (min-max) | x all-res | hit | reuse "
-            "| Belady hit | prefetch used/wasted | MB moved | stall % | hidden % | pool MB "
-            "| bound tok/s |")
-    lines = [head, "|" + "---|" * 15]
+    head = ("| B | budget | policy | experts / misses | slots | decode tok/s (min-max) "
+            "| x all-res | hit | reuse | Belady hit | prefetch used/wasted | low / host served "
+            "| MB moved | decode MB / step | stall % | hidden % | pool MB | bound tok/s |")
+    lines = [head, "|" + "---|" * 18]
     for r in rows:
         lines.append(
-            f"| {r['batch']} | {r['budget']} | {r['policy']} | {r['slots']} "
+            f"| {r['batch']} | {r['budget']} | {r['policy']} | {r['expert_dtype']} / "
+            f"{r['miss_option']}{' / quantized' if r['quantized_slots'] else ''} "
+            f"| {r['slots']} "
             f"| {r['decode_tok_s']:.1f} ({r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}) "
             f"| {r['ratio_to_all_resident']:.2f} | {r['hit_rate']:.2f} | {r['reuse_rate']:.2f} "
             f"| {r['belady_hit_rate']:.2f} | {r['prefetch_used']}/{r['prefetch_wasted']} "
-            f"| {r['bytes_moved'] / 1e6:.1f} | {100 * r['stall_fraction']:.0f} "
+            f"| {r['served_low']} / {r['served_host']} "
+            f"| {r['bytes_moved'] / 1e6:.1f} | {r['decode_bytes_per_step'] / 1e6:.2f} "
+            f"| {100 * r['stall_fraction']:.0f} "
             f"| {100 * r['hidden_fraction']:.0f} | {r['peak_pool_bytes'] / 1e6:.1f} "
             f"| {r['bound_decode_tok_s']:.1f} |")
     return "\n".join(lines)
@@ -226,6 +299,13 @@ def bench(grid: OffloadBenchConfig) -> pathlib.Path:
     table; returns the output folder."""
     for spec in grid.policies:
         parse_policy(spec)
+    for text in grid.expert_dtype:
+        parse_expert_dtype(text)
+    for text in grid.misses:
+        parse_misses(text)
+    for form in grid.slots:
+        if form not in ("dequantized", "quantized"):
+            raise ValueError(f"--slots {form!r}: expected dequantized or quantized")
     if grid.new_tokens < 2 or grid.repeats < 1:
         raise ValueError(f"need --new-tokens >= 2 (decode steps to time) and --repeats >= 1, "
                          f"found {grid.new_tokens} and {grid.repeats}")

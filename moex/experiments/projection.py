@@ -264,13 +264,17 @@ def offload_md(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(p: ProjectConfig, grid: list[dict], offload: list[dict], notes: str = "") -> pathlib.Path:
+def write(p: ProjectConfig, grid: list[dict], offload: list[dict], notes: str = "",
+          more: list[dict] = (), more_md: str = "") -> pathlib.Path:
+    """The report, results and plots; `more` rows and their markdown section (the precision
+    projection) are appended."""
     hw = ", ".join(p.hardware)
     report = (f"# PROJECTED (performance model, not measured): dense vs hard vs soft 7B-class "
               f"VLMs on {hw}\n\n{notes}\n\n## Throughput and memory\n\n{grid_md(grid)}\n\n"
               f"## Findings\n\n{findings(grid, *p.presets[:3])}\n\n"
               f"## Against dense\n\n"
               f"{relative_md(grid, p.presets[0], list(p.presets[1:]))}\n\n"
-              f"## Expert offloading (decode, context {p.context})\n\n{offload_md(offload)}\n")
-    return write_outputs(p.out, grid + offload, dataclasses.asdict(p), report,
+              f"## Expert offloading (decode, context {p.context})\n\n{offload_md(offload)}\n"
+              f"\n{more_md}")
+    return write_outputs(p.out, grid + offload + list(more), dataclasses.asdict(p), report,
                          extra=lambda tmp: grid_plots(grid, tmp))

@@ -1,8 +1,11 @@
 """Host offloading of experts.
 
+  quant.py      int8 / int4 expert copies (qwix numerics, packed int4) for the store
   store.py      the host expert store and the device slot pool
   trace.py      routing traces (file format, recorder)
   cache.py      the cache core: executes a policy's decisions, counts hits / misses / prefetches
+  misses.py     what a miss may do besides a full load (low-precision copy, host compute)
+                and the cost model that decides
   policies.py   all-resident, on-demand, lru, lfu, pregated, predictive, belady
   forecast.py   forecasters for the predictive policy (oracle, frequency prior)
   simulator.py  trace replay with a transfer and a compute model

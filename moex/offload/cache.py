@@ -19,6 +19,14 @@ the computed ones make room for the next batch of missing experts -- so any budg
 one slot per partition runs (`minimum_slots`). With `rounds=False` the core instead refuses a
 visit that does not fit, stating the minimum budget.
 
+Misses served otherwise (`moex.offload.misses`): with a `MissRule` a missed expert may be
+loaded from its low-precision copy (a Load of kind "low"; it stays resident at low precision
+until an "upgrade" load, issued with the prefetches, brings the stored copy into its slot) or
+computed on the host (`Plan.host`: it is not loaded and takes no slot; with `fill` its stored
+copy is then prefetched, a Load of kind "fill" counted as a prefetch). Both still count as
+misses; `served_low` and `served_host` count them. The rule reads each missed expert's rows
+(`Visit.rows`).
+
 Prefetch accounting: a prefetched expert is *used* when its layer's next visit needs it, and
 *wasted* when that visit does not (it then becomes stale: first in line for eviction) or when it
 is evicted before its layer comes. Unused prefetches left at the end of a run count as wasted.
@@ -53,13 +61,21 @@ class Visit(NamedTuple):
     forecast: np.ndarray | None = None      # (L_moe, E), at a forward's first MoE visit
     tokens: int = 0                         # tokens in the forward (for the compute model)
     lookahead: dict | None = None           # {MoE layer ahead: (E,) probabilities} from heads
+    rows: tuple | None = None               # ((expert, token-expert pairs), ...) of `needed`
+
+
+def expert_rows(ids) -> tuple:
+    """((expert, pairs), ...) of an array of chosen expert ids (-1 entries ignored)."""
+    values, counts = np.unique(np.asarray(ids).ravel(), return_counts=True)
+    return tuple((int(e), int(c)) for e, c in zip(values, counts) if e >= 0)
 
 
 class Load(NamedTuple):
     t: int
     key: Key
     victim: Key | None
-    kind: str                          # "demand" | "prefetch"
+    kind: str                          # "demand" | "low" (demand, low-precision copy) |
+                                       # "prefetch" | "upgrade" (the stored copy over a low one)
     round: int                         # demand: the visit's round; prefetch: -1 admit, 0 after
 
 
@@ -72,6 +88,7 @@ class Plan(NamedTuple):
     rounds: list                       # [Round], at least one
     prefetch: list                     # [Load] issued after the layer's compute is dispatched
     dropped: list = []                 # [Key] evicted before the visit (on-demand keeps nothing)
+    host: frozenset = frozenset()      # experts of the visited layer computed on the host
 
 
 @dataclasses.dataclass
@@ -83,6 +100,9 @@ class CacheStats:
     prefetch_wasted: int = 0
     evictions: int = 0
     extra_rounds: int = 0
+    served_low: int = 0                # misses served from a low-precision copy
+    served_host: int = 0               # misses computed on the host
+    upgrades: int = 0                  # stored copies loaded over low-precision ones
     # layer -> [hits, misses, prefetches, prefetch_used, prefetch_wasted]
     per_layer: dict = dataclasses.field(default_factory=lambda: defaultdict(lambda: [0] * 5))
 
@@ -105,7 +125,8 @@ class CacheStats:
 
     def as_dict(self) -> dict:
         out = {k: getattr(self, k) for k in ("hits", "misses", "prefetches", "prefetch_used",
-                                             "prefetch_wasted", "evictions", "extra_rounds")}
+                                             "prefetch_wasted", "evictions", "extra_rounds",
+                                             "served_low", "served_host", "upgrades")}
         out.update(hit_rate=self.hit_rate, reuse_rate=self.reuse_rate,
                    per_layer={int(l): dict(zip(("hits", "misses", "prefetches", "prefetch_used",
                                                 "prefetch_wasted"), v))
@@ -117,9 +138,11 @@ class CacheCore:
     """Executes a policy over a stream of visits; `loads` logs every copy in issue order."""
 
     def __init__(self, policy, slots: int, layers: list[int], num_experts: int,
-                 rounds: bool = True):
+                 rounds: bool = True, misses=None):
+        """misses: a `moex.offload.misses.MissRule` (None: every miss loads the stored copy)."""
         self.policy, self.slots, self.layers = policy, slots, list(layers)
         self.num_experts, self.rounds = num_experts, rounds
+        self.misses = None if misses is None or misses.spec.plain else misses
         policy.check_budget(slots, len(layers), num_experts)
         if policy.per_layer:
             base, extra = divmod(slots, len(layers))
@@ -136,6 +159,7 @@ class CacheCore:
         self.loads: list[Load] = []
         self.pending: set[Key] = set()          # prefetched, its layer not visited since
         self.stale: set[Key] = set()            # prefetched, its layer's visit did not need it
+        self.low: set[Key] = set()              # resident from a low-precision copy
         self.policy.start([], slots, self.layers)
 
     # -- budget ---------------------------------------------------------------------------------
@@ -193,6 +217,7 @@ class CacheCore:
         dropped = []
         if self.policy.keeps_nothing:                   # on-demand: nothing survives a visit
             dropped = list(resident)
+            self.low.difference_update(dropped)
             self.stats.evictions += len(resident)
             resident.clear()
         self.policy.enter(t, v)
@@ -208,11 +233,13 @@ class CacheCore:
         s.per_layer[layer][1] += len(todo)
         for k in have:
             self.stale.discard(k)
+        host, low = self._serve_misses(v, todo)
+        todo = [k for k in todo if k not in host]
         rounds, keys = [], have
         while True:
             chunk, todo = todo[:cap - len(keys)], todo[cap - len(keys):]
             loads = self._load_into(t, part, chunk, protect=set(keys), kind="demand",
-                                    round_=len(rounds))
+                                    round_=len(rounds), low=low)
             keys = keys + chunk
             rounds.append(Round(loads, frozenset(e for _, e in keys)))
             if not todo:
@@ -220,8 +247,31 @@ class CacheCore:
             keys = []
         s.extra_rounds += len(rounds) - 1
         prefetch = self._prefetch(t, v, self.policy.prefetch(t, v), round_=0)
+        if host and self.misses.spec.fill:
+            fills = self._prefetch(t, v, sorted(host), round_=0)
+            prefetch += [load._replace(kind="fill") for load in fills]
+        if self.misses is not None and self.misses.spec.upgrade:
+            ups = [Load(t, k, None, "upgrade", 0) for k in sorted(low) if k in self.low]
+            self.low.difference_update(u.key for u in ups)
+            s.upgrades += len(ups)
+            self.loads.extend(ups)
+            prefetch = ups + prefetch
         self.policy.observe(t, v)
-        return Plan(rounds, prefetch, dropped)
+        return Plan(rounds, prefetch, dropped, frozenset(e for _, e in host))
+
+    def _serve_misses(self, v: Visit, todo: list[Key]) -> tuple[set, set]:
+        """The missed keys computed on the host and those loaded at low precision (the rule's
+        decisions; both empty without a rule)."""
+        if self.misses is None or not todo:
+            return set(), set()
+        rows = dict(v.rows or ())
+        options = self.misses.assign({k[1]: rows.get(k[1], 1) for k in todo})
+        choice = {k: options[k[1]] for k in todo}
+        host = {k for k, c in choice.items() if c == "host"}
+        low = {k for k, c in choice.items() if c == "low"}
+        self.stats.served_host += len(host)
+        self.stats.served_low += len(low)
+        return host, low
 
     # -- internals ----------------------------------------------------------------------------------
     def _settle_prefetches(self, layer: int, needed: frozenset) -> None:
@@ -254,12 +304,15 @@ class CacheCore:
         self.resident[part].remove(key)
         self.stats.evictions += 1
         self.stale.discard(key)
+        self.low.discard(key)
         if key in self.pending:
             self.pending.discard(key)
             self._waste(key)
 
-    def _load_into(self, t, part, keys: list[Key], protect: set, kind: str, round_: int):
-        """Demand loads of `keys` into partition `part`, evicting non-protected residents."""
+    def _load_into(self, t, part, keys: list[Key], protect: set, kind: str, round_: int,
+                   low: set = frozenset()):
+        """Demand loads of `keys` into partition `part`, evicting non-protected residents; the
+        keys in `low` load their low-precision copy."""
         resident = self.resident[part]
         short = len(keys) - (self.capacity[part] - len(resident))
         victims = []
@@ -272,7 +325,9 @@ class CacheCore:
             if victim is not None:
                 self._evict(part, victim)
             resident.append(key)
-            loads.append(Load(t, key, victim, kind, round_))
+            if key in low:
+                self.low.add(key)
+            loads.append(Load(t, key, victim, "low" if key in low else kind, round_))
         assert len(resident) <= self.capacity[part]
         self.loads.extend(loads)
         return loads
@@ -317,6 +372,14 @@ class CacheCore:
 def belady_bound(stream: list[Visit], slots: int) -> CacheStats:
     """Fewest loads of any policy with `slots` slots on `stream` (rounds allowed): Belady on the
     relaxed one-expert-at-a-time stream (see the module docstring). Counts hits and misses."""
+    stats = CacheStats()
+    stats.misses = len(belady_misses(stream, slots))
+    stats.hits = sum(len(Visit(*v).needed) for v in stream) - stats.misses
+    return stats
+
+
+def belady_misses(stream: list[Visit], slots: int) -> list[tuple[int, Key]]:
+    """(visit index, key) of every miss Belady leaves on `stream` with `slots` slots."""
     uses: dict = defaultdict(list)
     stream = [Visit(*v) for v in stream]
     for t, v in enumerate(stream):
@@ -328,17 +391,16 @@ def belady_bound(stream: list[Visit], slots: int) -> CacheStats:
         return uses[key][i] if i < len(uses[key]) else float("inf")
 
     resident: set = set()
-    stats = CacheStats()
+    out = []
     for t, v in enumerate(stream):
         keys = [(v.layer, e) for e in sorted(v.needed)]
         misses = sorted((k for k in keys if k not in resident), key=lambda k: -next_use(k, t))
-        stats.hits += len(keys) - len(misses)
-        stats.misses += len(misses)
+        out.extend((t, k) for k in misses)
         for key in misses:
             if len(resident) >= slots:
                 resident.remove(max(resident, key=lambda r: (next_use(r, t), r)))
             resident.add(key)
-    return stats
+    return out
 
 
 def forward_groups(trace, batch: int | None) -> list[np.ndarray]:
@@ -370,5 +432,5 @@ def stream_from_trace(trace, batch: int | None = None, forecaster=None,
             hints = None if ahead is None else {trace.moe_layers[li + o]: p
                                                 for o, p in ahead[li].items()}
             stream.append(Visit(layer, needed, f, pregate, forecast if li == 0 else None,
-                                len(rows), hints))
+                                len(rows), hints, expert_rows(trace.experts[rows, li])))
     return stream

@@ -14,6 +14,11 @@ A forward (prefill or decode step):
      experts, waits for the copies of the experts the round needs (that wait is the *stall*) and
      runs the round's experts through the expert->slot table; after the layer's compute is
      dispatched it issues the prefetches, which overlap that compute and the next attention.
+     With a miss rule (`moex.offload.misses`) a missed expert may instead load its
+     low-precision copy (upgraded in the background, with the prefetches) or run on the host
+     CPU device on the rows that picked it: the layer's activations and routing are copied
+     there, its pairs are computed from the store's weights (dispatched before the device's
+     rounds, so the two overlap) and copied back into the same per-pair buffer.
      With lookahead heads (the `lookahead` policy, predictive's combined form) the layer's heads
      run on the same hidden state, compiled into the same piece as the router, and their
      predictions for the layers ahead come back in the same sync as the routing.
@@ -46,7 +51,10 @@ from moex.model import build
 from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_cache
 from moex.nn.experts import PAIR_COMPUTE, pair_outputs
 from moex.nn.vlm import VLM
-from moex.offload.cache import CacheCore, Visit
+from moex.nn.routing import route
+from moex.offload.cache import CacheCore, Visit, expert_rows
+from moex.offload import quant
+from moex.offload.misses import MissCosts
 from moex.offload.policies import make_policy
 from moex.offload.store import ExpertStore, SlotPool, moe_layers
 from moex.offload.trace import TraceRecorder
@@ -156,6 +164,43 @@ class LayerPieces:
             return jnp.where(mine[..., None], pairs, acc)
         return jax.jit(run, donate_argnums=(3,))
 
+    @functools.lru_cache(maxsize=None)
+    def pairs_quantized(self, fmt, dtype: str):
+        """`pairs` on a pool of quantized slots: the layer's E slots (through the expert->slot
+        table; unresident ones read slot 0 and are masked by `active`) are dequantized as the
+        slot update would, then computed through an identity table -- the same route and
+        values as dequantized slots, so the numbers are bitwise the same."""
+        d = self.cfg.decoder
+
+        def run(pool, slot_of, active, acc, h, routing):
+            stored = {w: a[jnp.maximum(slot_of, 0)] for w, a in pool.items()}
+            weights = jax.vmap(lambda e: quant.dequantize_expert(e, fmt, jnp.dtype(dtype)))(
+                stored)
+            pairs = pair_outputs(weights, h, routing, d.activation, self.dtype,
+                                 pair_compute(d.moe.compute), d.moe.grouped_matmul,
+                                 jnp.arange(slot_of.shape[0], dtype=jnp.int32), active)
+            mine = active[routing.expert_ids.reshape(acc.shape[:2])]
+            return jnp.where(mine[..., None], pairs, acc)
+        return jax.jit(run, donate_argnums=(3,))
+
+    @functools.cached_property
+    def host_pairs(self):
+        """The pairs of the `active` experts computed from stacked (E, ...) weights where they
+        live (the host CPU device): the same pair_outputs, without a slot table."""
+        d = self.cfg.decoder
+
+        def run(weights, active, h, routing):
+            return pair_outputs(weights, h, routing, d.activation, self.dtype,
+                                pair_compute(d.moe.compute), d.moe.grouped_matmul, None, active)
+        return jax.jit(run)
+
+    @functools.cached_property
+    def merge(self):
+        def run(acc, pairs, active, ids):
+            mine = active[ids.reshape(acc.shape[:2])]
+            return jnp.where(mine[..., None], pairs, acc)
+        return jax.jit(run, donate_argnums=(0,))
+
     @functools.cached_property
     def combine(self):
         layer = self._moe_layer
@@ -195,7 +240,8 @@ def pieces_for(cfg: VLMConfig) -> LayerPieces:
 class OffloadEngine:
     def __init__(self, cfg: VLMConfig, params, policy: str, budget_bytes: int, device=None,
                  forecaster=None, rounds: bool = True, store: ExpertStore | None = None,
-                 lookahead=None, record_hidden: bool = False):
+                 lookahead=None, record_hidden: bool = False, misses=None, host_device=None,
+                 quantized_slots: bool = False):
         """params: the model's params (experts are moved to host memory), or None with `store`
         (an ExpertStore built once and shared by several engines). lookahead: trained heads
         (`moex.predict.lookahead.LookaheadHints`) for the lookahead policy and for predictive's
@@ -209,7 +255,7 @@ class OffloadEngine:
             if hint is not None:
                 hint.check_model(cfg)
         self.store = store if store is not None else ExpertStore.from_params(cfg, params, device)
-        self.pool = SlotPool(self.store, budget_bytes, device)
+        self.pool = SlotPool(self.store, budget_bytes, device, quantized_slots)
         self.policy = make_policy(policy, lookahead is not None)
         if self.policy.uses_lookahead and lookahead is None:
             raise ValueError(f"{policy} needs lookahead heads (moex.predict.lookahead)")
@@ -220,8 +266,15 @@ class OffloadEngine:
         if self.policy.uses_forecast and forecaster is None:
             raise ValueError(f"{policy} needs a forecaster (moex.offload.forecast)")
         self.forecaster = forecaster
+        self.misses = misses
+        if misses is not None and misses.spec.low is not None and \
+                self.store.low_fmt != misses.spec.low:
+            raise ValueError(f"misses {misses.spec}: the store's low-precision copy is "
+                             f"{self.store.low_fmt or 'absent'}; build it with "
+                             f"low_dtype='{misses.spec.low}'")
+        self.host_device = host_device or host_device_for(self.pool.device)
         self.core = CacheCore(self.policy, self.pool.num_slots, self.store.layers,
-                              d.moe.num_experts, rounds)
+                              d.moe.num_experts, rounds, misses)
         self.params = self.store.dense_params
         self.stream: list[Visit] = []
         self.recorder = TraceRecorder(cfg)
@@ -240,11 +293,13 @@ class OffloadEngine:
         self._inflight.pop(key, None)
 
     def _execute(self, loads) -> None:
-        """Issue loads (async): evictions free slots, then each key is copied into a free slot."""
+        """Issue loads (async): evictions free slots, then each key is copied into a free slot
+        (its low-precision copy for kind "low"; an upgrade rewrites the key's own slot)."""
         for load in loads:
             if load.victim is not None:
                 self._free(load.victim)
-            self._inflight[load.key] = self.pool.load(load.key)
+            slot = self.pool.slot_of(load.key) if load.kind == "upgrade" else None
+            self._inflight[load.key] = self.pool.load(load.key, slot, low=load.kind == "low")
 
     def _wait(self, layer: int, experts) -> None:
         staged = [self._inflight.pop((layer, e)) for e in sorted(experts)
@@ -256,16 +311,38 @@ class OffloadEngine:
             self.stats.stall_s += waited
             self.stats.stall_per_layer[layer] = self.stats.stall_per_layer.get(layer, 0) + waited
 
-    def calibrate_copy(self, repeats: int = 5) -> float:
-        """Median seconds of one expert's host -> device copy (device_put + ready)."""
-        key = next(iter(self.store.host))
+    def calibrate_copy(self, repeats: int = 5, low: bool = False) -> float:
+        """Median seconds of one expert's host -> device copy (device_put + ready) of its
+        stored copy (or its low-precision copy)."""
+        arrays = self.store.copy_of(next(iter(self.store.host)), low)[0]
+        seconds = _median_seconds(lambda: jax.device_put(arrays, self.pool.sharding), repeats)
+        if not low:
+            self.stats.copy_s_per_expert = seconds
+        return seconds
+
+    def miss_costs(self, repeats: int = 5, rows: int = 16) -> MissCosts:
+        """The miss cost model measured here: the link from the stored (and low-precision)
+        copy times -- latency and bandwidth from the two sizes, bandwidth alone from one -- and
+        the host from one expert's pairs on the host device at 1 and `rows` rows."""
+        store = self.store
+        t_full = self.calibrate_copy(repeats)
+        latency, bandwidth = 0.0, store.stored_bytes / t_full
+        if store.low is not None:
+            t_low = self.calibrate_copy(repeats, low=True)
+            if t_full > t_low and store.stored_bytes > store.low_bytes:
+                bandwidth = (store.stored_bytes - store.low_bytes) / (t_full - t_low)
+                latency = max(0.0, t_full - store.stored_bytes / bandwidth)
+        layer = store.layers[0]
+        weights = store.host_weights(layer, self.host_device)
+        active = jax.device_put(np.eye(store.num_experts, dtype=bool)[0], self.host_device)
         times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            jax.block_until_ready(jax.device_put(self.store.host[key], self.pool.sharding))
-            times.append(time.perf_counter() - start)
-        self.stats.copy_s_per_expert = statistics.median(times[1:])
-        return self.stats.copy_s_per_expert
+        for n in (1, rows):
+            h, routing = _probe_rows(self.cfg, n, self.host_device)
+            times.append(_median_seconds(
+                lambda: self.pieces.host_pairs(weights, active, h, routing), repeats))
+        per_row = max(0.0, (times[1] - times[0]) / (rows - 1))
+        return MissCosts(bandwidth, latency, per_row, max(0.0, times[0] - per_row),
+                         store.stored_bytes, store.low_bytes)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, tokens, token_mask, cache=None, fresh_cache: bool = False, images=None,
@@ -320,7 +397,8 @@ class OffloadEngine:
                 pregates[nxt] = np.asarray(pregate)
                 hint = frozenset(int(e) for e in pregates[nxt][token_mask.astype(bool)].ravel())
             visit = Visit(i, frozenset(int(e) for e in ids[kept]), self._forward, hint,
-                          forecast if li == 0 else None, int(token_mask.sum()), ahead)
+                          forecast if li == 0 else None, int(token_mask.sum()), ahead,
+                          expert_rows(ids[kept]))
             self.stream.append(visit)
             x = self._moe(pl, x, h, routing, self.core.visit(len(self.stream) - 1, visit), i)
         x = x[:, -1:] if last_only else x
@@ -348,17 +426,36 @@ class OffloadEngine:
                                        self.dtype), self.pool.sharding)
         for key in plan.dropped:
             self._free(key)
+        host = self._host_pairs(layer, plan.host, h, routing)      # overlaps the rounds
         for r in plan.rounds:
             self._execute(r.loads)
             self._wait(layer, r.experts)
             active = np.zeros(self.store.num_experts, bool)
             active[sorted(r.experts)] = True
             slot_of = jnp.asarray(self.pool.slot_table(layer))
-            acc = self.pieces.pairs(self.pool.arrays, slot_of, jnp.asarray(active), acc, h,
-                                    routing)
+            pairs = self.pieces.pairs_quantized(self.store.fmt, str(self.store.dtype)) \
+                if self.pool.quantized else self.pieces.pairs
+            acc = pairs(self.pool.arrays, slot_of, jnp.asarray(active), acc, h, routing)
+        if host is not None:
+            active, pairs = host
+            acc = self.pieces.merge(acc, jax.device_put(pairs, self.pool.sharding),
+                                    jax.device_put(active, self.pool.sharding),
+                                    routing.expert_ids)
         out = self.pieces.combine(p_layer, x, h, acc, routing)
         self._execute(plan.prefetch)                  # overlaps this layer's compute
         return out
+
+    def _host_pairs(self, layer: int, experts: frozenset, h, routing):
+        """Dispatch the host's share of a layer (async): (active mask, pairs) or None."""
+        if not experts:
+            return None
+        active = np.zeros(self.store.num_experts, bool)
+        active[sorted(experts)] = True
+        dev = self.host_device
+        weights = self.store.host_weights(layer, dev)
+        pairs = self.pieces.host_pairs(weights, jax.device_put(active, dev),
+                                       jax.device_put(h, dev), jax.device_put(routing, dev))
+        return active, pairs
 
     def _record(self, routed, pregates, tokens, token_mask, positions, phase: int,
                 request_ids, hidden) -> None:
@@ -392,7 +489,7 @@ class OffloadEngine:
                                      last_only=True, request_ids=request_ids)
         jax.block_until_ready(logits)
         prefill_s, visits = time.perf_counter() - start, len(self.stream)
-        stall, loads = self.stats.stall_s, self.pool.loads
+        stall, loads, moved = self.stats.stall_s, self.pool.loads, self.pool.bytes_loaded
         out, all_logits = [], []
         done = np.zeros(b, bool)
         for step in range(max_new_tokens):
@@ -408,7 +505,8 @@ class OffloadEngine:
         self.timings = {"prefill_s": prefill_s, "prefill_visits": visits,
                         "decode_s": time.perf_counter() - start - prefill_s,
                         "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,
-                        "decode_loads": self.pool.loads - loads}
+                        "decode_loads": self.pool.loads - loads,
+                        "decode_bytes": self.pool.bytes_loaded - moved}
         return result(cfg, out, stop, max_new_tokens, all_logits if return_logits else None)
 
     def greedy(self, tokens, token_mask, max_new_tokens: int):
@@ -425,15 +523,46 @@ class OffloadEngine:
         copy_s = s.loads * self.stats.copy_s_per_expert
         counts = s.as_dict()
         for layer, row in counts["per_layer"].items():
-            row["bytes_moved"] = (row["misses"] + row["prefetches"]) * self.store.expert_bytes
             row["stall_s"] = self.stats.stall_per_layer.get(layer, 0.0)
+            if self.core.misses is None:          # every load moves one stored copy
+                row["bytes_moved"] = (row["misses"] + row["prefetches"]) * \
+                    self.store.stored_bytes
         return {"policy": self.policy.name, "slots": self.pool.num_slots,
                 "budget_bytes": self.pool.budget_bytes, "pool_bytes": self.pool.pool_bytes,
                 "expert_bytes": self.store.expert_bytes, "total_expert_bytes":
                 self.store.total_bytes, "memory_kind": self.store.memory_kind,
+                "expert_dtype": quant.label(self.store.fmt),
+                "stored_expert_bytes": self.store.stored_bytes,
+                "low_dtype": quant.label(self.store.low_fmt) if self.store.low_fmt else None,
                 "bytes_moved": self.pool.bytes_loaded, "loads": self.pool.loads,
                 "stall_s": self.stats.stall_s, "copy_s_estimate": copy_s,
                 "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s), **counts}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):                     # the first call warms up (compiles)
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _probe_rows(cfg: VLMConfig, n: int, device):
+    """n rows of hidden state whose every token picks expert 0 (and others): (h, routing)."""
+    d = cfg.decoder
+    logits = jnp.zeros((1, n, d.moe.num_experts)).at[..., 0].set(10.0)
+    routing = route(logits, top_k=d.moe.top_k, renormalize=True)
+    h = jnp.ones((1, n, d.d_model), jnp.dtype(cfg.dtype))
+    return jax.device_put(h, device), jax.device_put(routing, device)
+
+
+def host_device_for(device):
+    """The CPU device that computes host-served experts: the first CPU device that is not
+    `device` when there is one (a GPU's host; on a CPU backend with several devices, another
+    device), else `device` itself."""
+    cpus = [d for d in jax.devices("cpu") if d != device]
+    return cpus[0] if cpus else device
 
 
 def hidden_fraction(stall_s: float, copy_s: float) -> float:

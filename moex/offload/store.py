@@ -5,15 +5,27 @@ Shape letters: L_moe MoE layers, E experts per layer, S device slots, D width, F
   ExpertStore  every routed expert of the decoder's hard-MoE layers, one host array per
                (layer, expert, weight), in `pinned_host` memory (`unpinned_host` where the backend
                has no pinned memory; `memory_kind` says which). Everything else stays on the device
-               (`dense_params`, with the experts removed).
+               (`dense_params`, with the experts removed). Experts are stored as the params are
+               (`fmt` None) or quantized (`fmt` int8 / int4, `moex.offload.quant`), and may carry a
+               second, low-precision copy (`low_fmt`) for low-precision misses. Sizes:
+               `expert_bytes` one expert as a device slot holds it (the weights' own dtype: the
+               unit of the budget), `stored_bytes` one expert as a load moves it, `low_bytes` its
+               low-precision copy.
   SlotPool     S expert slots preallocated on the device, per weight an (S, ...) array. Loading an
                expert is an async `jax.device_put` of its host arrays plus an in-place (donated)
-               slot update compiled once. `slot_table(layer)` maps that layer's experts to slots
-               (-1: not resident); expert compute reads weights through it
-               (`moex.nn.experts.pair_outputs(..., slot_of=...)`), so cache changes never
-               recompile.
+               slot update compiled once -- for a quantized copy the update dequantizes it on the
+               device. `slot_table(layer)` maps that layer's experts to slots (-1: not resident);
+               expert compute reads weights through it (`moex.nn.experts.pair_outputs(...,
+               slot_of=...)`), so cache changes never recompile. `precision(key)` says which copy
+               a resident expert came from.
 
-The pool never holds more than its byte budget: S = floor(budget / bytes of one expert).
+Two slot forms for a quantized store: `dequantized` (the default) slots hold the weights in
+their own dtype, dequantized once by the slot update, so a quantized store moves fewer bytes at
+the same slot count; `quantized` slots hold the stored copy itself (values + scales) and the
+expert compute dequantizes the layer's slots at every use (`LayerPieces.pairs_quantized`), so
+the same budget holds expert_bytes / stored_bytes times more experts (as mixtral-offloading keeps
+its HQQ experts on the GPU). The pool never holds more than its byte budget: S = floor(budget /
+slot bytes), slot bytes = expert_bytes or stored_bytes.
 """
 
 from __future__ import annotations
@@ -26,6 +38,8 @@ import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from moex.config import VLMConfig
+from moex.offload import quant
+from moex.offload.quant import QuantFormat
 from moex.offload.spec import budget_slots
 
 WEIGHTS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
@@ -56,8 +70,14 @@ class ExpertStore:
     host: dict                              # (layer, expert) -> {weight: host array}
     dense_params: dict                      # params without the routed experts of `layers`
     memory_kind: str
-    expert_bytes: int                       # bytes of one expert (all its weights)
+    expert_bytes: int                       # bytes of one expert in a device slot
     shapes: dict                            # weight -> (shape of one expert, dtype)
+    fmt: QuantFormat | None = None          # the stored copy: None (as the params) or int8/int4
+    stored_bytes: int = 0                   # bytes one load moves (the stored copy)
+    low: dict | None = None                 # (layer, expert) -> low-precision copy (host)
+    low_fmt: QuantFormat | None = None
+    low_bytes: int = 0
+    _host_weights: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -65,11 +85,55 @@ class ExpertStore:
 
     @property
     def total_bytes(self) -> int:
+        """All experts as device slots hold them (what a budget fraction is a fraction of)."""
         return self.expert_bytes * len(self.host)
 
+    @property
+    def total_stored_bytes(self) -> int:
+        return self.stored_bytes * len(self.host)
+
+    @property
+    def dtype(self):
+        return self.shapes["w_down"][1]
+
+    @property
+    def stored_shapes(self) -> dict:
+        """{name: (shape, dtype)} of one expert's stored copy."""
+        return {w: (tuple(a.shape), np.dtype(a.dtype))
+                for w, a in self.host[next(iter(self.host))].items()}
+
+    def copy_of(self, key, low: bool = False) -> tuple[dict, QuantFormat | None, int]:
+        """(host arrays, their format, bytes) of the copy a load of `key` moves."""
+        if low:
+            if self.low is None:
+                raise ValueError(f"{self.cfg.name}: this store has no low-precision copies "
+                                 "(build it with low_dtype='int4' or 'int8')")
+            return self.low[key], self.low_fmt, self.low_bytes
+        return self.host[key], self.fmt, self.stored_bytes
+
+    def host_weights(self, layer: int, device) -> dict:
+        """Layer `layer`'s experts stacked (E, ...) in the weights' dtype, committed to `device`
+        (the host CPU device that computes missed experts): the stored copy, dequantized as the
+        slot pool does, so host and device compute the same weights. Built once per layer."""
+        if (layer, device) not in self._host_weights:
+            per = []
+            for e in range(self.num_experts):
+                arrays = {w: np.asarray(a) for w, a in self.host[layer, e].items()}
+                if self.fmt is not None:
+                    arrays = {w: np.asarray(a) for w, a in quant.dequantize_expert_jit(
+                        arrays, self.fmt, str(self.dtype)).items()}
+                per.append(arrays)
+            self._host_weights[layer, device] = {
+                w: jax.device_put(np.stack([p[w] for p in per]), device) for w in per[0]}
+        return self._host_weights[layer, device]
+
     @classmethod
-    def from_params(cls, cfg: VLMConfig, params, device=None) -> "ExpertStore":
-        """Move every routed expert to host memory one (layer, expert) at a time."""
+    def from_params(cls, cfg: VLMConfig, params, device=None, expert_dtype=None,
+                    low_dtype=None) -> "ExpertStore":
+        """Move every routed expert to host memory one (layer, expert) at a time; expert_dtype
+        'int8' / 'int4' / 'int4:G' stores them quantized, low_dtype adds a quantized copy for
+        low-precision misses (both as in `moex.offload.quant.parse_expert_dtype`)."""
+        fmt, low_fmt = quant.parse_expert_dtype(expert_dtype), quant.parse_expert_dtype(low_dtype)
         device = device or jax.devices()[0]
         kind = host_memory_kind(device)
         to_host = SingleDeviceSharding(device, memory_kind=kind)
@@ -78,47 +142,69 @@ class ExpertStore:
             raise ValueError(f"{cfg.name} has no hard-MoE decoder layers to offload")
         dense = {k: v for k, v in params.items()}
         dense["decoder"] = dict(params["decoder"])
-        host, shapes = {}, {}
+        host, low, shapes = {}, {}, {}
         for i in layers:
             name = f"layer_{i}"
             layer = dict(params["decoder"][name])
             ffn = dict(layer["ffn"])
             experts = ffn.pop("experts")
             for e in range(cfg.decoder.moe.num_experts):
-                host[i, e] = {w: jax.device_put(np.asarray(a[e]), to_host)
-                              for w, a in experts.items()}
+                weights = {w: np.asarray(a[e]) for w, a in experts.items()}
+                host[i, e] = _to_host(weights if fmt is None
+                                      else quant.quantize_expert(weights, fmt), to_host)
+                if low_fmt is not None:
+                    low[i, e] = _to_host(quant.quantize_expert(weights, low_fmt), to_host)
             shapes = {w: (tuple(a.shape[1:]), np.dtype(a.dtype)) for w, a in experts.items()}
             layer["ffn"] = ffn
             dense["decoder"][name] = layer
         expert_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in shapes.values())
-        return cls(cfg, layers, host, dense, kind, expert_bytes, shapes)
+        first = next(iter(host))
+        return cls(cfg, layers, host, dense, kind, expert_bytes, shapes, fmt,
+                   quant.stored_bytes(host[first]), low if low_fmt else None, low_fmt,
+                   quant.stored_bytes(low[first]) if low_fmt else 0)
+
+
+def _to_host(arrays: dict, to_host) -> dict:
+    return {w: jax.device_put(a, to_host) for w, a in arrays.items()}
 
 
 class SlotPool:
     """S device slots for experts; loads by async device_put + in-place slot update.
 
     Public state: `arrays` (weight -> (S, ...) device array), `num_slots`, `budget_bytes`,
-    `device` and `sharding` (where the slots live), and the counters `loads` and
-    `bytes_loaded`. Which expert sits in which slot is private: ask `is_resident`, `resident`,
-    `first_free_slot` and `slot_table`, and change it with `load` and `free`.
+    `device` and `sharding` (where the slots live), and the counters `loads`, `low_loads` and
+    `bytes_loaded` (bytes moved host -> device: each load's stored size). Which expert sits in
+    which slot is private: ask `is_resident`, `resident`, `first_free_slot`, `slot_of`,
+    `precision` and `slot_table`, and change it with `load` and `free`.
     """
 
-    def __init__(self, store: ExpertStore, budget_bytes: int, device=None):
-        self.store = store
-        self.num_slots = budget_slots(budget_bytes, store.expert_bytes)
+    def __init__(self, store: ExpertStore, budget_bytes: int, device=None,
+                 quantized: bool = False):
+        """quantized: slots hold the store's quantized copies (see the module docstring)."""
+        self.store, self.quantized = store, quantized
+        if quantized and (store.fmt is None or store.low is not None):
+            raise ValueError("quantized slots hold the store's int8 / int4 copies: build the "
+                             "store with expert_dtype int8 or int4 and no low-precision copy "
+                             f"(found expert dtype {quant.label(store.fmt)}, low copy "
+                             f"{quant.label(store.low_fmt) if store.low is not None else 'none'})")
+        self.slot_bytes = store.stored_bytes if quantized else store.expert_bytes
+        self.num_slots = budget_slots(budget_bytes, self.slot_bytes)
         if self.num_slots < 1:
             raise ValueError(f"expert budget {budget_bytes} B holds no expert; one expert of "
-                             f"{store.cfg.name} is {store.expert_bytes} B")
+                             f"{store.cfg.name} is {self.slot_bytes} B in a slot")
         self.budget_bytes = budget_bytes
         self.device = device or jax.devices()[0]
         self.sharding = SingleDeviceSharding(self.device, memory_kind="device")
+        shapes = store.stored_shapes if quantized else store.shapes
         self.arrays = {w: jax.device_put(jnp.zeros((self.num_slots,) + s, d), self.sharding)
-                       for w, (s, d) in store.shapes.items()}
+                       for w, (s, d) in shapes.items()}
         self._owner: list[tuple[int, int] | None] = [None] * self.num_slots   # slot -> key
         self._slot_of: dict[tuple[int, int], int] = {}                        # key -> slot
+        self._low: set = set()                                                # low-precision
         self.bytes_loaded = 0
         self.loads = 0
-        self._update = jax.jit(_set_slot, donate_argnums=0)
+        self.low_loads = 0
+        self._update = jax.jit(_set_slot, donate_argnums=0, static_argnums=(3, 4))
 
     @property
     def pool_bytes(self) -> int:
@@ -131,6 +217,15 @@ class SlotPool:
         """The (layer, expert) keys in the pool."""
         return frozenset(self._slot_of)
 
+    def slot_of(self, key: tuple[int, int]) -> int | None:
+        return self._slot_of.get(key)
+
+    def precision(self, key: tuple[int, int]) -> str:
+        """'low' (its low-precision copy) or 'stored' (the store's own copy)."""
+        if key not in self._slot_of:
+            raise KeyError(f"expert {key} is not in the pool")
+        return "low" if key in self._low else "stored"
+
     def first_free_slot(self) -> int | None:
         """The lowest slot that holds no expert, or None when the pool is full."""
         return next((s for s, key in enumerate(self._owner) if key is None), None)
@@ -140,10 +235,12 @@ class SlotPool:
         if key not in self._slot_of:
             raise KeyError(f"expert {key} is not in the pool (resident: {sorted(self._slot_of)})")
         self._owner[self._slot_of.pop(key)] = None
+        self._low.discard(key)
 
-    def load(self, key: tuple[int, int], slot: int | None = None) -> dict:
+    def load(self, key: tuple[int, int], slot: int | None = None, low: bool = False) -> dict:
         """Copy expert `key` = (layer, expert) into `slot` (default: the first free one),
-        replacing whatever was there (if key was resident in another slot, that slot is freed).
+        replacing whatever was there (if key was resident in another slot, that slot is freed);
+        `low`: its low-precision copy (an upgrade loads the stored copy into the same slot).
         Returns the staged device arrays of the (async) copy: block on them to wait for it."""
         if slot is None:
             slot = self.first_free_slot()
@@ -155,17 +252,22 @@ class SlotPool:
         if key not in self.store.host:
             raise KeyError(f"no expert {key} in the store (MoE layers {self.store.layers}, "
                            f"{self.store.num_experts} experts)")
-        staged = {w: jax.device_put(a, self.sharding) for w, a in self.store.host[key].items()}
-        self.arrays = self._update(self.arrays, jnp.int32(slot), staged)
+        arrays, fmt, nbytes = self.store.copy_of(key, low)
+        staged = {w: jax.device_put(a, self.sharding) for w, a in arrays.items()}
+        self.arrays = self._update(self.arrays, jnp.int32(slot), staged,
+                                   None if self.quantized else fmt, str(self.store.dtype))
         if key in self._slot_of:
             self.free(key)
         old = self._owner[slot]
         if old is not None:
-            del self._slot_of[old]
+            self.free(old)
         self._owner[slot] = key
         self._slot_of[key] = slot
-        self.bytes_loaded += self.store.expert_bytes
+        if low:
+            self._low.add(key)
+        self.bytes_loaded += nbytes
         self.loads += 1
+        self.low_loads += low
         if self.pool_bytes > self.budget_bytes:
             raise AssertionError(f"pool holds {self.pool_bytes} B, over its budget of "
                                  f"{self.budget_bytes} B")
@@ -177,5 +279,8 @@ class SlotPool:
                            for e in range(self.store.num_experts)], np.int32)
 
 
-def _set_slot(arrays: dict, slot, staged: dict) -> dict:
+def _set_slot(arrays: dict, slot, staged: dict, fmt: QuantFormat | None, dtype: str) -> dict:
+    """Write one expert into `slot`; a quantized copy is dequantized here, on the device."""
+    if fmt is not None:
+        staged = quant.dequantize_expert(staged, fmt, jnp.dtype(dtype))
     return {w: a.at[slot].set(staged[w]) for w, a in arrays.items()}

@@ -25,6 +25,16 @@ how well the pre-gate predicts:
            (j mod L_src = 0) there is none.
 E_tgt must be a multiple of E_src and K_tgt of K_src, with r <= m. A soft decoder (every expert
 on every token) gets `dense_trace`: every token needs every expert of every MoE layer.
+
+Moving fewer bytes (`miss_costs`): a store of int8 / int4 experts moves `stored_expert_bytes`
+per load (`moex.offload.quant.stored_size`); a low-precision miss moves its low copy; a
+host-computed miss costs, on the hardware's host, reading the expert's weights once from host
+DRAM (bytes / host memory bandwidth) plus two activation copies' latency, then per row its
+FLOPs at the host's rate (2 x D x F per matrix). Those are the `MissCosts` of the replay
+simulator's `MissRule`. Quantized slots (a budget holding expert_bytes / stored bytes times more
+experts) pay `dequant_seconds` per expert a visit uses: reading the stored copy and writing and
+reading back the dequantized weights in device memory (an unfused dequantize, as moex's piece
+runs it).
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ import dataclasses
 import numpy as np
 
 from moex.config import VLMConfig
+from moex.offload import quant
+from moex.offload.misses import MissCosts, MissRule, MissSpec
 from moex.offload.simulator import TransferModel
 from moex.offload.trace import Trace
 from moex.perf.counts import itemsize
@@ -150,11 +162,49 @@ def decode_only(trace: Trace) -> Trace:
                                token=pick(trace.token), hidden=None, hidden_pre=None)
 
 
+def expert_shapes(cfg: VLMConfig) -> dict:
+    """{weight: shape} of one decoder expert (the offload store's matrices)."""
+    d, f = cfg.decoder.d_model, cfg.decoder.moe.expert_dim
+    gated = {"w_gate": (d, f)} if cfg.decoder.activation == "swiglu" else {}
+    return {**gated, "w_up": (d, f), "w_down": (f, d)}
+
+
 def expert_bytes(cfg: VLMConfig) -> int:
     """Bytes of one decoder expert at the parameter dtype."""
-    moe, d = cfg.decoder.moe, cfg.decoder.d_model
-    mats = 3 if cfg.decoder.activation == "swiglu" else 2
-    return mats * d * moe.expert_dim * itemsize(cfg.param_dtype)
+    return stored_expert_bytes(cfg, None)
+
+
+def stored_expert_bytes(cfg: VLMConfig, fmt) -> int:
+    """Bytes one load of an expert moves from a store in `fmt` (None: the parameter dtype)."""
+    return quant.stored_size(expert_shapes(cfg), quant.parse_expert_dtype(fmt),
+                             itemsize(cfg.param_dtype))
+
+
+def miss_costs(cfg: VLMConfig, hw: Hardware, fmt=None, low=None) -> MissCosts:
+    """The miss cost model of `cfg`'s experts on `hw` (see the module docstring): a store in
+    `fmt`, a low-precision copy in `low`."""
+    flops_per_row = 2 * sum(int(np.prod(s)) for s in expert_shapes(cfg).values())
+    weights = expert_bytes(cfg)
+    return MissCosts(link_bytes_per_s=hw.link_bandwidth, link_latency_s=hw.link_latency,
+                     host_seconds_per_row=flops_per_row / hw.host_flops,
+                     host_overhead_s=weights / hw.host_memory_bandwidth + 2 * hw.link_latency,
+                     stored_bytes=stored_expert_bytes(cfg, fmt),
+                     low_bytes=stored_expert_bytes(cfg, low) if low is not None else 0)
+
+
+def dequant_seconds(cfg: VLMConfig, hw: Hardware, fmt) -> float:
+    """Device time to dequantize one expert stored in `fmt` (0 for None)."""
+    if quant.parse_expert_dtype(fmt) is None:
+        return 0.0
+    return (stored_expert_bytes(cfg, fmt) + 2 * expert_bytes(cfg)) / hw.memory_bandwidth
+
+
+def miss_rule(cfg: VLMConfig, hw: Hardware, fmt, misses: MissSpec) -> MissRule | None:
+    """The simulator's MissRule for a store in `fmt` with miss options `misses` (None when
+    every miss loads the stored copy)."""
+    if misses.plain:
+        return None
+    return MissRule(misses, miss_costs(cfg, hw, fmt, misses.low))
 
 
 class ModelCompute:

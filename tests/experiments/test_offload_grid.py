@@ -120,3 +120,30 @@ def test_vlm_trace_command_labels_requests_by_category(tmp_path, vlm_checkpoint)
         "color", "shape", "count", "position", "color", "shape"]
     assert sorted(set(trace.request.tolist())) == list(range(6))
     assert (trace.phase == 1).sum() == 6 * 1 and trace.token is not None
+
+
+def test_bench_offload_quantized_stores_and_miss_options(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["bench", "offload", "--preset", "tiny-hard", "--batch", "2", "--budgets", "50%",
+                 "--policies", "lru", "--expert-dtype", "native", "int4", "--misses", "load",
+                 "low+host", "--new-tokens", "3", "--prompt-len", "6",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    rows = {(r["expert_dtype"], r["miss_option"]): r
+            for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {(d, m) for d in ("native", "int4") for m in ("load", "low:int4+host")}
+    # int4 routes a little differently (its weights differ), so compare bytes per load
+    per_load = {k: int(r["bytes_moved"]) / int(r["misses"]) for k, r in rows.items()
+                if k[1] == "load"}
+    assert per_load["native", "load"] >= 7 * per_load["int4", "load"] > 0     # fp32 -> int4
+    for r in rows.values():
+        assert int(r["served_low"]) + int(r["served_host"]) <= int(r["misses"])
+    assert "int4 / load" in (out / "report.md").read_text()
+    args = ["generate", "tiny-hard", "--prompt", "offload", "--max-new-tokens", "3",
+            "--offload", "lru", "--expert-budget", "50%"]
+    capsys.readouterr()
+    assert main(args + ["--expert-dtype", "int4", "--misses", "low:int8+host"]) == 0
+    stats = json.loads(capsys.readouterr().err.strip().splitlines()[-1])["offload"]
+    assert stats["expert_dtype"] == "int4" and stats["low_dtype"] == "int8"
+    assert stats["miss_option"] == "low:int8+host"
+    assert main(args + ["--expert-dtype", "int3"]) == 2
+    assert "expected native, int8, int4" in capsys.readouterr().err

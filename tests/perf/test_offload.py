@@ -140,3 +140,30 @@ def test_offload_projection_rows_stay_under_all_resident_and_belady_bounds_lru()
     assert "mixtral-8x7b" in offload_md(rows)
     m = ModelCompute(get_config("mixtral-8x7b"), get_hardware("h200"), 512)
     assert m.visit_seconds(8) > m.visit_seconds(1)
+
+
+def test_precision_projection_fewer_bytes_and_bounds():
+    """Quantized stores move their stored size, the bound holds every variant, and the
+    variants' counts add up (random trace, tiny grid)."""
+    from moex.experiments.precision_projection import PrecisionConfig, best, rows_for
+    from moex.perf.offload import expert_bytes, stored_expert_bytes
+    cfg = get_config("mixtral-8x7b")
+    assert expert_bytes(cfg) / stored_expert_bytes(cfg, "int4") >= 3.5
+    p = PrecisionConfig(hardware=("h200",), batches=(1,), budgets=("25%",),
+                        policies=("lru", "pregated"),
+                        variants=("native/load", "int4/load", "native/low:int4+upgrade",
+                                  "native/host", "int4/low:int4+host"))
+    rows = rows_for(p, random_trace(n=40), progress=False)
+    at = {(r["policy"], r["variant"]): r for r in rows}
+    assert len(rows) == 10 and at["lru", "native/load"]["x_bf16_lru"] == 1.0
+    lru, q = at["lru", "native/load"], at["lru", "int4/load"]
+    assert q["hit_rate"] == lru["hit_rate"]                      # same decisions, fewer bytes
+    assert lru["gb_moved_per_token"] / q["gb_moved_per_token"] >= 3.5
+    for r in rows:
+        assert r["tokens_per_s"] <= r["bound_tokens_per_s"] * (1 + 1e-9)
+        assert r["served_low"] + r["served_host"] <= r["misses"]
+        if r["variant"] == "native/load":
+            assert r["served_low"] == r["served_host"] == 0
+    assert at["lru", "native/host"]["served_host"] > 0
+    assert at["lru", "native/low:int4+upgrade"]["upgrades"] > 0
+    assert len(best(rows)) == 1
