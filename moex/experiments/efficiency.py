@@ -429,8 +429,9 @@ def project(study: EfficiencyConfig) -> int:
     grid = [r for hw in p.hardware for r in projection.grid_rows(p, hw)]
     trace = project_trace(study)
     offload = projection.offload_rows(p, trace)
-    precision = precision_projection.rows_for(
-        precision_projection.PrecisionConfig(hardware=study.project), trace)
+    precision = precision_projection.rows_for(         # a smaller grid than moex perf precision
+        precision_projection.PrecisionConfig(hardware=study.project, budgets=("25%",),
+                                             policies=("lru", "lfu", "pregated")), trace)
     out = projection.write(p, grid, offload,
                            notes=f"Routing trace: {trace.model} ({len(trace)} tokens), mapped "
                                  f"onto each model's experts (moex.perf.offload.map_trace).",
