@@ -122,7 +122,7 @@ def test_quantized_slots_need_a_quantized_store(stores):
     assert eng.pool.num_slots == 3 and eng.pool.arrays["w_up"].dtype == np.uint8
 
 
-@settings(max_examples=7, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(fmt=st.sampled_from(["int8", "int4"]), policy=st.sampled_from(["lru", "pregated",
                                                                       "on-demand"]),
        seed=st.integers(0, 1000), batch=st.integers(1, 3), slots=st.integers(1, TOTAL),
@@ -189,7 +189,7 @@ def test_core_serves_misses_as_decided_and_counts_add_up():
     assert sim.host_s == pytest.approx(0.5e-3) and sim.stall_s == pytest.approx(1e-3)
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(spec=st.sampled_from(["low", "low+upgrade", "host", "host+fill", "low+upgrade+host"]),
        seed=st.integers(0, 1000), slots=st.integers(2, 10))
 def test_engine_counts_add_up_and_replay(spec, seed, slots):
