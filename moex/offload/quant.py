@@ -146,7 +146,7 @@ def dequantize_matrix(q, scale, fmt: QuantFormat):
     """Stored (values, scale) -> the (I, O) matrix in the scale's dtype, by qwix.dequantize."""
     if fmt.kind == "int4":
         q = unpack_int4(q).astype(jnp.int4)
-    return qwix.dequantize(qwix.QArray(q, scale, None, fmt.kind))
+    return qwix.dequantize(qwix.QArray(qvalue=q, scale=scale, zero_point=None, qtype=fmt.kind))
 
 
 # -- one expert ---------------------------------------------------------------------------------
