@@ -5,8 +5,8 @@
 
   letter       one forward over the prompt; the option whose letter token has the highest
                next-token log-probability (restricted to the question's letters)
-  generate     greedy generation of up to `max_new_tokens`; the letter is read from the text as
-               MMBench's matcher does (`parse_letter`); -1 when nothing matches
+  generate     greedy generation of up to `max_new_tokens`; the letter is read from the text by
+               the rules of VLMEvalKit's matcher (`parse_letter`); -1 when nothing matches
   likelihood   SEED-Bench's protocol: each option's text is scored after the question (without
                the options) by its mean per-token log-probability; the best option wins
 
@@ -45,18 +45,42 @@ class ScoreConfig:
     max_new_tokens: int = 4         # "generate"
 
 
+REFUSALS = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+            "I'm sorry, but without the image provided", "Cannot determine the answer")
+PUNCTUATION = ".()[],:;!*#{}"          # read as spaces before splitting into words
+
+
 def parse_letter(text: str, n_options: int, options: Sequence[str] = ()) -> int:
-    """The option a free-text answer names: a leading letter ("B", "B.", "(B) ..."), else one
-    "X." / "X)" in the text, else the one option text it contains; -1 when none or ambiguous."""
-    letters = "ABCD"[:n_options]
-    s = text.strip()
-    m = re.match(rf"^\(?([{letters}])(?:[\s.):,]|$)", s)
-    if m:
-        return letters.index(m.group(1))
-    found = set(re.findall(rf"(?<![A-Za-z])([{letters}])[.)]", s))
-    if len(found) == 1:
-        return letters.index(found.pop())
-    hits = [i for i, o in enumerate(options) if o and o.lower() in s.lower()]
+    """The option a free-text answer names, by the rule-based stage of VLMEvalKit's matcher
+    (MMBench's official toolkit), written from its documented behaviour; -1 when none.
+
+    0. refusal: a known refusal phrase (REFUSALS) answers nothing;
+    1. "answer is X": the word right after the last "answer is" (PUNCTUATION read as spaces),
+       when it is one of the question's letters ("The correct answer is **B**");
+    2. option (VLMEvalKit's `can_infer_option`): PUNCTUATION read as spaces, the text split into
+       words; exactly one of the question's letters among the words is the answer ("Answer: D",
+       "Option B", "I think B", "(B) red"); two or more ("B and C") answer nothing here;
+    3. text (`can_infer_text`): the one option whose text (lower case) occurs in the answer
+       (lower case); none or several answer nothing.
+    Deliberate differences: VLMEvalKit's reject answer 'Z' is -1 here (no answer) as any other
+    unparsed answer; rule 1 is applied before rule 2, so "A is wrong, the answer is B" is B where
+    VLMEvalKit's option rule alone finds two letters.
+    """
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n_options]
+    if any(r in text for r in REFUSALS):
+        return -1
+    spaced = text
+    for c in PUNCTUATION:
+        spaced = spaced.replace(c, " ")
+    after = re.findall(r"answer\s+is\s+(\S+)", spaced, flags=re.IGNORECASE)
+    if after and after[-1] in letters:
+        return letters.index(after[-1])
+    words = set(spaced.split())
+    named = [c for c in letters if c in words]
+    if len(named) == 1:
+        return letters.index(named[0])
+    low = text.lower()
+    hits = [i for i, o in enumerate(options) if str(o).lower() and str(o).lower() in low]
     return hits[0] if len(hits) == 1 else -1
 
 

@@ -66,12 +66,36 @@ def test_chance():
     assert chance(qs, circular=True) == pytest.approx((1 / 4 + 1 / 256) / 2)
 
 
+OPTIONS = ("red", "green", "blue", "yellow")
+
+
 @pytest.mark.parametrize("text,want", [
-    ("B", 1), (" C.", 2), ("(A) red", 0), ("The answer is D.", 3), ("green (B)", 1),
-    ("blue", 2), ("nothing", -1), ("A. or B.", 0), ("maybe A. or B.", -1), ("Blue sky", 2),
+    # the option rule: exactly one of the question's letters as a word
+    ("B", 1), (" C.", 2), ("(A) red", 0), ("green (B)", 1), ("D", 3), ("B.", 1), ("(C)", 2),
+    ("[D]", 3), ("B:", 1), ("Answer: D", 3), ("Option B", 1), ("I think B", 1),
+    ("**C**", 2), ("{A}", 0), ("B!", 1), ("My choice: (C).", 2), ("#B", 1),
+    ("The best option here is C; it matches.", 2),
+    # the "answer is" rule, before the option rule
+    ("The answer is D.", 3), ("The correct answer is **B**", 1), ("the answer is (A)", 0),
+    ("A is wrong, so the answer is B.", 1), ("ANSWER IS C", 2),
+    # several letters: no option; then the option text rule
+    ("B and C", -1), ("A. or B.", -1), ("maybe A. or B.", -1), ("B or C, not sure", -1),
+    ("B and C are both blue", 2),
+    # the option text rule (one option's text in the answer, any case)
+    ("blue", 2), ("Blue sky", 2), ("It is YELLOW.", 3), ("red or green", -1),
+    # nothing, refusals, letters outside the question, letters inside words
+    ("nothing", -1), ("", -1), ("Cannot determine the answer", -1),
+    ("Sorry, I can't help with images of people yet.", -1), ("E", -1), ("Bee", -1),
+    ("ABC", -1),
 ])
-def test_parse_letter(text, want):
-    assert parse_letter(text, 4, ("red", "green", "blue", "yellow")) == want
+def test_parse_letter_follows_vlmevalkit_rules(text, want):
+    assert parse_letter(text, 4, OPTIONS) == want
+
+
+def test_parse_letter_uses_only_the_questions_letters():
+    assert parse_letter("C", 2, ("red", "green")) == -1          # C is not an option here
+    assert parse_letter("I think B", 2, ("red", "green")) == 1
+    assert parse_letter("the answer is C", 3, ("x", "y", "z")) == 2
 
 
 def test_continuation_logprob_hand_example():
