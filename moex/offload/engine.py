@@ -285,6 +285,8 @@ class OffloadEngine:
         self.pieces = pieces_for(cfg)
         if lookahead is not None:                 # the fused attention + heads piece
             self._attend_ahead = self.pieces.attend_route_ahead(lookahead.layer_fn)
+        self._pairs = (self.pieces.pairs_quantized(self.store.fmt, str(self.store.dtype))
+                       if self.pool.quantized else self.pieces.pairs)   # chosen once
         self._forward = 0
 
     # -- copies -----------------------------------------------------------------------------------
@@ -433,9 +435,7 @@ class OffloadEngine:
             active = np.zeros(self.store.num_experts, bool)
             active[sorted(r.experts)] = True
             slot_of = jnp.asarray(self.pool.slot_table(layer))
-            pairs = self.pieces.pairs_quantized(self.store.fmt, str(self.store.dtype)) \
-                if self.pool.quantized else self.pieces.pairs
-            acc = pairs(self.pool.arrays, slot_of, jnp.asarray(active), acc, h, routing)
+            acc = self._pairs(self.pool.arrays, slot_of, jnp.asarray(active), acc, h, routing)
         if host is not None:
             active, pairs = host
             acc = self.pieces.merge(acc, jax.device_put(pairs, self.pool.sharding),
