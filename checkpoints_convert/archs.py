@@ -10,12 +10,15 @@ Supported `architectures[0]` values are the keys of ARCHITECTURES. Each entry kn
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from moex.config import (DecoderConfig, MoEConfig, ProjectorConfig, VisionConfig, VLMConfig)
 
-from checkpoints_convert.mapping import (Rule, bias_heads, copy, fused_down, fused_gate_up,
-                                         heads_in, heads_out, linear, patch_conv, stacked_linear)
+from checkpoints_convert.mapping import (Rule, bias_heads, copy, expert_down, expert_gate_up,
+                                         fused_down, fused_gate_up, heads_in, heads_out, linear,
+                                         patch_conv, patch_conv3d, qkv_bias_heads, qkv_heads,
+                                         stacked_linear)
 from checkpoints_convert.reader import CheckpointError
 
 
@@ -61,8 +64,21 @@ def _decoder(hf: dict, arch: str) -> DecoderConfig:
         kw.update(qkv_bias=hf.get("qkv_bias", True), out_bias=False)
     if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM") and hf.get("use_sliding_window"):
         raise CheckpointError("use_sliding_window=True is not supported for Qwen MoE models")
-    if arch == "Qwen3MoeForCausalLM":
+    if arch in ("Qwen3MoeForCausalLM",) + QWEN3_VL:
         kw["qk_norm"] = "head"
+    if arch == "Qwen3VLForConditionalGeneration" and head_dim is None:
+        kw["head_dim"] = 128                 # Qwen3-VL's text config default, not hidden / heads
+    if arch in QWEN3_VL:
+        # transformers' Qwen3-VL always interleaves the t / h / w frequencies
+        rp = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        kw["mrope_section"] = tuple(rp.get("mrope_section") or (24, 20, 20))
+        half = kw.get("head_dim", d // heads) // 2
+        if sum(kw["mrope_section"]) != half:
+            raise CheckpointError(
+                f"field 'text_config.rope_parameters.mrope_section' "
+                f"{list(kw['mrope_section'])} must sum to head_dim / 2 = {half} (field "
+                f"'text_config.head_dim'); [24, 20, 20] is the default when it or "
+                f"'text_config.rope_parameters' is absent")
     if arch == "OlmoeForCausalLM":
         kw["qk_norm"] = "full"
         if hf.get("clip_qkv"):
@@ -78,8 +94,17 @@ def _decoder(hf: dict, arch: str) -> DecoderConfig:
 
 
 def _moe(hf: dict, arch: str) -> MoEConfig:
-    if arch in ("LlamaForCausalLM", "MistralForCausalLM"):
+    if arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen3VLForConditionalGeneration"):
         return MoEConfig()
+    if arch == "Qwen3VLMoeForConditionalGeneration":
+        # transformers' Qwen3-VL-MoE router always renormalises the top-k weights (whatever
+        # norm_topk_prob says); experts are 'num_experts' or 'num_local_experts' (its alias)
+        step = _get(hf, "decoder_sparse_step", 1)
+        n = _get(hf, "num_experts") or hf["num_local_experts"]
+        return MoEConfig(kind="hard", num_experts=n, top_k=hf["num_experts_per_tok"],
+                         expert_dim=hf["moe_intermediate_size"], renormalize=True, every_n=step,
+                         layer_offset=step - 1,
+                         dense_layers=tuple(hf.get("mlp_only_layers") or ()))
     if arch == "MixtralForCausalLM":
         return MoEConfig(kind="hard", num_experts=hf["num_local_experts"],
                          top_k=hf["num_experts_per_tok"], expert_dim=hf["intermediate_size"])
@@ -156,6 +181,61 @@ def _llava(hf: dict) -> VLMConfig:
         dec = dataclasses.replace(dec, tie_embeddings=bool(hf["tie_word_embeddings"]))
     return VLMConfig("llava", dec, vis, ProjectorConfig(hidden_dim=dec.d_model, activation="gelu"),
                      image_token_id=hf.get("image_token_index", hf.get("image_token_id", 32000)))
+
+
+QWEN3_VL = ("Qwen3VLForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration")
+VISION_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
+               "quick_gelu": "quick_gelu"}
+
+
+def _qwen3_vision(hv: dict, text_width: int) -> VisionConfig:
+    """Qwen3-VL's vision_config -> VisionConfig. image_size (the size moex's fixed-size data
+    paths resize to) is the learned position grid's native size, G x patch_size px."""
+    act = hv.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in VISION_ACTS:
+        raise CheckpointError(f"vision_config.hidden_act {act!r} is not supported; expected one "
+                              f"of {sorted(VISION_ACTS)}")
+    width, heads = hv["hidden_size"], hv["num_heads"]
+    if width % heads or (width // heads) % 4:
+        raise CheckpointError(f"vision_config.hidden_size {width} / num_heads {heads} must give a "
+                              "head width that is a multiple of 4 (2D rotary embedding)")
+    if hv["out_hidden_size"] != text_width:
+        raise CheckpointError(f"vision_config.out_hidden_size {hv['out_hidden_size']} must equal "
+                              f"text_config.hidden_size {text_width}")
+    n = hv["num_position_embeddings"]
+    grid = math.isqrt(n)
+    if grid * grid != n:
+        raise CheckpointError(f"vision_config.num_position_embeddings {n} must be a square "
+                              "(a G x G learned position grid)")
+    patch, merge = hv["patch_size"], hv["spatial_merge_size"]
+    side = patch * merge
+    theta = (hv.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    deep = tuple(hv.get("deepstack_visual_indexes", (8, 16, 24)))
+    if any(not 0 <= i < hv["depth"] for i in deep):
+        raise CheckpointError(f"field 'vision_config.deepstack_visual_indexes' {list(deep)} "
+                              f"(default [8, 16, 24] when absent) must be block indices below "
+                              f"'vision_config.depth' = {hv['depth']}")
+    return VisionConfig(
+        image_size=max(side, grid * patch // side * side), patch_size=patch,
+        channels=hv.get("in_channels", 3), d_model=width, num_layers=hv["depth"],
+        num_heads=heads, mlp_dim=hv["intermediate_size"], activation=VISION_ACTS[act],
+        norm_eps=1e-6, class_token=False, pre_norm=False, post_norm=True, feature_layer=-1,
+        drop_class_token=False, patch_bias=True, image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5), spatial_merge=merge, temporal_patch=hv["temporal_patch_size"],
+        rope_theta=float(theta), pos_grid=grid,
+        deepstack_layers=deep)
+
+
+def _qwen3_vl(hf: dict, arch: str) -> VLMConfig:
+    text = hf["text_config"]
+    dec = _decoder(text, arch)
+    tie = hf.get("tie_word_embeddings")
+    if tie is not None:     # the top-level flag decides (transformers ties by it)
+        dec = dataclasses.replace(dec, tie_embeddings=bool(tie))
+    vis = _qwen3_vision(hf["vision_config"], dec.d_model)
+    proj = ProjectorConfig(hidden_dim=vis.d_model * vis.spatial_merge ** 2, activation="gelu")
+    return VLMConfig(arch, dec, vis, proj,
+                     image_token_id=hf.get("image_token_id", 151655), **{**_ids(text), **_ids(hf)})
 
 
 def _ids(hf: dict) -> dict:
@@ -305,6 +385,85 @@ def llava_rules(cfg: VLMConfig, text_arch: str) -> list[Rule]:
     return rules
 
 
+def qwen3_vision_rules(v: VisionConfig, P: str = "model.visual.") -> list[Rule]:
+    """Qwen3-VL's vision tower, its patch merger (post_norm + projector) and DeepStack mergers."""
+    h = v.num_heads
+
+    def norm(ours, theirs):
+        return [Rule((f"{ours}/scale",), (f"{theirs}.weight",), copy()),
+                Rule((f"{ours}/bias",), (f"{theirs}.bias",), copy())]
+
+    def dense(ours, theirs):
+        return [Rule((f"{ours}/kernel",), (f"{theirs}.weight",), linear()),
+                Rule((f"{ours}/bias",), (f"{theirs}.bias",), copy())]
+
+    rules = [Rule(("vision/patch_embed/kernel",), (P + "patch_embed.proj.weight",),
+                  patch_conv3d(v.temporal_patch, v.patch_size, v.channels)),
+             Rule(("vision/patch_embed/bias",), (P + "patch_embed.proj.bias",), copy()),
+             Rule(("vision/pos_embed",), (P + "pos_embed.weight",), copy())]
+    rules += norm("vision/post_norm", P + "merger.norm")
+    rules += dense("projector/fc1", P + "merger.linear_fc1")
+    rules += dense("projector/fc2", P + "merger.linear_fc2")
+    for i in range(v.num_layers):
+        L, M = f"{P}blocks.{i}.", f"vision/layer_{i}/"
+        rules += norm(M + "attn_norm", L + "norm1") + norm(M + "ffn_norm", L + "norm2")
+        rules += [Rule((M + "attn/q", M + "attn/k", M + "attn/v"), (L + "attn.qkv.weight",),
+                       qkv_heads(h)),
+                  Rule((M + "attn/q_bias", M + "attn/k_bias", M + "attn/v_bias"),
+                       (L + "attn.qkv.bias",), qkv_bias_heads(h)),
+                  Rule((M + "attn/o",), (L + "attn.proj.weight",), heads_out(h)),
+                  Rule((M + "attn/o_bias",), (L + "attn.proj.bias",), copy())]
+        rules += dense(M + "ffn/mlp/up", L + "mlp.linear_fc1")
+        rules += dense(M + "ffn/mlp/down", L + "mlp.linear_fc2")
+    for j in range(len(v.deepstack_layers)):
+        D = f"{P}deepstack_merger_list.{j}."
+        rules += norm(f"deepstack_{j}/norm", D + "norm")
+        rules += dense(f"deepstack_{j}/mlp/fc1", D + "linear_fc1")
+        rules += dense(f"deepstack_{j}/mlp/fc2", D + "linear_fc2")
+    return rules
+
+
+def fused_qwen_experts(rules: list[Rule], d: int, f: int, layout: str) -> list[Rule]:
+    """Qwen3-VL-MoE keeps each layer's experts fused (experts.gate_up_proj, experts.down_proj;
+    layouts: mapping.expert_gate_up). The per-expert rules of decoder_rules become those, with
+    the per-expert keys as the alternative layout read when a file holds them instead."""
+    by_path = {r.moex[0]: r for r in rules}
+    out = []
+    for r in rules:
+        path = r.moex[0]
+        if path.endswith(("experts/w_up", "experts/w_down")):
+            continue
+        if not path.endswith("experts/w_gate"):
+            out.append(r)
+            continue
+        M, base = path[:-len("w_gate")], r.hf[0][:-len("0.gate_proj.weight")]
+        out += [Rule((M + "w_gate", M + "w_up"), (base + "gate_up_proj",),
+                     expert_gate_up(d, f, layout), alt=(r, by_path[M + "w_up"])),
+                Rule((M + "w_down",), (base + "down_proj",), expert_down(d, f, layout),
+                     alt=(by_path[M + "w_down"],))]
+    return out
+
+
+def qwen3_vl_rules(cfg: VLMConfig, arch: str, layout: str = "transformers") -> list[Rule]:
+    c = cfg.decoder
+    rules = decoder_rules(c, arch, "model.language_model.", "lm_head.weight")
+    if c.moe.kind == "hard":
+        rules = fused_qwen_experts(rules, c.d_model, c.moe.expert_dim, layout)
+    return rules + qwen3_vision_rules(cfg.vision)
+
+
+def qwen3_vl_layout(reader, cfg: VLMConfig) -> dict:
+    """The rules' options that give back the files' own layout on export: the fused experts as
+    transformers saves them, or as the published checkpoints hold them ('hub')."""
+    c = cfg.decoder
+    for key in sorted(reader.keys()):
+        if key.endswith("experts.gate_up_proj"):
+            shape = tuple(reader.get(key).shape[1:])
+            hub = shape == (c.d_model, 2 * c.moe.expert_dim) != (2 * c.moe.expert_dim, c.d_model)
+            return {"layout": "hub" if hub else "transformers"}
+    return {}
+
+
 # ---------------------------------------------------------------------------------------------
 # export: moex config -> config.json
 # ---------------------------------------------------------------------------------------------
@@ -381,6 +540,41 @@ def llava_to_hf(cfg: VLMConfig, base: dict) -> dict:
     return hf
 
 
+def qwen3_vl_to_hf(cfg: VLMConfig, base: dict, arch: str) -> dict:
+    hf = dict(base)
+    c, v, m = cfg.decoder, cfg.vision, cfg.decoder.moe
+    moe = arch == "Qwen3VLMoeForConditionalGeneration"
+    kind = "qwen3_vl_moe" if moe else "qwen3_vl"
+    text = dict(base.get("text_config", {}))
+    rope = dict(text.get("rope_parameters") or {})
+    rope.update(rope_type="default", rope_theta=c.rope_theta,
+                mrope_section=list(c.mrope_section), mrope_interleaved=True)
+    text.update(model_type=f"{kind}_text", vocab_size=c.vocab_size, hidden_size=c.d_model,
+                num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                num_key_value_heads=c.num_kv_heads, head_dim=c.dim_per_head,
+                intermediate_size=c.ffn_dim, rms_norm_eps=c.norm_eps, hidden_act="silu",
+                max_position_embeddings=c.max_seq_len, attention_bias=c.qkv_bias,
+                rope_parameters=rope)
+    if moe:
+        text.pop("num_experts", None)
+        text.update(num_local_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                    moe_intermediate_size=m.expert_dim, decoder_sparse_step=m.every_n,
+                    mlp_only_layers=list(m.dense_layers), norm_topk_prob=True)
+    vision = dict(base.get("vision_config", {}))
+    vrope = dict(vision.get("rope_parameters") or {"rope_type": "axial"})
+    vrope["rope_theta"] = v.rope_theta
+    act = {"gelu_tanh": "gelu_pytorch_tanh"}.get(v.activation, v.activation)
+    vision.update(model_type=f"{kind}_vision", depth=v.num_layers, hidden_size=v.d_model,
+                  hidden_act=act, intermediate_size=v.mlp_dim, num_heads=v.num_heads,
+                  in_channels=v.channels, patch_size=v.patch_size,
+                  spatial_merge_size=v.spatial_merge, temporal_patch_size=v.temporal_patch,
+                  out_hidden_size=c.d_model, num_position_embeddings=v.pos_grid ** 2,
+                  deepstack_visual_indexes=list(v.deepstack_layers), rope_parameters=vrope)
+    hf.update(architectures=[arch], model_type=kind, text_config=text, vision_config=vision,
+              image_token_id=cfg.image_token_id, tie_word_embeddings=c.tie_embeddings)
+    return hf
+
+
 def _text_arch_of(cfg: VLMConfig) -> str:
     if cfg.decoder.moe.kind == "hard":
         return "MixtralForCausalLM"
@@ -405,6 +599,8 @@ class Architecture:
     to_hf: callable
     aliases: tuple[tuple[str, str], ...] = ()
     ignore: tuple[str, ...] = ()   # regexes of HF keys that carry no parameters
+    options: callable = None       # (reader, cfg) -> rules(cfg, **options) that export the
+                                   # files' own layout (kept in moex.json)
 
 
 IGNORE = (r".*rotary_emb\.inv_freq$", r".*position_ids$")
@@ -436,7 +632,17 @@ def _llava_arch() -> Architecture:
                         IGNORE)
 
 
-ARCHITECTURES = {a.name: a for a in [_lm(n) for n in MODEL_TYPES] + [_llava_arch()]}
+def _qwen3_vl_arch(name: str) -> Architecture:
+    def to_moex(hf):
+        return _qwen3_vl(hf, name).validate()
+    return Architecture(name, to_moex,
+                        lambda cfg, layout="transformers": qwen3_vl_rules(cfg, name, layout),
+                        lambda cfg, base: qwen3_vl_to_hf(cfg, base, name),
+                        ignore=IGNORE, options=qwen3_vl_layout)
+
+
+ARCHITECTURES = {a.name: a for a in [_lm(n) for n in MODEL_TYPES] + [_llava_arch()]
+                 + [_qwen3_vl_arch(n) for n in QWEN3_VL]}
 
 
 def architecture_of(hf: dict, where: str) -> Architecture:

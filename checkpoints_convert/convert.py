@@ -30,9 +30,19 @@ def open_source(src) -> tuple:
     """(reader, architecture, moex config) for a HF folder, with canonical key aliases."""
     src = pathlib.Path(src)
     probe = CheckpointReader(src)
-    arch = architecture_of(probe.config, str(src / "config.json"))
+    where = probe.config.file
+    probe.config["architectures"]          # missing, null or not a list of names: named here
+    arch = architecture_of(probe.config, where)
     reader = CheckpointReader(src, arch.aliases) if arch.aliases else probe
-    cfg = arch.to_moex(reader.config).replace(name=src.name)
+    reader.config.purpose = arch.name      # named in the message of a missing field
+    try:
+        cfg = arch.to_moex(reader.config).replace(name=src.name)
+    except CheckpointError as e:           # the tables' own checks name the field, not the file
+        if where in str(e):
+            raise
+        raise CheckpointError(f"{where}: {e}") from e
+    except ValueError as e:                # moex's config checks (e.g. top_k > num_experts)
+        raise CheckpointError(f"{where}: no valid {arch.name} model: {e}") from e
     return reader, arch, cfg
 
 
@@ -41,6 +51,10 @@ def resolve_rules(rules: list[Rule], reader: CheckpointReader) -> list[Rule]:
     out, skip = [], set()
     for r in rules:
         if r.moex[0] in skip:
+            continue
+        if r.alt and not all(k in reader for k in r.hf) and \
+                all(k in reader for a in r.alt for k in a.hf):
+            out += r.alt
             continue
         if r.moex[0].endswith("experts/w_gate") and r.hf[0] not in reader:
             fused = fused_expert_rules(r)
@@ -101,7 +115,11 @@ def convert_params(reader, arch, cfg, dtype: str, progress: bool = False) -> dic
     np_dtype = np.dtype(jax.numpy.dtype(dtype))
     flat = {}
     for rule in tqdm(rules, desc="convert", disable=not progress, unit="tensor"):
-        arrays = rule.transform.to_moex(reader.get, rule.hf)
+        try:
+            arrays = rule.transform.to_moex(reader.get, rule.hf)
+        except CheckpointError as e:
+            where = reader.file_of(rule.hf[0])
+            raise (e if str(where) in str(e) else CheckpointError(f"{where}: {e}")) from None
         for path, a in zip(rule.moex, arrays):
             want = tuple(expected[path].shape)
             if a.shape != want:
@@ -127,6 +145,8 @@ def convert(src, out, dtype: str | None = None, progress: bool = True) -> pathli
     params = convert_params(reader, arch, cfg, dtype, progress)
     meta = {"source": str(src.resolve()), "architecture": arch.name, "hf_config": reader.config,
             "dtype": dtype}
+    if arch.options is not None:
+        meta["rules_options"] = arch.options(reader, cfg)
     tmp = checkpoint.staging_dir(out)
     try:
         checkpoint.write(tmp, cfg, params, meta, src)

@@ -20,7 +20,7 @@ from moex.config import VLMConfig
 
 from checkpoints_convert.archs import ARCHITECTURES
 from checkpoints_convert.convert import flat_shapes
-from checkpoints_convert.reader import CheckpointError
+from checkpoints_convert.reader import CheckpointError, HFConfig
 
 
 def infer_architecture(cfg: VLMConfig) -> str:
@@ -35,6 +35,16 @@ def infer_architecture(cfg: VLMConfig) -> str:
     if problems:
         raise CheckpointError(f"{cfg.name} cannot be exported to a HF architecture: "
                               + "; ".join(problems))
+    if cfg.vision is not None and cfg.vision.pos_grid:
+        v = cfg.vision
+        if not (v.temporal_patch > 1 and v.rope_theta and d.mrope_section and d.qk_norm == "head"
+                and (m.kind == "dense" or (m.renormalize and not m.num_shared_experts))):
+            raise CheckpointError(f"{cfg.name}: a Qwen3-VL-style tower (pos_grid) exports as "
+                                  "Qwen3-VL, which needs temporal patches, 2D RoPE, mrope, "
+                                  "per-head q/k norm and renormalised top-k without shared "
+                                  "experts")
+        return ("Qwen3VLMoeForConditionalGeneration" if m.kind == "hard"
+                else "Qwen3VLForConditionalGeneration")
     if cfg.vision is not None:
         return "LlavaForConditionalGeneration"
     if d.attention == "mla" or m.num_groups > 1 or m.routed_scaling != 1.0:
@@ -52,14 +62,26 @@ def infer_architecture(cfg: VLMConfig) -> str:
     return "MixtralForCausalLM"
 
 
-def hf_tensors(cfg: VLMConfig, params, arch_name: str) -> dict[str, np.ndarray]:
+def hf_tensors(cfg: VLMConfig, params, arch_name: str, options: dict | None = None
+               ) -> dict[str, np.ndarray]:
+    """The HF tensors of moex params. options: the architecture's rule options (a converted
+    checkpoint's own layout, moex.json 'rules_options')."""
     arch = ARCHITECTURES[arch_name]
     flat = flat_shapes(params)
     tensors = {}
-    for rule in arch.rules(cfg):
+    for rule in arch.rules(cfg, **(options or {})):
         arrays = rule.transform.to_hf([np.asarray(flat[p]) for p in rule.moex])
         tensors.update(zip(rule.hf, arrays))
     return tensors
+
+
+def base_config(moex_dir: pathlib.Path, meta: dict) -> HFConfig:
+    """The original config.json kept in moex.json (a view naming `hf_config.<field>` and the
+    file in its errors); empty for moex-native checkpoints."""
+    base = meta.get("hf_config") or {}
+    if not isinstance(base, dict):
+        raise CheckpointError(f"{moex_dir / 'moex.json'}: field 'hf_config' must be an object")
+    return HFConfig(base, moex_dir / "moex.json", "hf_config")
 
 
 def to_hf(moex_dir, out) -> pathlib.Path:
@@ -67,13 +89,17 @@ def to_hf(moex_dir, out) -> pathlib.Path:
     moex_dir, out = pathlib.Path(moex_dir), pathlib.Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another output path")
-    cfg, params, _ = checkpoint.load(moex_dir, as_numpy=True)
+    cfg = checkpoint.load_config(moex_dir)    # configs first: a bad one fails before weights load
     meta = checkpoint.metadata(moex_dir) if (moex_dir / "moex.json").is_file() else {}
     arch_name = meta.get("architecture") or infer_architecture(cfg)
-    hf_config = ARCHITECTURES[arch_name].to_hf(cfg, meta.get("hf_config", {}))
+    if arch_name not in ARCHITECTURES:
+        raise CheckpointError(f"{moex_dir / 'moex.json'}: architecture {arch_name!r} is not "
+                              f"supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+    hf_config = ARCHITECTURES[arch_name].to_hf(cfg, base_config(moex_dir, meta))
     hf_config["dtype"] = cfg.param_dtype
     hf_config.pop("torch_dtype", None)
-    tensors = hf_tensors(cfg, params, arch_name)
+    tensors = hf_tensors(cfg, checkpoint.load(moex_dir, as_numpy=True)[1], arch_name,
+                         meta.get("rules_options"))
     tmp = checkpoint.staging_dir(out)
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

@@ -16,6 +16,8 @@ from typing import Callable
 
 import numpy as np
 
+from checkpoints_convert.hfconfig import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
@@ -29,6 +31,8 @@ class Rule:
     moex: tuple[str, ...]
     hf: tuple[str, ...]
     transform: Transform
+    alt: tuple["Rule", ...] = ()    # read instead when the files hold these and not `hf`
+                                    # (another layout of the same params, e.g. per-expert)
 
 
 def copy() -> Transform:
@@ -95,6 +99,67 @@ def fused_down() -> Transform:
     return Transform("fused_down",
                      lambda load, keys: [np.ascontiguousarray(load(keys[0]).transpose(0, 2, 1))],
                      lambda a: [np.ascontiguousarray(a[0].transpose(0, 2, 1))])
+
+
+def qkv_heads(heads: int) -> Transform:
+    """One fused qkv projection (3*H*Dh, D) <-> q, k, v (D, H, Dh) (Qwen3-VL's vision tower)."""
+    def fwd(load, keys):
+        w = load(keys[0])
+        return [np.ascontiguousarray(part.T).reshape(w.shape[1], heads, -1)
+                for part in np.split(w, 3, axis=0)]
+    return Transform("qkv_heads", fwd, lambda a: [np.ascontiguousarray(np.concatenate(
+        [x.reshape(x.shape[0], -1).T for x in a], axis=0))])
+
+
+def qkv_bias_heads(heads: int) -> Transform:
+    """(3*H*Dh,) <-> q, k, v biases (H, Dh)."""
+    return Transform("qkv_bias_heads",
+                     lambda load, keys: [b.reshape(heads, -1) for b in np.split(load(keys[0]), 3)],
+                     lambda a: [np.concatenate([x.reshape(-1) for x in a])])
+
+
+def expert_gate_up(d: int, f: int, layout: str = "transformers") -> Transform:
+    """Fused experts' gate_up_proj <-> w_gate, w_up (E, D, F), gate half first. Read in either
+    layout, told apart by shape: (E, 2F, D) ("transformers": what transformers 5 keeps in memory
+    and saves) or (E, D, 2F) ("hub": the published Qwen3-VL-MoE files); when both fit (D = 2F)
+    it is read as transformers reads it. Written in `layout`."""
+    def fwd(load, keys):
+        w = load(keys[0])
+        if w.shape[1:] == (2 * f, d):
+            w = w.transpose(0, 2, 1)
+        elif w.shape[1:] != (d, 2 * f):
+            raise CheckpointError(f"{keys[0]}: expected (E, {2 * f}, {d}) or (E, {d}, {2 * f}), "
+                             f"found {tuple(w.shape)}")
+        return [np.ascontiguousarray(w[:, :, :f]), np.ascontiguousarray(w[:, :, f:])]
+
+    def back(a):
+        w = np.concatenate([a[0], a[1]], axis=2)
+        return [np.ascontiguousarray(w.transpose(0, 2, 1) if layout == "transformers" else w)]
+    return Transform("expert_gate_up", fwd, back)
+
+
+def expert_down(d: int, f: int, layout: str = "transformers") -> Transform:
+    """Fused experts' down_proj <-> w_down (E, F, D): stored (E, D, F) ("transformers") or
+    (E, F, D) ("hub"), told apart by shape as in expert_gate_up."""
+    def fwd(load, keys):
+        w = load(keys[0])
+        if w.shape[1:] == (d, f):
+            w = w.transpose(0, 2, 1)
+        elif w.shape[1:] != (f, d):
+            raise CheckpointError(f"{keys[0]}: expected (E, {d}, {f}) or (E, {f}, {d}), "
+                             f"found {tuple(w.shape)}")
+        return [np.ascontiguousarray(w)]
+    return Transform("expert_down", fwd, lambda a: [np.ascontiguousarray(
+        a[0].transpose(0, 2, 1) if layout == "transformers" else a[0])])
+
+
+def patch_conv3d(frames: int, patch: int, channels: int) -> Transform:
+    """Conv3d (D, C, T, P, P) <-> kernel (T*P*P*C, D) over patches flattened as (t, py, px, c)."""
+    def fwd(load, keys):
+        w = load(keys[0])
+        return [np.ascontiguousarray(w.transpose(2, 3, 4, 1, 0)).reshape(-1, w.shape[0])]
+    return Transform("patch_conv3d", fwd, lambda a: [np.ascontiguousarray(
+        a[0].reshape(frames, patch, patch, channels, -1).transpose(4, 3, 0, 1, 2))])
 
 
 def patch_conv(patch: int, channels: int) -> Transform:

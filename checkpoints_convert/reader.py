@@ -5,6 +5,9 @@ Layouts: `model.safetensors`; sharded `model-0000x-of-0000y.safetensors` with
 `pytorch_model.bin.index.json` (through torch, memory-mapped, weights only). safetensors files are
 memory-mapped by the safetensors library, so a tensor costs memory only once it is read.
 
+`config` is config.json as an `HFConfig` (checkpoints_convert.hfconfig): a dict whose missing or
+mistyped fields raise CheckpointError naming the field and the file when read.
+
 `aliases` (regex, replacement) rewrite keys into one canonical spelling (the one `save_pretrained` writes), so
 hub checkpoints of older and newer transformers versions map through the same tables.
 """
@@ -17,9 +20,8 @@ import re
 
 import numpy as np
 
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be converted; the message names the file, key and what was expected."""
+# CheckpointError is defined beside HFConfig; import it from here (checkpoints_convert.reader)
+from checkpoints_convert.hfconfig import CheckpointError, HFConfig
 
 
 class CheckpointReader:
@@ -28,7 +30,8 @@ class CheckpointReader:
         self.aliases = aliases
         if not (self.src / "config.json").is_file():
             raise CheckpointError(f"{self.src}: no config.json; expected a HuggingFace model folder")
-        self.config = json.loads((self.src / "config.json").read_text())
+        # a dict; a missing or mistyped field read from it raises CheckpointError naming it
+        self.config = HFConfig.load(self.src / "config.json")
         self._file_of: dict[str, pathlib.Path] = {}   # canonical key -> file
         self._raw_key: dict[str, str] = {}            # canonical key -> key in the file
         self._open: dict[pathlib.Path, object] = {}

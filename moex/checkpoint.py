@@ -31,7 +31,8 @@ from moex.model import init_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
-                   "chat_template.json", "preprocessor_config.json", "processor_config.json")
+                   "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+                   "processor_config.json", "video_preprocessor_config.json")
 
 
 def staging_dir(out: pathlib.Path) -> pathlib.Path:

@@ -119,6 +119,17 @@ class VisionConfig:
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     spatial_merge: int = 1        # m: each m x m block of patch features becomes one image token
                                   # (concatenated, D * m^2 wide: Qwen2/3-VL's patch merger)
+    # Qwen3-VL's tower (moex.nn.vision, "Qwen3-VL"): all three 0 / None / () for ViT / CLIP /
+    # SigLIP towers.
+    temporal_patch: int = 1       # frames per patch; an image is repeated over them (Qwen3-VL: 2)
+    rope_theta: float | None = None   # 2D axial RoPE on (row, column) in attention; None: none
+    pos_grid: int = 0             # G > 0: a learned G x G position grid, resampled bilinearly
+                                  # (corners aligned) to each image's patch grid, so any image
+                                  # whose sides are multiples of patch_size * spatial_merge runs
+                                  # (dynamic resolution); 0: one learned embedding per token
+    deepstack_layers: tuple[int, ...] = ()  # DeepStack: the outputs of these blocks, merged by
+                                  # their own mergers, are added to the outputs of decoder layers
+                                  # 0, 1, ... at the image tokens
     moe: MoEConfig = DENSE
 
     @property
@@ -126,15 +137,47 @@ class VisionConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def dynamic(self) -> bool:
+        """Images of any size (multiples of patch_size * spatial_merge) run, not only
+        image_size x image_size."""
+        return self.pos_grid > 0
+
+    @property
     def num_image_tokens(self) -> int:
-        return (self.num_patches // self.spatial_merge ** 2
-                + (self.class_token and not self.drop_class_token))
+        """Image tokens of an image_size x image_size image."""
+        return self.tokens_for(self.image_size, self.image_size)
+
+    def tokens_for(self, height: int, width: int) -> int:
+        """Image tokens of a (height, width) image (pixels)."""
+        patches = (height // self.patch_size) * (width // self.patch_size)
+        return patches // self.spatial_merge ** 2 + (self.class_token and not self.drop_class_token)
+
+    def check_image_shape(self, shape) -> None:
+        """shape (B, H, W, C) of the tower's input; ValueError naming what was expected."""
+        side = self.patch_size * self.spatial_merge
+        if self.dynamic:
+            ok = (len(shape) == 4 and shape[3] == self.channels and shape[1] >= side
+                  and shape[2] >= side and not shape[1] % side and not shape[2] % side)
+            want = f"(B, H, W, {self.channels}) with H, W multiples of {side}"
+        else:
+            ok = tuple(shape[1:]) == (self.image_size, self.image_size, self.channels)
+            want = f"(B, {self.image_size}, {self.image_size}, {self.channels})"
+        if not ok:
+            raise ValueError(f"expected images of shape {want}, found {tuple(shape)}")
 
     def validate(self) -> None:
         side = self.image_size // self.patch_size
         if self.spatial_merge < 1 or side % self.spatial_merge:
             raise ValueError(f"vision.spatial_merge {self.spatial_merge} must divide the patch "
                              f"grid side {side} ({self.image_size} px / {self.patch_size} px)")
+        bad = [i for i in self.deepstack_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"vision.deepstack_layers must be block indices in [0, "
+                             f"{self.num_layers}), found {list(self.deepstack_layers)}")
+        if self.dynamic and self.class_token:
+            raise ValueError("vision.pos_grid > 0 (dynamic resolution) has no class token")
+        if self.temporal_patch < 1:
+            raise ValueError(f"vision.temporal_patch must be >= 1, found {self.temporal_patch}")
         if self.spatial_merge > 1 and self.class_token and not self.drop_class_token:
             raise ValueError("vision.spatial_merge > 1 merges a square grid of patches: drop "
                              "the class token (drop_class_token=True) or use none")
@@ -175,6 +218,11 @@ class DecoderConfig:
                                                        # over all heads (OLMoE)
     sliding_window: int | None = None  # Mistral: attend to the last W positions only
     rope_interleaved: bool = False     # rotate (x0, x1) pairs (DeepSeek-V2) instead of halves
+    mrope_section: tuple[int, ...] = ()  # multimodal RoPE (Qwen-VL): (t, h, w) frequency counts;
+                                         # frequency i rotates by the t, h or w position of the
+                                         # token (moex.nn.layers.rope_angles); () plain RoPE
+    mrope_interleaved: bool = True     # Qwen3-VL: t, h, w frequencies interleaved; False: in
+                                       # three consecutive sections (Qwen2-VL)
     attention: Literal["gqa", "mla"] = "gqa"  # mla: DeepSeek-V2 multi-head latent attention
     q_lora_rank: int | None = None     # MLA: low-rank query (None: full q projection)
     kv_lora_rank: int = 0              # MLA: latent width cached per token
@@ -194,6 +242,11 @@ class DecoderConfig:
                                            self.qk_nope_head_dim, self.v_head_dim) < 1:
             raise ValueError("attention='mla' needs kv_lora_rank, qk_rope_head_dim, "
                              "qk_nope_head_dim and v_head_dim >= 1")
+        if self.mrope_section and (len(self.mrope_section) != 3 or
+                                   sum(self.mrope_section) != self.dim_per_head // 2):
+            raise ValueError(f"mrope_section must be 3 frequency counts (t, h, w) summing to "
+                             f"head_dim / 2 = {self.dim_per_head // 2}, found "
+                             f"{list(self.mrope_section)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads}) for grouped-query attention")
@@ -269,7 +322,8 @@ def config_from_dict(raw: dict) -> VLMConfig:
         for k, v in d.items():
             if k == "moe":
                 v = build(MoEConfig, upgrade_moe_fields(v))
-            elif k in ("dense_layers", "image_mean", "image_std"):
+            elif k in ("dense_layers", "image_mean", "image_std", "deepstack_layers",
+                       "mrope_section"):
                 v = tuple(v)
             kw[k] = v
         return cls(**kw)

@@ -134,8 +134,11 @@ def check_inputs(cfg, tokens, mask, images, max_new_tokens: int):
         raise ValueError(f"tokens and mask must both be (B, T); found {tokens.shape} and "
                          f"{mask.shape}")
     if cfg.vision is not None:
-        check_placeholders(tokens, cfg.image_token_id, cfg.vision.num_image_tokens,
-                           images is not None)
+        if images is not None:
+            cfg.vision.check_image_shape(np.shape(images))
+        n = (cfg.vision.num_image_tokens if images is None
+             else cfg.vision.tokens_for(*np.shape(images)[1:3]))
+        check_placeholders(tokens, cfg.image_token_id, n, images is not None)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, found {max_new_tokens}")
     return tokens, mask

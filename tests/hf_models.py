@@ -43,7 +43,32 @@ def configs():
         "llava_mixtral": _llava(T, T.MixtralConfig(**COMMON, num_local_experts=4,
                                                    num_experts_per_tok=2)),
         "llava_mistral": _llava(T, T.MistralConfig(**COMMON, sliding_window=8)),
+        # tied embeddings, head_dim != hidden / heads, interleaved MRoPE, DeepStack at 2 blocks
+        "qwen3_vl": T.Qwen3VLConfig(text_config=QWEN3_TEXT, vision_config=QWEN3_VISION,
+                                    tie_word_embeddings=True, **QWEN3_IDS),
+        # 5 experts top-2, a dense layer among MoE layers
+        "qwen3_vl_moe": T.Qwen3VLMoeConfig(
+            text_config=dict(QWEN3_TEXT, num_experts=5, num_experts_per_tok=2,
+                             moe_intermediate_size=14, decoder_sparse_step=1,
+                             mlp_only_layers=[1]),
+            vision_config=QWEN3_VISION, **QWEN3_IDS),
     }
+
+
+# Qwen3-VL: odd widths; a 5 x 5 learned position grid (resampled to every image's patch grid);
+# 4 px patches merged 2 x 2, so images are multiples of 8 px (16 px square by default).
+QWEN3_TEXT = dict(vocab_size=101, hidden_size=40, intermediate_size=52, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                  max_position_embeddings=256, initializer_range=0.2, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [2, 2, 2], "mrope_interleaved": True})
+QWEN3_VISION = dict(depth=3, hidden_size=24, intermediate_size=44, num_heads=2, patch_size=4,
+                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=40,
+                    num_position_embeddings=25, deepstack_visual_indexes=[0, 2],
+                    initializer_range=0.2)
+QWEN3_IDS = dict(image_token_id=97, vision_start_token_id=98, vision_end_token_id=99,
+                 video_token_id=100)
 
 
 def _llava(T, text):
@@ -55,11 +80,14 @@ def _llava(T, text):
 
 
 ARCHS = ("llama", "mistral", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2",
-         "llava", "llava_mixtral", "llava_mistral")
+         "llava", "llava_mixtral", "llava_mistral", "qwen3_vl", "qwen3_vl_moe")
+QWEN3_VL = ("qwen3_vl", "qwen3_vl_moe")
 
 
 def model_class(name):
     import transformers as T
+    if name in QWEN3_VL:
+        return T.AutoModelForImageTextToText
     return T.LlavaForConditionalGeneration if name.startswith("llava") else T.AutoModelForCausalLM
 
 
@@ -69,6 +97,6 @@ def save(name, path: pathlib.Path, **save_kw) -> pathlib.Path:
     torch.manual_seed(0)
     cfg = configs()[name]
     cls = model_class(name)
-    model = cls(cfg) if name.startswith("llava") else cls.from_config(cfg)
+    model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
     model.save_pretrained(path, **save_kw)
     return path

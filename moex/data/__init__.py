@@ -5,6 +5,8 @@
   seedbench   read_seedbench / write_seedbench: SEED-Bench v1 JSON + image folder
   prompts     build_prompt (STYLES), answer_text, rotate (CircularEval)
   images      preprocess: PIL image -> normalised (size, size, 3) float32 ("crop" | "pad")
+  qwen_images Qwen3-VL dynamic resolution: QwenImageSpec, smart_resize, preprocess -> (pixels,
+              grid), hf_pixel_values / images_from_pixel_values (the HF processor's layout)
   batching    encode_batch -> Batch (ids, mask, images), batches, HFTextTokenizer
   synthetic   PIL shape scenes written in both formats, for offline runs and tests
 """

@@ -139,6 +139,9 @@ class Attention(nn.Module):
     qk_norm: str = "none"
     norm_eps: float = 1e-6
     rope_interleaved: bool = False
+    mrope_section: tuple[int, ...] = ()   # rope layout (moex.nn.layers.rope_frequencies)
+    mrope_interleaved: bool = True
+    rope_axial: bool = False              # 2D positions (row, column): Qwen3-VL's vision tower
 
     def _proj(self, name, x, heads, use_bias):
         d = x.shape[-1]
@@ -154,7 +157,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, positions=None, cache=None, cache_index=None,
                  causal_from_zero: bool = False):
-        """x (B, T, D); mask (B, T, S); positions (B, T) for RoPE.
+        """x (B, T, D); mask (B, T, S); positions (B, T) for RoPE, or (B, T, A) per axis.
 
         cache: None or {'k','v'}: (B, S_max, K, Dh); new k/v are written at cache_index.
         Returns (out (B, T, D), new cache or None).
@@ -168,8 +171,10 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             rot = int(dh * self.rotary_pct)
             rot -= rot % 2
-            q = apply_rope(q, positions, self.rope_theta, rot, self.rope_interleaved)
-            k = apply_rope(k, positions, self.rope_theta, rot, self.rope_interleaved)
+            layout = dict(mrope_section=self.mrope_section,
+                          mrope_interleaved=self.mrope_interleaved, axial=self.rope_axial)
+            q = apply_rope(q, positions, self.rope_theta, rot, self.rope_interleaved, **layout)
+            k = apply_rope(k, positions, self.rope_theta, rot, self.rope_interleaved, **layout)
         k, v, cache = write_cache(cache, k, v, cache_index)
         out = attend(q, k, v, mask, dh ** -0.5, causal_from_zero).astype(self.dtype)
         init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)

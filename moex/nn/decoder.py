@@ -64,13 +64,20 @@ def attention_inputs(cfg: DecoderConfig, token_mask, cache=None):
     return valid, positions, mask, index
 
 
-def advance_cache(cache: dict, valid, new_layers) -> dict:
-    """The cache after T new tokens (valid (B, T)) were written by every layer."""
+def advance_cache(cache: dict, valid, new_layers, positions=None) -> dict:
+    """The cache after T new tokens (valid (B, T)) were written by every layer. With explicit
+    positions (B, T, A) (multimodal RoPE), a row's next position is one past the largest of its
+    new tokens' positions (Qwen-VL: text after an image continues from the image's extent);
+    otherwise it advances by the row's valid tokens."""
     index, t = cache["index"], valid.shape[1]
+    if positions is None:
+        pos = cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    else:
+        top = jnp.max(jnp.where(valid[:, :, None], positions, -1), axis=(1, 2)) + 1
+        pos = jnp.where(valid.any(axis=1), top.astype(jnp.int32), cache["pos"])
     return {"index": index + t,
             "valid": jax.lax.dynamic_update_slice(cache["valid"], valid, (0, index)),
-            "pos": cache["pos"] + jnp.sum(valid, axis=1, dtype=jnp.int32),
-            "layers": tuple(new_layers)}
+            "pos": pos, "layers": tuple(new_layers)}
 
 
 class DecoderLayer(nn.Module):
@@ -92,7 +99,8 @@ class DecoderLayer(nn.Module):
         else:
             self.attn = Attention(c.num_heads, c.num_kv_heads, c.dim_per_head, c.rope_theta,
                                   c.rotary_pct, c.qkv_bias, c.out_bias, self.dtype,
-                                  self.param_dtype, c.qk_norm, c.norm_eps, c.rope_interleaved)
+                                  self.param_dtype, c.qk_norm, c.norm_eps, c.rope_interleaved,
+                                  c.mrope_section, c.mrope_interleaved)
         if not c.parallel_block:
             self.ffn_norm = norm()
         self.ffn = make_ffn(c.moe, self.layer, c.ffn_dim, c.activation, c.mlp_bias, self.dtype,
@@ -142,24 +150,30 @@ class Decoder(nn.Module):
         return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
 
     def __call__(self, x, token_mask, cache=None, last_only: bool = False,
-                 fresh_cache: bool = False):
+                 fresh_cache: bool = False, positions=None, inject=()):
         """x (B, T, D) embedded inputs; token_mask (B, T) 1 for real tokens.
 
         fresh_cache (static): the cache is empty (index 0), as in a prefill; attention can then
         skip the key blocks that causality masks anyway.
+        positions: None (each row's valid tokens counted from the cache's position), or
+        explicit per-axis RoPE positions (B, T, A) (multimodal RoPE, moex.nn.vlm).
+        inject: (B, T, D) arrays added to the outputs of layers 0, 1, ... (DeepStack).
 
         Returns (logits (B, T, V) or (B, 1, V) if last_only, new cache or None, aux per layer).
         """
-        valid, positions, mask, index = attention_inputs(self.cfg, token_mask, cache)
+        valid, counted, mask, index = attention_inputs(self.cfg, token_mask, cache)
+        rope = counted if positions is None else positions
         layer_caches = [None] * len(self.layers) if cache is None else cache["layers"]
         aux, new_layers = [], []
         from_zero = cache is None or fresh_cache
-        for layer, lc in zip(self.layers, layer_caches):
-            x, lc, a = layer(x, mask, positions, valid, lc, index, from_zero)
+        for i, (layer, lc) in enumerate(zip(self.layers, layer_caches)):
+            x, lc, a = layer(x, mask, rope, valid, lc, index, from_zero)
+            if i < len(inject):
+                x = x + inject[i].astype(x.dtype)
             new_layers.append(lc)
             aux.append(a)
         logits = self.head(x[:, -1:] if last_only else x)
-        new_cache = None if cache is None else advance_cache(cache, valid, new_layers)
+        new_cache = None if cache is None else advance_cache(cache, valid, new_layers, positions)
         return logits, new_cache, aux
 
     def head(self, x):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from moex.config import Activation
@@ -61,17 +62,63 @@ def make_norm(kind: str, eps: float, dtype, param_dtype, name: str | None = None
     return cls(eps=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
-def apply_rope(x, positions, theta: float, rotary_dim: int, interleaved: bool = False):
+def rope_frequencies(rotary_dim: int, mrope_section: tuple[int, ...] = (),
+                     mrope_interleaved: bool = True, axial: bool = False):
+    """Per rotated pair i < rotary_dim / 2: (which position axis turns it (half,) int32, the
+    exponent e_i of its frequency theta^(-e_i) (half,) float32), as static numpy arrays.
+
+      plain   axis 0, e_i = 2i / rotary_dim                                    (Llama)
+      mrope   the plain exponents; axis t / h / w (0 / 1 / 2) per pair: interleaved (Qwen3-VL)
+              pair i takes h if i % 3 == 1 and i < 3 * section[1], w if i % 3 == 2 and
+              i < 3 * section[2], else t; in sections (Qwen2-VL) the first section[0] pairs
+              take t, the next section[1] h, the rest w
+      axial   2D (Qwen3-VL's vision tower): the first half of the pairs turn with the row, the
+              second half with the column, pair j of each half with e_j = 4j / rotary_dim
+    """
+    half = rotary_dim // 2
+    i = np.arange(half)
+    if axial:
+        q = half // 2
+        return (i >= q).astype(np.int32), (np.float32(2) * (i % q) / np.float32(half)).astype(np.float32)
+    exponent = (i.astype(np.float32) * np.float32(2.0) / np.float32(rotary_dim)).astype(np.float32)
+    axis = np.zeros(half, np.int32)
+    if mrope_section:
+        t, h, w = mrope_section
+        if mrope_interleaved:
+            axis[(i % 3 == 1) & (i < 3 * h)] = 1
+            axis[(i % 3 == 2) & (i < 3 * w)] = 2
+        else:
+            axis[t:t + h], axis[t + h:] = 1, 2
+    return axis, exponent
+
+
+def rope_angles(positions, theta: float, rotary_dim: int, **layout):
+    """positions (B, T) int, or (B, T, A) with one position per axis (mrope: t, h, w; axial:
+    row, column) -> angles (B, T, rotary_dim / 2) float32 (layout: rope_frequencies). (B, T)
+    positions turn every axis alike (text tokens), which for mrope equals plain RoPE."""
+    axis, exponent = rope_frequencies(rotary_dim, **layout)
+    freq = 1.0 / (theta ** jnp.asarray(exponent))
+    p = positions.astype(jnp.float32)
+    if p.ndim == 3:
+        p = jnp.take(p, jnp.asarray(axis), axis=2) if p.shape[2] > 1 else p
+    else:
+        p = p[..., None]
+    return p * freq
+
+
+def apply_rope(x, positions, theta: float, rotary_dim: int, interleaved: bool = False,
+               **layout):
     """Rotary embedding on the first `rotary_dim` of Dh.
 
-    x: (B, T, H, Dh); positions: (B, T) int. Frequency i rotates the pair (x_i, x_{i+half})
-    (HF "rotate_half", Llama layout) or, interleaved, the pair (x_{2i}, x_{2i+1}) (DeepSeek-V2).
+    x: (B, T, H, Dh); positions: (B, T) int or (B, T, A) per-axis positions (rope_angles;
+    layout: mrope_section / mrope_interleaved / axial). Frequency i rotates the pair (x_i,
+    x_{i+half}) (HF "rotate_half", Llama layout) or, interleaved, the pair (x_{2i}, x_{2i+1})
+    (DeepSeek-V2).
     """
     if rotary_dim == 0:
         return x
     half = rotary_dim // 2
-    freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=jnp.float32) * 2.0 / rotary_dim))
-    angle = positions.astype(jnp.float32)[..., None] * freq          # (B, T, half)
+    angle = rope_angles(positions, theta, rotary_dim, **layout)       # (B, T, half)
     cos = jnp.cos(angle)[:, :, None, :]
     sin = jnp.sin(angle)[:, :, None, :]
     xr, xp = x[..., :rotary_dim].astype(jnp.float32), x[..., rotary_dim:]

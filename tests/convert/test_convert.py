@@ -13,7 +13,7 @@ from moex import checkpoint
 from moex.generate import Generator
 from moex.model import build, forward
 from moex.tokenizer import left_pad
-from tests.hf_models import ARCHS, model_class
+from tests.hf_models import ARCHS, QWEN3_VL, model_class
 
 
 def inputs(cfg, seed=0):
@@ -41,7 +41,7 @@ def hf_logits(path, name, ids, mask, extra, dtype=torch.float32):
     return out.logits.float().numpy(), model
 
 
-@pytest.mark.parametrize("name", ARCHS)
+@pytest.mark.parametrize("name", [a for a in ARCHS if a not in QWEN3_VL])   # test_qwen3_vl.py
 def test_fp32_logits_and_greedy_match_transformers(name, hf_model, converted):
     cfg, params, _ = checkpoint.load(converted(name))
     ids, mask, images, extra = inputs(cfg)

@@ -29,7 +29,7 @@ def test_vlm_embeds_projected_image_tokens_at_placeholders():
     n = cfg.vision.num_image_tokens
     ids = np.asarray([tok.encode("ab<image>cd", num_image_tokens=n)], np.int32)
     images = random_images(cfg, 1)
-    image_tokens, _ = model.apply({"params": params}, images, method="encode_images")
+    image_tokens, _, _ = model.apply({"params": params}, images, method="encode_images")
     embedded = model.apply({"params": params}, jnp.asarray(ids),
                            method=lambda m, t: m.decoder.embed(t))
     spliced = splice_image_tokens(embedded, jnp.asarray(ids) == cfg.image_token_id, image_tokens)
@@ -86,7 +86,7 @@ def test_spatial_merge_concatenates_neighbouring_patches():
     import dataclasses
     from moex.nn.vision import merge_patches
     x = jnp.arange(2 * 16 * 3, dtype=jnp.float32).reshape(2, 16, 3)   # a 4 x 4 patch grid
-    y = np.asarray(merge_patches(x, 4, 2))
+    y = np.asarray(merge_patches(x, 4, 4, 2))
     assert y.shape == (2, 4, 12)
     for block, patches in enumerate(([0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13],
                                      [10, 11, 14, 15])):
@@ -96,7 +96,7 @@ def test_spatial_merge_concatenates_neighbouring_patches():
     assert merged.vision.num_image_tokens == cfg.vision.num_image_tokens // 4 == 9
     params = init_params(merged)
     assert params["projector"]["fc1"]["kernel"].shape[0] == 4 * cfg.vision.d_model
-    tokens, _ = build(merged).apply({"params": params}, random_images(merged, 2),
+    tokens, _, _ = build(merged).apply({"params": params}, random_images(merged, 2),
                                     method="encode_images")
     assert tokens.shape == (2, 9, merged.decoder.d_model)
     with pytest.raises(ValueError, match="spatial_merge 4 must divide the patch grid side 6"):
