@@ -595,18 +595,32 @@ def _deepseek_moe():
                      description="DeepSeek-MoE-16B: 64 routed + 2 shared experts, top-6, first layer dense")
 
 
-# Qwen3-VL-30B-A3B's published shapes (config.json of Qwen/Qwen3-VL-30B-A3B-Instruct; see
-# REFERENCES.md). moex runs it as a LLaVA-layout VLM: the vision tower at 768 px in 16 px
-# patches (the 48 x 48 grid of its 2304 position embeddings), 2 x 2 patch merge -> 576 image
-# tokens, the merger MLP as the projector. Not modelled (issue 18): the temporal patch of 2,
-# the DeepStack mergers, interleaved MRoPE -- none of which changes the step's FLOPs or bytes
-# by more than a few percent, which is what this preset is for (moex.perf).
+# Qwen3-VL's published shapes (config.json of Qwen/Qwen3-VL-8B-Instruct and
+# Qwen/Qwen3-VL-30B-A3B-Instruct; REFERENCES.md), the same vision tower in both: 27 blocks of
+# width 1152 over 16 px patches of 2 frames, a 48 x 48 learned position grid (so image_size 768
+# is its native size; any multiple of 32 px runs), 2D RoPE, patch merger 2 x 2 -> 4608 -> the
+# decoder width, DeepStack taps after blocks 8, 16 and 24 into decoder layers 0-2; decoders with
+# per-head q/k norm and interleaved MRoPE (24, 20, 20) at theta 5e6.
 QWEN3_VL_VISION = VisionConfig(image_size=768, patch_size=16, d_model=1152, num_layers=27,
                                num_heads=16, mlp_dim=4304, activation="gelu_tanh",
                                norm_eps=1e-6, class_token=False, pre_norm=False,
-                               post_norm=False, feature_layer=-1, drop_class_token=False,
-                               patch_bias=True, spatial_merge=2,
+                               post_norm=True, feature_layer=-1, drop_class_token=False,
+                               patch_bias=True, spatial_merge=2, temporal_patch=2,
+                               rope_theta=10000.0, pos_grid=48, deepstack_layers=(8, 16, 24),
                                image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+_QWEN3_VL_IDS = dict(image_token_id=151655, pad_token_id=151643, eos_token_id=151645)
+
+
+@preset("qwen3-vl-8b")
+def _qwen3_vl_8b():
+    lm = DecoderConfig(vocab_size=151936, d_model=4096, num_layers=36, num_heads=32,
+                       num_kv_heads=8, head_dim=128, ffn_dim=12288, norm_eps=1e-6,
+                       rope_theta=5e6, qk_norm="head", mrope_section=(24, 20, 20),
+                       max_seq_len=262144)
+    return VLMConfig("qwen3-vl-8b", lm, QWEN3_VL_VISION,
+                     ProjectorConfig(hidden_dim=4608, activation="gelu"),
+                     dtype="bfloat16", param_dtype="bfloat16", **_QWEN3_VL_IDS,
+                     description="Qwen3-VL-8B: dense, 36 layers; DeepStack, interleaved MRoPE")
 
 
 @preset("qwen3-vl-30b-a3b")
@@ -614,9 +628,10 @@ def _qwen3_vl_30b():
     moe = MoEConfig(kind="hard", num_experts=128, top_k=8, expert_dim=768, renormalize=True)
     lm = DecoderConfig(vocab_size=151936, d_model=2048, num_layers=48, num_heads=32,
                        num_kv_heads=4, head_dim=128, ffn_dim=6144, norm_eps=1e-6,
-                       rope_theta=5e6, qk_norm="head", max_seq_len=262144, moe=moe)
+                       rope_theta=5e6, qk_norm="head", mrope_section=(24, 20, 20),
+                       max_seq_len=262144, moe=moe)
     return VLMConfig("qwen3-vl-30b-a3b", lm, QWEN3_VL_VISION,
                      ProjectorConfig(hidden_dim=4608, activation="gelu"),
-                     dtype="bfloat16", param_dtype="bfloat16",
-                     description="Qwen3-VL-30B-A3B shapes: 48 layers, 128 experts top-8 "
-                                 "(performance model; no DeepStack / MRoPE yet)")
+                     dtype="bfloat16", param_dtype="bfloat16", **_QWEN3_VL_IDS,
+                     description="Qwen3-VL-30B-A3B: 48 layers, 128 experts top-8; DeepStack, "
+                                 "interleaved MRoPE")

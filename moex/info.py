@@ -76,7 +76,7 @@ def model_info(cfg: VLMConfig | str) -> ModelInfo:
     for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
         n = math.prod(leaf.shape)
         parts = _path_str(path).split("/")
-        part = parts[0]
+        part = "projector" if parts[0].startswith("deepstack_") else parts[0]   # its mergers
         sums[part] += n
         frac = 1.0
         if "experts" in parts:

@@ -9,7 +9,7 @@ from moex.config import PRESETS, VLMConfig, get_config
 from moex.info import model_info
 
 PUBLISHED = {"mixtral-8x7b": 46.7e9, "qwen1.5-moe-a2.7b": 14.3e9, "deepseek-moe-16b": 16.4e9,
-             "llava-1.5-7b": 7.06e9}
+             "llava-1.5-7b": 7.06e9, "qwen3-vl-8b": 8.77e9, "qwen3-vl-30b-a3b": 31.07e9}
 
 
 @pytest.mark.parametrize("name,total", sorted(PUBLISHED.items()))
@@ -21,6 +21,7 @@ def test_active_params_published_and_matched_across_small_presets():
     assert model_info("mixtral-8x7b").active_params_per_token == pytest.approx(12.9e9, rel=0.02)
     assert model_info("qwen1.5-moe-a2.7b").active_params_per_token == pytest.approx(2.7e9, rel=0.02)
     assert model_info("deepseek-moe-16b").active_params_per_token == pytest.approx(2.8e9, rel=0.03)
+    assert model_info("qwen3-vl-30b-a3b").active_params_per_token == pytest.approx(3.3e9, rel=0.02)
     for family in ("tiny", "small"):
         infos = [model_info(f"{family}-{k}") for k in ("dense", "hard", "soft")]
         base = infos[0]
@@ -82,3 +83,37 @@ def test_info_cli_json(capsys):
     assert out["bytes_bf16"] == 2 * out["total_params"]
     assert out["kv_bytes_per_token_bf16"] == 2 * 32 * 8 * 128 * 2
     assert main(["info", "nope"]) == 2
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-8b", "qwen3-vl-30b-a3b"])
+def test_qwen3_vl_presets_are_what_the_converter_reads_from_the_published_config(name):
+    """The published config.json (REFERENCES.md's shapes, every other field transformers'
+    default) through checkpoints_convert gives the preset's model, up to name and dtype."""
+    import transformers as T
+    from checkpoints_convert.archs import ARCHITECTURES
+    vision = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16,
+                  patch_size=16, temporal_patch_size=2, spatial_merge_size=2,
+                  num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True}
+    text = dict(vocab_size=151936, head_dim=128, rms_norm_eps=1e-6, rope_parameters=rope,
+                max_position_embeddings=262144)
+    if name == "qwen3-vl-8b":
+        hf = T.Qwen3VLConfig(text_config=dict(text, hidden_size=4096, intermediate_size=12288,
+                                              num_hidden_layers=36, num_attention_heads=32,
+                                              num_key_value_heads=8),
+                             vision_config=dict(vision, out_hidden_size=4096))
+        arch = "Qwen3VLForConditionalGeneration"
+    else:
+        hf = T.Qwen3VLMoeConfig(text_config=dict(text, hidden_size=2048, intermediate_size=6144,
+                                                 num_hidden_layers=48, num_attention_heads=32,
+                                                 num_key_value_heads=4, num_experts=128,
+                                                 num_experts_per_tok=8, moe_intermediate_size=768),
+                                vision_config=dict(vision, out_hidden_size=2048))
+        arch = "Qwen3VLMoeForConditionalGeneration"
+    got = ARCHITECTURES[arch].to_moex(dict(hf.to_dict(), architectures=[arch]))
+    want = get_config(name)
+    import dataclasses
+    same_heads = lambda d: dataclasses.replace(d, head_dim=d.dim_per_head)  # None == d / heads
+    assert same_heads(got.decoder) == same_heads(want.decoder) and got.vision == want.vision
+    assert got.projector == want.projector and got.image_token_id == want.image_token_id

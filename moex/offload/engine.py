@@ -221,8 +221,11 @@ class LayerPieces:
 
     @functools.cached_property
     def embed(self):
-        def run(params, tokens, images):
-            return self.model.apply({"params": params}, tokens, images, method=VLM.embed)[0]
+        """(params, tokens, images, token_mask, start) -> (x, multimodal positions or None,
+        DeepStack injections): VLM.inputs."""
+        def run(params, tokens, images, token_mask, start):
+            return self.model.apply({"params": params}, tokens, images, token_mask, start,
+                                    method=VLM.inputs)[:3]
         return jax.jit(run)
 
     @functools.cached_property
@@ -356,12 +359,16 @@ class OffloadEngine:
         b, t = tokens.shape
         moe_layers = self.store.layers
         forecast = None
-        x = self.pieces.embed(self.params, jnp.asarray(tokens),
-                              None if images is None else jnp.asarray(images))
+        # x with image tokens spliced in; with Qwen3-VL images also multimodal RoPE positions
+        # and the DeepStack injections added after layers 0, 1, ... (moex.nn.vlm)
+        x, rope, inject = self.pieces.embed(
+            self.params, jnp.asarray(tokens), None if images is None else jnp.asarray(images),
+            jnp.asarray(token_mask), None if cache is None else cache["pos"])
         # committed to the pool's device like everything computed from the pool, so each piece
         # sees one argument placement (and compiles once)
-        x = jax.device_put(x, self.pool.sharding)
+        x, rope, inject = jax.device_put((x, rope, inject), self.pool.sharding)
         valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
+        counted, positions = positions, (positions if rope is None else rope)
         from_zero = cache is None or fresh_cache
         caches = [None] * d.num_layers if cache is None else cache["layers"]
         new_layers, routed, pregates, hidden = [], {}, {}, {"hidden": {}, "hidden_pre": {}}
@@ -370,6 +377,7 @@ class OffloadEngine:
             if i not in moe_layers:
                 x, lc = self.pieces.dense_layer(i)(pl, x, mask, positions, valid, lc, index,
                                                    from_zero)
+                x = x + inject[i] if i < len(inject) else x
                 new_layers.append(lc)
                 continue
             li = moe_layers.index(i)
@@ -403,12 +411,13 @@ class OffloadEngine:
                           expert_rows(ids[kept]))
             self.stream.append(visit)
             x = self._moe(pl, x, h, routing, self.core.visit(len(self.stream) - 1, visit), i)
+            x = x + inject[i] if i < len(inject) else x
         x = x[:, -1:] if last_only else x
         logits = self.pieces.head(self.params, x)
-        self._record(routed, pregates, tokens, token_mask, positions, int(not from_zero),
+        self._record(routed, pregates, tokens, token_mask, counted, int(not from_zero),
                      np.arange(b) if request_ids is None else np.asarray(request_ids), hidden)
         self._forward += 1
-        return logits, (None if cache is None else advance_cache(cache, valid, new_layers))
+        return logits, (None if cache is None else advance_cache(cache, valid, new_layers, rope))
 
     def _admit(self, tokens, token_mask, x, prefill: bool) -> np.ndarray:
         """A forward's admission, before its first MoE layer: the forecaster's (L_moe, E)
