@@ -31,6 +31,37 @@ def _token_ids(src: pathlib.Path, prompts: list[str], vocab: int, seed: int) -> 
     return [rng.integers(0, vocab, 6 + 3 * i).tolist() for i in range(len(prompts))]
 
 
+def _qwen_image(src: pathlib.Path, cfg, seqs, seed: int):
+    """One seeded 2:3 image through Qwen3-VL's preprocessing (the folder's
+    preprocessor_config.json, else Qwen3-VL's defaults at the tower's native size), spliced after
+    each prompt's first token between <|vision_start|> and <|vision_end|>. Returns (token rows,
+    moex images (B, H', W', 3), transformers' pixel_values and image_grid_thw)."""
+    import torch
+    from PIL import Image
+    from moex.data.qwen_images import QwenImageSpec, hf_pixel_values, preprocess
+    v = cfg.vision
+    if (src / "preprocessor_config.json").is_file():
+        spec = QwenImageSpec.from_checkpoint(src)
+    else:
+        side = v.patch_size * v.spatial_merge
+        spec = QwenImageSpec(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch,
+                             merge_size=v.spatial_merge, min_pixels=side * side,
+                             max_pixels=max(side * side, v.image_size ** 2))
+    rng = np.random.default_rng(seed)
+    h = v.image_size
+    pixels, grid = preprocess(Image.fromarray(rng.integers(0, 256, (h, h * 3 // 2, 3), np.uint8)),
+                              spec)
+    hf_cfg = json.loads((src / "config.json").read_text())
+    start, end = hf_cfg.get("vision_start_token_id"), hf_cfg.get("vision_end_token_id")
+    n = v.tokens_for(*pixels.shape[:2])
+    image = [start] * (start is not None) + [cfg.image_token_id] * n + [end] * (end is not None)
+    seqs = [s[:1] + image + s[1:] for s in seqs]
+    b = len(seqs)
+    extra = {"pixel_values": torch.from_numpy(np.concatenate([hf_pixel_values(pixels, spec)] * b)),
+             "image_grid_thw": torch.tensor([list(grid)] * b)}
+    return seqs, jnp.asarray(np.stack([pixels] * b)), extra
+
+
 def _log_softmax(x):
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
@@ -47,7 +78,10 @@ def compare_hf(src, prompts: list[str] | None = None, seed: int = 0) -> dict:
     prompts = prompts or DEFAULT_PROMPTS
     seqs = _token_ids(src, prompts, min(cfg.decoder.vocab_size, 1000), seed)
     images, extra = None, {}
-    if cfg.vision is not None:
+    if cfg.vision is not None and cfg.vision.dynamic:          # Qwen3-VL
+        seqs, images, extra = _qwen_image(src, cfg, seqs, seed)
+        model_cls = transformers.AutoModelForImageTextToText
+    elif cfg.vision is not None:
         v = cfg.vision
         seqs = [s[:1] + [cfg.image_token_id] * v.num_image_tokens + s[1:] for s in seqs]
         pix = np.random.default_rng(seed).normal(
@@ -59,11 +93,15 @@ def compare_hf(src, prompts: list[str] | None = None, seed: int = 0) -> dict:
     pad = cfg.pad_token_id if 0 <= cfg.pad_token_id < cfg.decoder.vocab_size else 0
     ids, mask = left_pad(seqs, pad)
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    hf = model_cls.from_pretrained(str(src), dtype=torch.float32).eval()
+    if "image_grid_thw" in extra:       # transformers places Qwen's MRoPE positions itself
+        extra["mm_token_type_ids"] = torch.from_numpy((ids == cfg.image_token_id).astype(np.int64))
+    else:
+        extra["position_ids"] = torch.from_numpy(positions.astype(np.int64))
+    kw = {"experts_implementation": "eager"} if cfg.decoder.moe.kind == "hard" else {}
+    hf = model_cls.from_pretrained(str(src), dtype=torch.float32, **kw).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64)),
-                 attention_mask=torch.from_numpy(mask.astype(np.int64)),
-                 position_ids=torch.from_numpy(positions.astype(np.int64)), **extra).logits.numpy()
+                 attention_mask=torch.from_numpy(mask.astype(np.int64)), **extra).logits.numpy()
     ours = np.asarray(forward(build(cfg), params, ids, mask, images)[0])
     diff = np.abs(ours - ref)
     lp, lq = _log_softmax(ref.astype(np.float64)), _log_softmax(ours.astype(np.float64))

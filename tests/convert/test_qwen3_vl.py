@@ -198,3 +198,11 @@ def test_offload_engine_is_bitwise_exact_on_converted_qwen3_vl_moe(converted):
         np.testing.assert_array_equal(got.tokens, want.tokens, err_msg=policy)
         np.testing.assert_array_equal(got.logits, want.logits, err_msg=policy)
         assert eng.core.stats.misses > 0, policy
+
+
+def test_compare_hf_runs_images_through_both(hf_model, capsys):
+    from moex.cli import main
+    assert main(["compare-hf", str(hf_model("qwen3_vl_moe")), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_abs"] <= 1e-4 and report["greedy_agreement"] == 1.0
+    assert len(report["per_position"]) > 12          # the longest prompt + the image tokens
