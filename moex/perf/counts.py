@@ -31,7 +31,7 @@ What is counted is what moex computes (moex.nn), so the counts predict moex's ow
   vision *         the tower (prefill only): patch embedding, attention (all N x N pairs),
                    MLP / hard MoE / Soft MoE (slot logits, dispatch and combine einsums,
                    experts on their P slots per image), norms
-  projector        its MLP on the image tokens
+  projector        its MLP on the image tokens (and Qwen3-VL's DeepStack mergers)
 Activation bytes count each matmul's inputs and outputs once (the roofline's minimum traffic).
 """
 
@@ -303,6 +303,10 @@ def _vision(cfg: VLMConfig, batch: int, backend) -> list[Piece]:
         pr = UniformRouting(max(p.moe.num_experts, 1), p.moe.top_k)
         out += _ffn(p.moe, proj, "projector", 0, m,
                     d * v.spatial_merge ** 2, pb, ab, pr, backend, False, batch)
+    for j in range(len(v.deepstack_layers)):   # Qwen3-VL's DeepStack mergers: projector MLPs
+        mlp = {("ffn",) + k[1:]: s for k, s in shapes_all[(f"deepstack_{j}", -1)].items()
+               if k[0] == "mlp"}
+        out.append(_dense("projector deepstack", "projector", -1, mlp, "ffn", m, pb, ab))
     return out
 
 
