@@ -68,15 +68,19 @@ class HFTextTokenizer:
 
     `encode` splits the text on "<image>", encodes each part without special tokens, puts
     `num_image_tokens` x `image_token_id` between parts and prepends `bos_id` (if any).
+    `image_wrap` = (start id, end id) encloses each run of placeholders (Qwen2/3-VL's
+    <|vision_start|> ... <|vision_end|>); None: bare placeholders (LLaVA).
     """
 
     def __init__(self, tokenizer, image_token_id: int, bos_id: int | None = None,
-                 pad_id: int = 0, eos_id: int | None = None):
+                 pad_id: int = 0, eos_id: int | None = None,
+                 image_wrap: tuple[int, int] | None = None):
         from tokenizers import Tokenizer   # imported here: byte-level users never need it
         self.tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else \
             Tokenizer.from_file(str(tokenizer))
         self.image_id = image_token_id
         self.bos_id, self.pad_id, self.eos_id = bos_id, pad_id, eos_id
+        self.image_wrap = image_wrap
 
     @property
     def num_tokens(self) -> int:
@@ -88,15 +92,19 @@ class HFTextTokenizer:
             raise ValueError(f"text contains {IMAGE_TAG} but num_image_tokens={num_image_tokens}; "
                              "pass the vision tower's number of image tokens")
         ids = [self.bos_id] if bos and self.bos_id is not None else []
+        image = [self.image_id] * num_image_tokens
+        if self.image_wrap:
+            image = [self.image_wrap[0], *image, self.image_wrap[1]]
         for i, part in enumerate(parts):
             if i:
-                ids.extend([self.image_id] * num_image_tokens)
+                ids.extend(image)
             if part:
                 ids.extend(self.tokenizer.encode(part, add_special_tokens=False).ids)
         return ids
 
     def decode(self, ids) -> str:
-        """Text of `ids`, stopping at eos; image placeholders become "<image>"."""
+        """Text of `ids`, stopping at eos; image placeholders become "<image>" (the wrap
+        markers, special tokens, are skipped as the tokenizer skips them)."""
         out, run = [], []
         for t in map(int, ids):
             if t == self.eos_id:

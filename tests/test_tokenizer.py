@@ -73,3 +73,25 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused():
     cfg = get_config("mini-dense")
     with pytest.raises(ValueError, match="holds 80 ids but the tokenizer"):
         check_fits(cfg, ByteTokenizer())
+
+
+def test_qwen_vision_markers_enclose_each_image(tmp_path):
+    """A VLM whose tokenizer.json has <|vision_start|> / <|vision_end|> (Qwen3-VL) gets them
+    around every image's placeholders, as Qwen's processor writes them; without them (the
+    word tokenizer, LLaVA) the placeholders stand alone."""
+    from moex.config import get_config
+    from moex.data.vocab import synthetic_tokenizer, tokenizer_for, write_tokenizer
+    from moex.tokenizer import IMAGE_ID
+    cfg = get_config("mini-dense")
+    words = synthetic_tokenizer()
+    plain = tokenizer_for(cfg, write_tokenizer(words, tmp_path).parent)
+    assert plain.image_wrap is None
+    qwen = words.from_str(words.to_str())             # a copy, with Qwen's two markers added
+    qwen.add_special_tokens(["<|vision_start|>", "<|vision_end|>"])
+    (tmp_path / "qwen").mkdir()
+    tok = tokenizer_for(cfg, write_tokenizer(qwen, tmp_path / "qwen").parent)
+    start, end = tok.image_wrap
+    ids = tok.encode("<image>What color", bos=False, num_image_tokens=2)
+    text = plain.encode("What color", bos=False)
+    assert ids == [start, IMAGE_ID, IMAGE_ID, end] + text
+    assert tok.decode(ids) == plain.decode([IMAGE_ID, IMAGE_ID] + text)   # markers are special

@@ -1,6 +1,6 @@
 """The `moex` command. Every command lives in this package, one module per group:
 
-    model.py        moex info | presets | generate | upcycle | convert | compare-hf
+    model.py        moex info | presets | generate | upcycle | convert | compare-hf | make-tiny-hf
     lm.py           moex lm train | trace;  moex predictor train | eval | study
     vlm.py          moex vlm data | train | trace
     experiments.py  moex efficiency | compare | gpu-check;  moex bench offload | offload-hf | forward | convert
@@ -26,6 +26,7 @@ USAGE = """commands:
   moex upcycle SRC OUT --to hard|soft     sparse upcycling of a dense moex checkpoint
   moex convert SRC OUT [--to-hf]          HF checkpoint <-> moex checkpoint (checkpoints_convert)
   moex compare-hf SRC [--prompts F]       a converted HF checkpoint against transformers
+  moex make-tiny-hf qwen3-vl|qwen3-vl-moe OUT   a tiny random transformers Qwen3-VL (demos)
   moex lm train|trace ...                 byte-level LM on the stdlib corpus; routing traces
   moex predictor train|eval|study ...     the routing-path predictor (moex.predict)
   moex vlm data OUT | train PRESET | trace MODEL   synthetic data; train a VLM; its traces

@@ -76,10 +76,14 @@ def _bench_parsers(sub) -> None:
                   "low-precision copy when that stalls less; +upgrade: the stored copy "
                   "follows in the background), host (compute it on the host CPU), joined by "
                   "'+', e.g. low+upgrade+host",
-        "domain": "prompts: random tokens, held-out stdlib code / prose bytes, or synthetic "
-                  "MMBench questions with their images (vlm: a trained VLM --checkpoint, e.g. "
-                  "runs/vlm/mini-hard/model)",
-        "data": "synthetic benchmark root (--domain vlm)"})
+        "domain": "prompts: random tokens, held-out stdlib code / prose (in the model's "
+                  "tokenizer), or vlm: synthetic MMBench questions with their images (a VLM "
+                  "--checkpoint, trained or converted); auto: vlm for a VLM checkpoint, else "
+                  "random",
+        "data": "synthetic benchmark root (--domain vlm)",
+        "style": "--domain vlm: prompt style, compact, mmbench or seed",
+        "template": "--domain vlm: chat template, e.g. "
+                    "'<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n'"})
     p.set_defaults(fn=lambda a: (offload_grid.bench(from_args(OffloadBenchConfig, a)), 0)[1])
 
     p = bench.add_parser("offload-hf", help="the offload grid on a converted random "
@@ -93,8 +97,17 @@ def _bench_parsers(sub) -> None:
     p.set_defaults(fn=lambda a: moe_forward.main(from_args(moe_forward.ForwardConfig, a)))
 
     p = bench.add_parser("convert", help="conversion cost: checkpoints_convert vs "
-                         "transformers.from_pretrained")
-    add_fields(p, convert_cost.ConvertCostConfig)
+                         "transformers.from_pretrained (experiments/bench_convert.py)")
+    add_fields(p, convert_cost.ConvertCostConfig, help={
+        "arch": "the random checkpoint's architecture (mixtral: MixtralForCausalLM; "
+                "qwen3-vl-moe: Qwen3VLMoeForConditionalGeneration, head_dim 128, vision tower)",
+        "hidden": "text hidden size (qwen3-vl-moe: also the vision out_hidden_size)",
+        "experts": "experts per MoE layer", "ffn": "expert FFN width",
+        "vocab": "vocabulary (0: the architecture's, 32000 / 151936)",
+        "vision_depth": "qwen3-vl-moe: vision blocks (DeepStack at k * depth * 8 // 27)",
+        "vision_width": "qwen3-vl-moe: vision hidden size (MLP 4304 / 1152 of it)",
+        "vision_heads": "qwen3-vl-moe: vision attention heads",
+        "shard": "save_pretrained max_shard_size"})
     p.set_defaults(fn=lambda a: convert_cost.main(from_args(convert_cost.ConvertCostConfig, a)))
 
     p = bench.add_parser("quant", help="quality of quantized experts (int8 / int4 / mixed) "

@@ -1,4 +1,5 @@
-"""`moex info | presets | generate | upcycle | compare-hf`: one model at a time."""
+"""`moex info | presets | generate | upcycle | convert | compare-hf | make-tiny-hf`: one model at
+a time."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from moex import checkpoint
 from moex.cli.args import add_fields, from_args
 from moex.config import PRESETS, get_config
 from moex.data.images import preprocess
+from moex.experiments import tiny_hf
+from moex.experiments.tiny_hf import TinyHFConfig
 from moex.generate import Sampling, generator_for
 from moex.info import format_info, model_info
 from moex.offload.engine import OffloadEngine
@@ -114,6 +117,16 @@ def _convert_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=compare_hf)
+
+    p = sub.add_parser("make-tiny-hf", help="a tiny random transformers Qwen3-VL (dense) or "
+                       "Qwen3-VL-MoE folder in the synthetic benchmark's vocabulary (demos)")
+    add_fields(p, TinyHFConfig, positional=("arch", "out"), help={
+        "arch": "qwen3-vl (dense) or qwen3-vl-moe; the same seed gives a pair with equal "
+                "vision towers and matched active FFN width",
+        "out": "output folder (must not exist; written atomically)",
+        "seed": "torch.manual_seed of the random weights",
+        "size": "demo (the study in minutes on 2 cores) or test (smaller)"})
+    p.set_defaults(fn=make_tiny_hf)
 
 
 def info(args) -> int:
@@ -224,6 +237,13 @@ def convert(args) -> int:
         raise ValueError(str(e)) from e
     print(f"wrote {out}")
     return 0
+
+
+def make_tiny_hf(args) -> int:
+    try:
+        return tiny_hf.main(from_args(TinyHFConfig, args))
+    except FileExistsError as e:
+        raise ValueError(str(e)) from e
 
 
 def compare_hf(args) -> int:

@@ -20,6 +20,7 @@ from moex.tokenizer import (BOS_ID, ByteTokenizer, HFTextTokenizer, word_tokeniz
 from moex.data.synthetic import corpus
 
 TOKENIZER_FILE = "tokenizer.json"
+VISION_WRAP = ("<|vision_start|>", "<|vision_end|>")   # Qwen2/3-VL's markers around an image
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,8 +40,10 @@ def write_tokenizer(tokenizer, folder) -> pathlib.Path:
 
 def tokenizer_for(cfg, checkpoint_dir=None, path=None):
     """The tokenizer of model `cfg`: `path`, else checkpoint_dir/tokenizer.json, else the one
-    `cfg.tokenizer` names. A tokenizer.json gets the config's image / pad / eos ids, and BOS
-    "<s>" where its vocabulary has one (Llama, Mistral, the word tokenizers)."""
+    `cfg.tokenizer` names. A tokenizer.json gets the config's image / pad / eos ids, BOS "<s>"
+    where its vocabulary has one (Llama, Mistral, the word tokenizers), and for a VLM whose
+    vocabulary has <|vision_start|> and <|vision_end|> (Qwen3-VL) those around every image, as
+    its processor writes them."""
     if path is None and checkpoint_dir is not None:
         found = pathlib.Path(checkpoint_dir) / TOKENIZER_FILE
         path = found if found.is_file() else None
@@ -48,6 +51,9 @@ def tokenizer_for(cfg, checkpoint_dir=None, path=None):
         tok = HFTextTokenizer(path, cfg.image_token_id, pad_id=cfg.pad_token_id,
                               eos_id=cfg.eos_token_id)
         tok.bos_id = tok.tokenizer.token_to_id("<s>")
+        wrap = tuple(tok.tokenizer.token_to_id(t) for t in VISION_WRAP)
+        if cfg.vision is not None and None not in wrap:
+            tok.image_wrap = wrap
     elif cfg.tokenizer == "synthetic-words":
         tok = word_tokenizer_of(synthetic_tokenizer())
         assert tok.bos_id == BOS_ID

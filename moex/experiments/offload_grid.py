@@ -3,14 +3,19 @@
     moex bench offload                                  # small-hard, budgets 100/50/25/12.5 %
     moex bench offload --preset tiny-hard --batch 1 --budgets 0.5 --repeats 2 --out /tmp/x
     moex bench offload --checkpoint ckpt/mixtral-tiny   # a converted checkpoint (moex format)
+    moex bench offload --checkpoint ckpt/qwen3-vl-moe   # a VLM checkpoint: benchmark questions
+                                                        # with images in its tokenizer
     moex bench offload --expert-dtype native int8 int4 --misses load low+upgrade host
                                                         # quantized stores, low-precision and
                                                         # host-computed misses
 
-Per batch size B: B prompts of random tokens (lengths drawn in [T/2, T], left-padded), greedy
-generation of N new tokens through the live engine (`moex.offload.engine`). First the
-all-resident engine runs -- the baseline, measured in the same run -- after one warm-up
-generate (the engines of a config share their compiled pieces, so no other point compiles).
+Per batch size B: B prompts (`--domain`: random tokens of lengths drawn in [T/2, T],
+left-padded; held-out stdlib code / prose, in the model's tokenizer; or vlm, synthetic MMBench
+dev questions with their images -- auto, the default, is vlm for a VLM checkpoint and random
+tokens otherwise), greedy generation of N new tokens through the live engine
+(`moex.offload.engine`). First the all-resident engine runs -- the baseline, measured in the
+same run -- after one warm-up generate (the engines of a config share their compiled pieces,
+so no other point compiles).
 Its trace gives the oracle forecast and Belady's hit rate at each budget; an all-resident run on
 other prompts gives the frequency prior. Every (budget, policy) point then runs `repeats`
 generates, each from a cold pool; decode tokens/s = B x steps / decode time (median, min, max).
@@ -53,7 +58,7 @@ from moex.offload.store import ExpertStore
 from moex.predict.corpus import samples
 from moex.predict.forecast import make_forecaster, make_lookahead
 from moex.predict.vlm import vlm_prompts
-from moex.tokenizer import left_pad
+from moex.tokenizer import IMAGE_TAG, ByteTokenizer, left_pad
 
 DEFAULT_POLICIES = ("all-resident", "on-demand", "lru", "lfu", "pregated", "predictive:prior",
                     "predictive:oracle")
@@ -73,9 +78,12 @@ class OffloadBenchConfig:
     expert_dtype: tuple[str, ...] = ("native",)    # the store's copy: native, int8, int4[:G]
     misses: tuple[str, ...] = ("load",)            # load | low[:FMT][+upgrade] | host[+fill]
     slots: tuple[str, ...] = ("dequantized",)      # quantized: slots keep int8 / int4 copies
-    domain: str = "random"                 # prompts: random tokens, stdlib code / prose, or
-                                           # vlm (synthetic MMBench dev questions with images)
+    domain: str = "auto"                   # prompts: random tokens, stdlib code / prose, vlm
+                                           # (synthetic MMBench dev questions with images), or
+                                           # auto: vlm for a VLM checkpoint, else random
     data: str = "runs/data/synthetic"      # synthetic benchmark root (domain vlm)
+    style: str = "compact"                 # domain vlm: prompt style (moex.data.prompts.STYLES)
+    template: str = "{prompt}"             # domain vlm: chat template around the prompt
     out: str = "results/offload"
 
 
@@ -83,28 +91,61 @@ def model_of(grid: OffloadBenchConfig) -> LoadedModel:
     return load_model(grid.checkpoint or grid.preset, grid.seed)
 
 
+def domain_of(grid: OffloadBenchConfig, model: LoadedModel) -> str:
+    """The prompts' domain: grid.domain, where "auto" means the checkpoint's own task -- a
+    checkpoint with a vision tower (trained or converted VLM) answers benchmark questions with
+    images in its own tokenizer (vlm); a text checkpoint or a preset's random weights get
+    random tokens."""
+    if grid.domain != "auto":
+        return grid.domain
+    return "vlm" if grid.checkpoint and model.cfg.vision is not None else "random"
+
+
 def prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str = "random",
-            data: str = "runs/data/synthetic"):
+            data: str = "runs/data/synthetic", style: str = "compact",
+            template: str = "{prompt}"):
     """(ids, mask, images or None) of B prompts: random tokens of lengths in [T/2, T]
-    (left-padded), held-out windows of T bytes of the stdlib corpus (`domain` code / prose), or
-    (vlm) the compact prompts of B synthetic MMBench dev questions from `seed` on, with their
-    images, in the model's tokenizer (T is then their own length)."""
+    (left-padded; never the image placeholder), held-out windows of the stdlib corpus
+    (`domain` code / prose: T bytes, or for a model with a tokenizer.json the first T tokens
+    of such a window in it), or (vlm) the prompts (`style`, `template`) of B synthetic MMBench
+    dev questions from `seed` on, with their images, in the model's tokenizer (T is then their
+    own length)."""
     cfg = model.cfg
     if domain == "vlm":
         if cfg.vision is None:
             raise ValueError(f"domain vlm needs a VLM; {cfg.name} has no vision tower")
         questions = read_mmbench(write_synthetic(data, SyntheticSpec())["mmbench/dev"])
         start = seed % max(1, len(questions) - batch)
-        ids, mask, images = vlm_prompts(cfg, model.tokenizer, questions[start:start + batch])
+        ids, mask, images = vlm_prompts(cfg, model.tokenizer, questions[start:start + batch],
+                                        style, template=template)
         return ids, mask, jnp.asarray(images)
+    if domain not in ("random", "code", "prose"):
+        raise ValueError(f"unknown prompt domain {domain!r}; expected auto, random, code, prose "
+                         "or vlm")
     if domain != "random":
-        ids = samples(domain, "heldout", batch, length, seed)
-        return ids, np.ones_like(ids), None
+        return corpus_prompts(model, batch, length, seed, domain)
     rng = np.random.default_rng(seed)
     high = min(cfg.decoder.vocab_size, 256)
-    rows = [rng.integers(0, high, rng.integers(max(1, length // 2), length + 1)).tolist()
+    rows = [rng.integers(0, high, rng.integers(max(1, length // 2), length + 1))
             for _ in range(batch)]
-    return (*left_pad(rows, cfg.pad_token_id), None)
+    if cfg.vision is not None and cfg.image_token_id < high:   # a placeholder needs an image
+        for r in rows:
+            r[r == cfg.image_token_id] = (cfg.image_token_id + 1) % high
+    return (*left_pad([r.tolist() for r in rows], cfg.pad_token_id), None)
+
+
+def corpus_prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str):
+    """(ids, mask, None): B held-out stdlib windows of T bytes -- the ids themselves for a
+    byte-level model, else each window's text in the model's tokenizer, cut to T tokens and
+    left-padded (a tokenizer that does not know the corpus's words, e.g. the synthetic
+    benchmark's, reads mostly <unk>)."""
+    windows = samples(domain, "heldout", batch, length, seed)
+    if isinstance(model.tokenizer, ByteTokenizer):
+        return windows, np.ones_like(windows), None
+    tok = model.tokenizer
+    rows = [tok.encode(bytes(w.astype(np.uint8)).decode("utf-8", "replace")
+                       .replace(IMAGE_TAG, ""))[:length] for w in windows]
+    return (*left_pad(rows, tok.pad_id), None)
 
 
 def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tokens: int,
@@ -149,6 +190,7 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
     model = model or model_of(grid)
     cfg = model.cfg
     store = store or ExpertStore.from_params(cfg, model.params)
+    domain = domain_of(grid, model)
     dense_bytes = tree_bytes(store.dense_params)
     budgets = [(b, parse_budget(b, store.total_bytes)) for b in grid.budgets]
     specs = [parse_policy(p) for p in grid.policies]
@@ -159,16 +201,16 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
                desc="offload")
     rows, skipped = [], []
     for batch in grid.batch_sizes:
-        ids, mask, images = prompts(model, batch, grid.prompt_len, grid.seed + batch, grid.domain,
-                                    grid.data)
+        ids, mask, images = prompts(model, batch, grid.prompt_len, grid.seed + batch, domain,
+                                    grid.data, grid.style, grid.template)
         bar.set_postfix_str(f"B={batch} all-resident baseline")
         base, ref = run_point(cfg, store, "all-resident", None, store.total_bytes, ids, mask,
                               images, grid, True)
         warm = {(ref.pool.num_slots, "native", False)}
         trace = ref.trace()
         calibration = reference_run(cfg, store, *prompts(model, batch, grid.prompt_len,
-                                                         grid.seed + 1000 + batch, grid.domain,
-                                                         grid.data),
+                                                         grid.seed + 1000 + batch, domain,
+                                                         grid.data, grid.style, grid.template),
                                     new_tokens=grid.new_tokens).trace()
         forecasters = {spec: make_forecaster(spec, trace, calibration) for spec in specs}
         heads = {spec: make_lookahead(spec) for spec in specs}
@@ -187,8 +229,8 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
             except ValueError as e:                 # a budget below the policy's minimum
                 skipped.append(f"{name}: {e}")
             else:
-                rows.append(point_row(cfg, var, dense_bytes, eng, timing, base, trace, spec,
-                                      label, budget, ids, grid))
+                rows.append({**point_row(cfg, var, dense_bytes, eng, timing, base, trace,
+                                         spec, label, budget, ids, grid), "domain": domain})
             bar.update()
     bar.close()
     return rows, skipped
@@ -294,6 +336,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def prompts_md(row: dict, grid: OffloadBenchConfig) -> str:
+    """What the prompts were, for the report."""
+    if row["domain"] == "vlm":
+        return (f"Prompts: synthetic MMBench dev questions with their images ({grid.style} "
+                f"style, in the model's tokenizer)")
+    what = "random tokens" if row["domain"] == "random" else f"held-out stdlib {row['domain']}"
+    return f"Prompts: {what}, up to {grid.prompt_len} tokens"
+
+
 def bench(grid: OffloadBenchConfig) -> pathlib.Path:
     """Run the grid, write results.csv, results.json and report.md under grid.out, print the
     table; returns the output folder."""
@@ -317,8 +368,8 @@ def bench(grid: OffloadBenchConfig) -> pathlib.Path:
         table += "\n\nNot run (budget below the policy's minimum):\n" + \
             "\n".join(f"- {s}" for s in skipped)
     out = write_outputs(grid.out, rows, dataclasses.asdict(grid),
-                        f"# Expert offload: {rows[0]['model']}\n\nPrompts up to "
-                        f"{grid.prompt_len} tokens, {grid.new_tokens} new tokens, greedy; medians of "
+                        f"# Expert offload: {rows[0]['model']}\n\n{prompts_md(rows[0], grid)}, "
+                        f"{grid.new_tokens} new tokens, greedy; medians of "
                         f"{grid.repeats} cold-pool runs; ratios against all-resident measured in "
                         f"the same run; memory kind {rows[0]['memory_kind']}.\n\n{table}")
     print(table)

@@ -77,6 +77,19 @@ def test_generate_with_offload_gives_the_same_tokens(capsys):
     assert "holds no expert" in capsys.readouterr().err
 
 
+def test_random_prompts_of_a_vlm_never_hold_the_image_placeholder():
+    """A word-level VLM's image id (4) lies among the random tokens' ids: prompts without images
+    must not hold it (the model would refuse a row with 1 of its 36 placeholders)."""
+    from moex.checkpoint import LoadedModel
+    from moex.config import get_config
+    from moex.experiments.offload_grid import OffloadBenchConfig, domain_of, prompts
+    model = LoadedModel(get_config("mini-hard"), None, None, "shapes only")
+    ids, mask, images = prompts(model, 8, 64, seed=0)
+    assert images is None and ids.max() >= 4 and not (ids == 4).any()
+    assert domain_of(OffloadBenchConfig(preset="mini-hard"), model) == "random"   # a preset
+    assert domain_of(OffloadBenchConfig(checkpoint="ckpt"), model) == "vlm"       # its task
+
+
 @pytest.fixture(scope="module")
 def vlm_checkpoint(tmp_path_factory):
     """A mini-hard VLM checkpoint (random weights) with its task tokenizer, and the synthetic
