@@ -14,9 +14,6 @@ from moex.checkpoint import load_model
 from moex.cli import main
 from moex.data import SyntheticSpec, read_mmbench, write_synthetic
 from moex.experiments.offload_grid import OffloadBenchConfig, domain_of
-from moex.offload.engine import OffloadEngine
-from moex.offload.spec import parse_budget
-from moex.offload.store import ExpertStore
 from moex.predict.vlm import vlm_prompts
 from moex.tokenizer import UNK_ID
 
@@ -48,7 +45,5 @@ def test_tiny_pair_converts_and_answers_with_images(tmp_path):
     ids, mask, images = vlm_prompts(cfg, tok, read_mmbench(data["mmbench/dev"]))
     assert not (ids == UNK_ID).any()
     assert ((ids == 4).sum(1) == cfg.vision.num_image_tokens).all()
-    store = ExpertStore.from_params(cfg, m.params)
-    eng = OffloadEngine(cfg, None, "lru", parse_budget("50%", store.total_bytes), store=store)
-    out = eng.generate(ids, mask, images, max_new_tokens=2, stop_tokens=())
-    assert out.tokens.shape == (2, 2) and eng.core.stats.misses > 0
+    assert images.shape[1:3] == (cfg.vision.image_size,) * 2   # the engine's run on a converted
+    # Qwen3-VL-MoE with images: tests/convert/test_qwen3_vl.py

@@ -207,12 +207,28 @@ def test_stream_from_recorded_trace(tmp_path):
 @settings(max_examples=150, deadline=None)
 @given(stream=streams(max_need=5), slots=st.integers(2, 9), seed=st.integers(0, 10**6))
 def test_relaxed_belady_bounds_every_policy_at_any_budget(stream, slots, seed):
-    """With rounds (visits larger than the budget) too: no policy loads less than the bound."""
+    """No policy that serves each visit whole loads less than the bound. One that runs visits
+    in rounds chooses the order within a visit, and each extra round can save at most one load
+    against the bound (test_rounds_can_beat_the_relaxed_bound shows one)."""
     hinted = with_hints(stream, seed)
     bound = belady_bound(hinted, slots)
     assert bound.hits + bound.misses == sum(len(v[1]) for v in stream)
     for name in ("on-demand", "lru", "lfu", "pregated", "predictive", "belady"):
-        assert bound.misses <= run(name, hinted, slots).loads, name
+        r = run(name, hinted, slots)
+        assert bound.misses <= r.loads + r.extra_rounds, name
+        if not r.extra_rounds:
+            assert bound.misses <= r.loads, name
+
+
+def test_rounds_can_beat_the_relaxed_bound():
+    """2 slots, LRU's one per layer, so every visit of several experts runs in rounds: LRU
+    serves the resident expert first and loads the others after it, and the last one loaded
+    stays for the next visit -- 14 loads against the relaxed bound's 15 (found by hypothesis)."""
+    stream = [(0, frozenset({0})), (2, frozenset({0, 1, 2, 5})), (0, frozenset({2})),
+              (2, frozenset({0, 1, 5})), (0, frozenset({0, 1, 2})), (2, frozenset({0, 1, 2, 5})),
+              (0, frozenset({0, 1})), (2, frozenset({5}))]
+    lru = run("lru", with_hints(stream, 0), 2)
+    assert (lru.loads, lru.extra_rounds, belady_bound(stream, 2).misses) == (14, 11, 15)
 
 
 def test_relaxed_belady_by_hand():
