@@ -17,6 +17,7 @@ from moex import checkpoint
 from moex.cli.args import add_fields, from_args
 from moex.config import PRESETS, get_config
 from moex.data.images import preprocess
+from moex.data.qwen_images import preprocess as qwen_preprocess, spec_for
 from moex.experiments import tiny_hf
 from moex.experiments.tiny_hf import TinyHFConfig
 from moex.generate import Sampling, generator_for
@@ -52,8 +53,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--image", action="append", default=[], metavar="FILE",
                    help="an image file for the next prompt with '<image>' (a VLM); repeat in "
                         "prompt order. Without it a preset gets random images")
-    p.add_argument("--image-mode", default="crop", choices=["crop", "pad"],
-                   help="resize then centre-crop (CLIP), or pad to square first (LLaVA-1.5)")
+    p.add_argument("--image-mode", default=None, choices=["crop", "pad", "native"],
+                   help="resize then centre-crop (CLIP), pad to square first (LLaVA-1.5), or "
+                        "native: the model's own dynamic resolution (Qwen3-VL's processor, "
+                        "its pixel budget; the default for such towers, crop otherwise)")
     p.add_argument("--tokenizer", metavar="FILE",
                    help="a tokenizer.json to use instead of the model's")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -141,9 +144,12 @@ def presets(args) -> int:
     return 0
 
 
-def prompt_images(cfg, prompts: list[str], files: list[str], mode: str, seed: int):
+def prompt_images(cfg, prompts: list[str], files: list[str], mode: str | None, seed: int,
+                  folder=None):
     """(B, H, W, C) images for the prompts with '<image>' (zeros for the others), from `files`
-    in prompt order, or random for a preset run without files; None for a text-only batch."""
+    in prompt order, or random for a preset run without files; None for a text-only batch.
+    mode native (a dynamic-resolution tower): each file through the model's processor
+    (`folder`'s preprocessor_config.json, else Qwen3-VL's), all of one batch at one size."""
     wants = [IMAGE_TAG in p for p in prompts]
     if not any(wants):
         if files:
@@ -159,6 +165,9 @@ def prompt_images(cfg, prompts: list[str], files: list[str], mode: str, seed: in
     if len(files) != sum(wants):
         raise ValueError(f"{sum(wants)} prompts hold {IMAGE_TAG} but {len(files)} --image "
                          "files were given; give one per such prompt, in order")
+    mode = mode or ("native" if v.dynamic else "crop")
+    if mode == "native":
+        return native_images(cfg, wants, files, folder)
     images, it = np.zeros(shape, np.float32), iter(files)
     for i, w in enumerate(wants):
         if w:
@@ -171,13 +180,41 @@ def prompt_images(cfg, prompts: list[str], files: list[str], mode: str, seed: in
     return images
 
 
+def native_images(cfg, wants: list[bool], files: list[str], folder=None) -> np.ndarray:
+    """(B, H', W', C): each file at the size the model's own processor gives it (moex.data.
+    qwen_images), zeros for prompts without an image; one size per batch (the tower runs the
+    batch's images together)."""
+    if not cfg.vision.dynamic:
+        raise ValueError(f"--image-mode native needs a dynamic-resolution tower (Qwen3-VL); "
+                         f"{cfg.name}'s takes {cfg.vision.image_size} px squares: use crop or pad")
+    spec = spec_for(cfg.vision, folder)
+    pixels = {}
+    for path in files:
+        try:
+            pixels[path] = qwen_preprocess(Image.open(path), spec)[0]
+        except OSError as e:
+            raise ValueError(f"--image {path}: not a readable image ({e})") from e
+    sizes = {p: a.shape[:2] for p, a in pixels.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"the images of one batch must share a size after preprocessing, "
+                         f"found {sizes}; generate them in separate calls, or use --image-mode "
+                         f"crop / pad ({cfg.vision.image_size} px squares)")
+    images, it = np.zeros((len(wants),) + next(iter(pixels.values())).shape, np.float32), iter(files)
+    for i, w in enumerate(wants):
+        if w:
+            images[i] = pixels[next(it)]
+    return images
+
+
 def generate(args) -> int:
     loaded = checkpoint.load_model(args.model, args.seed, args.tokenizer)
     cfg, tok = loaded.cfg, loaded.tokenizer
-    n_img = cfg.vision.num_image_tokens if cfg.vision else 0
+    images = prompt_images(cfg, args.prompt, args.image, args.image_mode, args.seed,
+                           loaded.checkpoint)
+    n_img = 0 if cfg.vision is None else (cfg.vision.num_image_tokens if images is None else
+                                          cfg.vision.tokens_for(*images.shape[1:3]))
     seqs = [tok.encode(p, num_image_tokens=n_img) for p in args.prompt]
     ids, mask = left_pad(seqs, tok.pad_id)
-    images = prompt_images(cfg, args.prompt, args.image, args.image_mode, args.seed)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     engine = None
     if args.offload:

@@ -264,6 +264,17 @@ def preprocess(image, spec: QwenImageSpec = QwenImageSpec()) -> tuple[np.ndarray
     return pixels, (1, height // spec.patch_size, width // spec.patch_size)
 
 
+def spec_for(vision, folder=None) -> QwenImageSpec:
+    """The processor spec of a model: `folder`/preprocessor_config.json when the checkpoint has
+    one (converted checkpoints keep it), else Qwen3-VL's budget with the tower's patch, merge,
+    frames and pixel normalisation (`vision`: a moex VisionConfig)."""
+    if folder is not None and os.path.isfile(os.path.join(os.fspath(folder), CONFIG_FILE)):
+        return QwenImageSpec.from_checkpoint(folder)
+    return QwenImageSpec(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch,
+                         merge_size=vision.spatial_merge, image_mean=tuple(vision.image_mean),
+                         image_std=tuple(vision.image_std))
+
+
 def num_image_tokens(grid: Grid, spec: QwenImageSpec = QwenImageSpec()) -> int:
     """t * h * w / M^2: the language model's image tokens for one image's grid."""
     t, h, w = grid

@@ -109,3 +109,37 @@ def test_vlm_checkpoint_reads_image_files(tmp_path, capsys):
     for row, f in ((1, files[1]), (2, files[0])):
         np.testing.assert_array_equal(images[row], preprocess(Image.open(f), v.image_size,
                                                               v.image_mean, v.image_std))
+
+
+def test_qwen3_vl_images_take_the_models_own_resolution(tmp_path, capsys):
+    """A dynamic-resolution tower (a converted Qwen3-VL): each --image goes through the model's
+    processor at its own size (the checkpoint's preprocessor_config.json), the prompt gets that
+    size's number of image tokens; images of one batch must share a size."""
+    from PIL import Image
+    from checkpoints_convert.convert import convert
+    from moex.checkpoint import load_model
+    from moex.cli.model import native_images
+    from moex.data.qwen_images import QwenImageSpec, preprocess as qwen_preprocess
+    hf = tmp_path / "hf"
+    assert main(["make-tiny-hf", "qwen3-vl", str(hf), "--size", "test"]) == 0
+    ckpt = convert(hf, tmp_path / "ckpt", progress=False)
+    rng = np.random.default_rng(0)
+    files = []
+    for i, (h, w) in enumerate(((30, 70), (64, 64))):
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), np.uint8)).save(files[-1])
+    cfg = load_model(ckpt).cfg
+    spec = QwenImageSpec.from_checkpoint(ckpt)
+    want = qwen_preprocess(Image.open(files[0]), spec)[0]
+    images = native_images(cfg, [False, True], [str(files[0])], ckpt)
+    assert images.shape == (2,) + want.shape and want.shape[:2] != (cfg.vision.image_size,) * 2
+    np.testing.assert_array_equal(images[1], want)
+    assert not images[0].any()
+    base = ["generate", str(ckpt), "--prompt", "<image> what color is the shape ?",
+            "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main(base + ["--image", str(files[0])]) == 0
+    assert len(json.loads(capsys.readouterr().out)["tokens"]) == 2
+    assert main(base + ["--prompt", "<image> how many ?", "--image", str(files[0]),
+                        "--image", str(files[1])]) == 2
+    assert "must share a size after preprocessing" in capsys.readouterr().err
