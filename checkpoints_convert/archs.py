@@ -458,7 +458,7 @@ def qwen3_vl_layout(reader, cfg: VLMConfig) -> dict:
     c = cfg.decoder
     for key in sorted(reader.keys()):
         if key.endswith("experts.gate_up_proj"):
-            shape = tuple(reader.get(key).shape[1:])
+            shape = reader.shape(key)[1:]
             hub = shape == (c.d_model, 2 * c.moe.expert_dim) != (2 * c.moe.expert_dim, c.d_model)
             return {"layout": "hub" if hub else "transformers"}
     return {}

@@ -127,7 +127,7 @@ def convert_params(reader, arch, cfg, dtype: str, progress: bool = False) -> dic
                 raise CheckpointError(
                     f"{key} in {reader.file_of(key).name}: shape mismatch for moex {path}: "
                     f"config.json implies {want}, the checkpoint gives {tuple(a.shape)} "
-                    f"(stored tensor shape {tuple(reader.get(key).shape)})")
+                    f"(stored tensor shape {reader.shape(key)})")
             # one copy into a jax array now, so that saving needs no second copy of the tree
             flat[path] = jax.numpy.asarray(a, dtype=np_dtype)
         del arrays

@@ -8,6 +8,7 @@ absolute logit difference, and KL(p_transformers || p_moex) of the next-token di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -38,15 +39,13 @@ def _qwen_image(src: pathlib.Path, cfg, seqs, seed: int):
     moex images (B, H', W', 3), transformers' pixel_values and image_grid_thw)."""
     import torch
     from PIL import Image
-    from moex.data.qwen_images import QwenImageSpec, hf_pixel_values, preprocess
+    from moex.data.qwen_images import CONFIG_FILE, hf_pixel_values, preprocess, spec_for
     v = cfg.vision
-    if (src / "preprocessor_config.json").is_file():
-        spec = QwenImageSpec.from_checkpoint(src)
-    else:
+    spec = spec_for(v, src)
+    if not (src / CONFIG_FILE).is_file():     # Qwen3-VL's budget would be huge for a tiny tower
         side = v.patch_size * v.spatial_merge
-        spec = QwenImageSpec(patch_size=v.patch_size, temporal_patch_size=v.temporal_patch,
-                             merge_size=v.spatial_merge, min_pixels=side * side,
-                             max_pixels=max(side * side, v.image_size ** 2))
+        spec = dataclasses.replace(spec, min_pixels=side * side,
+                                   max_pixels=max(side * side, v.image_size ** 2))
     rng = np.random.default_rng(seed)
     h = v.image_size
     pixels, grid = preprocess(Image.fromarray(rng.integers(0, 256, (h, h * 3 // 2, 3), np.uint8)),

@@ -134,6 +134,15 @@ class CheckpointReader:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """One tensor's stored shape, from the file's header (no tensor data is read)."""
+        if key not in self._file_of:
+            return self.get(key).shape                 # raises the missing-tensor error
+        path, raw = self._file_of[key], self._raw_key[key]
+        if path.suffix == ".safetensors":
+            return tuple(self._safetensors(path).get_slice(raw).get_shape())
+        return tuple(self._torch(path)[raw].shape)
+
     def dtype(self) -> str:
         """The checkpoint's float dtype: config's `dtype` / `torch_dtype`, else the first tensor's."""
         name = self.config.get("dtype") or self.config.get("torch_dtype")
