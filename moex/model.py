@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from moex.config import VLMConfig, get_config
+from moex.nn import sharding
 from moex.nn.vlm import VLM
 
 
@@ -20,9 +21,14 @@ def build(cfg: VLMConfig | str) -> VLM:
     return VLM(get_config(cfg) if isinstance(cfg, str) else cfg)
 
 
-def _init(model: VLM, rng):
+def _init_boxed(model: VLM, rng):
+    """The params with flax's logical-partitioning metadata (moex.nn.sharding)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     return model.init(rng, tokens, jnp.ones_like(tokens))["params"]
+
+
+def _init(model: VLM, rng):
+    return sharding.unbox(_init_boxed(model, rng))
 
 
 def init_params(cfg: VLMConfig | str, seed: int = 0):
@@ -34,6 +40,26 @@ def abstract_params(cfg: VLMConfig | str):
     """Shapes and dtypes of every param (jax.ShapeDtypeStruct), without allocating any."""
     model = build(cfg)
     return jax.eval_shape(functools.partial(_init, model), jax.random.key(0))
+
+
+def param_specs(cfg: VLMConfig | str):
+    """The logical axis names of every param: a tree like the params, of PartitionSpecs whose
+    entries are logical names (moex.nn.sharding), from shapes alone."""
+    boxed = jax.eval_shape(functools.partial(_init_boxed, build(cfg)), jax.random.key(0))
+    return sharding.logical_specs(boxed)
+
+
+def param_shardings(cfg: VLMConfig | str, plan: sharding.Plan):
+    """NamedShardings of every param under `plan` (odd sizes replicate: Plan.spec)."""
+    return sharding.shardings(plan, param_specs(cfg), abstract_params(cfg))
+
+
+def shard_params(cfg: VLMConfig | str, params, plan: sharding.Plan | None):
+    """Params placed on the plan's mesh (unchanged without a plan). From numpy or from arrays
+    on any other mesh: this is also how a checkpoint moves onto another mesh."""
+    if plan is None:
+        return params
+    return jax.device_put(params, param_shardings(cfg, plan))
 
 
 def forward(model: VLM, params, tokens, token_mask, images=None, cache=None,

@@ -13,8 +13,10 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from moex.nn import sharding
 from moex.nn.layers import RMSNorm, apply_rope
 
+HEADS = ("batch", "length", "heads", "kv")   # logical names of q, k, v, per-head outputs
 NEG_INF = -1e30  # finite, so fully-masked rows (left padding) stay finite instead of NaN
 
 
@@ -146,11 +148,12 @@ class Attention(nn.Module):
     def _proj(self, name, x, heads, use_bias):
         d = x.shape[-1]
         init = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
-        w = self.param(name, init, (d, heads, self.head_dim), self.param_dtype)
+        w = sharding.param(self, name, init, (d, heads, self.head_dim), self.param_dtype,
+                           ("embed", "heads", "kv"))
         y = jnp.einsum("btd,dhe->bthe", x.astype(self.dtype), w.astype(self.dtype))
         if use_bias:
-            b = self.param(name + "_bias", nn.initializers.zeros, (heads, self.head_dim),
-                           self.param_dtype)
+            b = sharding.param(self, name + "_bias", nn.initializers.zeros,
+                               (heads, self.head_dim), self.param_dtype, ("heads", "kv"))
             y = y + b.astype(self.dtype)
         return y
 
@@ -175,11 +178,15 @@ class Attention(nn.Module):
                           mrope_interleaved=self.mrope_interleaved, axial=self.rope_axial)
             q = apply_rope(q, positions, self.rope_theta, rot, self.rope_interleaved, **layout)
             k = apply_rope(k, positions, self.rope_theta, rot, self.rope_interleaved, **layout)
+        q, k, v = (sharding.constrain(a, HEADS) for a in (q, k, v))
         k, v, cache = write_cache(cache, k, v, cache_index)
         out = attend(q, k, v, mask, dh ** -0.5, causal_from_zero).astype(self.dtype)
+        out = sharding.constrain(out, HEADS)
         init = nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
-        wo = self.param("o", init, (h, dh, d), self.param_dtype)
+        wo = sharding.param(self, "o", init, (h, dh, d), self.param_dtype,
+                            ("heads", "kv", "embed"))
         y = jnp.einsum("bthe,hed->btd", out, wo.astype(self.dtype))
         if self.out_bias:
-            y = y + self.param("o_bias", nn.initializers.zeros, (d,), self.param_dtype).astype(self.dtype)
+            y = y + sharding.param(self, "o_bias", nn.initializers.zeros, (d,), self.param_dtype,
+                                   ("embed",)).astype(self.dtype)
         return y, cache

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moex.config import DecoderConfig
+from moex.nn import sharding
 from moex.nn.attention import Attention, cached_causal_mask, causal_mask
 from moex.nn.layers import Dense, make_norm
 from moex.nn.mla import LatentAttention
@@ -33,14 +34,17 @@ def cache_entry_shapes(cfg: DecoderConfig) -> tuple[tuple[int, int], tuple[int, 
     return (cfg.num_kv_heads, cfg.dim_per_head), (cfg.num_kv_heads, cfg.dim_per_head)
 
 
+KV = ("batch", "length", "heads", "kv")     # logical names of a cached k / v
+
+
 def init_cache(cfg: DecoderConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     (kh, kd), (vh, vd) = cache_entry_shapes(cfg)
     return {
         "index": jnp.zeros((), jnp.int32),
         "valid": jnp.zeros((batch, max_len), bool),
         "pos": jnp.zeros((batch,), jnp.int32),
-        "layers": tuple({"k": jnp.zeros((batch, max_len, kh, kd), dtype),
-                         "v": jnp.zeros((batch, max_len, vh, vd), dtype)}
+        "layers": tuple({"k": sharding.constrain(jnp.zeros((batch, max_len, kh, kd), dtype), KV),
+                         "v": sharding.constrain(jnp.zeros((batch, max_len, vh, vd), dtype), KV)}
                         for _ in range(cfg.num_layers)),
     }
 
@@ -137,17 +141,21 @@ class Decoder(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embedding = self.param("embed", nn.initializers.normal(0.02),
-                                    (c.vocab_size, c.d_model), self.param_dtype)
+        self.embedding = sharding.param(self, "embed", nn.initializers.normal(0.02),
+                                        (c.vocab_size, c.d_model), self.param_dtype,
+                                        ("vocab", "embed"))
         self.layers = [DecoderLayer(c, i, self.dtype, self.param_dtype, name=f"layer_{i}")
                        for i in range(c.num_layers)]
         self.final_norm = make_norm(c.norm, c.norm_eps, self.dtype, self.param_dtype, "final_norm")
         if not c.tie_embeddings:
-            self.lm_head = Dense(c.vocab_size, c.lm_head_bias, self.dtype, self.param_dtype)
+            self.lm_head = Dense(c.vocab_size, c.lm_head_bias, self.dtype, self.param_dtype,
+                                 axes=("embed", "vocab"))
 
     def embed(self, tokens):
         """tokens (B, T) int -> embeddings (B, T, D)."""
-        return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+        table = sharding.constrain(self.embedding, (None, "act_embed"))   # gathered, as FSDP
+        return sharding.constrain(jnp.take(table, tokens, axis=0).astype(self.dtype),
+                                  ("batch", "length", "act_embed"))
 
     def __call__(self, x, token_mask, cache=None, last_only: bool = False,
                  fresh_cache: bool = False, positions=None, inject=()):
@@ -168,6 +176,7 @@ class Decoder(nn.Module):
         from_zero = cache is None or fresh_cache
         for i, (layer, lc) in enumerate(zip(self.layers, layer_caches)):
             x, lc, a = layer(x, mask, rope, valid, lc, index, from_zero)
+            x = sharding.constrain(x, ("batch", "length", "act_embed"))
             if i < len(inject):
                 x = x + inject[i].astype(x.dtype)
             new_layers.append(lc)
@@ -184,4 +193,4 @@ class Decoder(nn.Module):
             logits = jnp.einsum("btd,vd->btv", x, self.embedding.astype(self.dtype))
         else:
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -38,6 +38,7 @@ import numpy as np
 from moex.config import COMPUTE, PAIR_COMPUTE
 from moex.nn import grouped
 from moex.nn.layers import activation_fn
+from moex.nn.sharding import param
 from moex.nn.routing import Routing
 
 
@@ -158,32 +159,43 @@ def _sorted_pairs(params, xf, ids, keep, k, e, activation, dtype, grouped_matmul
     sorted by expert (grouped matmul)."""
     key = jnp.where(keep, ids, e)                        # dropped pairs sort last, outside groups
     order = jnp.argsort(key, stable=True)                # (N,)
-    sorted_ids = jnp.minimum(key[order], e - 1)
     xs = xf[order // k]                                  # pair n belongs to token n // K
-    group_sizes = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)
+    ys = grouped_rows(params, xs, key[order], e, activation, dtype, grouped_matmul, slot_of)
+    ys = jnp.where(keep[order][:, None], ys, 0)
+    return ys[inverse_permutation(order)]
+
+
+def inverse_permutation(order):
+    """The permutation that undoes `order` (unsorting by a gather: a float scatter is slow on
+    CPU)."""
+    return jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+
+
+def grouped_rows(params: dict, xs, sorted_key, e: int, activation: str, dtype=jnp.float32,
+                 grouped_matmul: str = "auto", slot_of=None):
+    """Rows xs (M, D) sorted by expert (sorted_key (M,): the expert of each row, e for rows in
+    no group, which sort last) through their experts' MLPs -> (M, Dout); rows in no group give
+    0 or garbage (the caller masks them). The grouped matmul of the sorted route."""
+    group_sizes = jnp.bincount(sorted_key, length=e + 1)[:e].astype(jnp.int32)
     if grouped.resolve_grouped_matmul(grouped_matmul) == "blocked":
         # one loop over experts, each window of rows through the expert's whole MLP
         p = {n: jnp.asarray(v, dtype) for n, v in params.items()}
         index = (lambda i: i) if slot_of is None else (lambda i: slot_of[i])
-        ys = grouped.blocked_map(xs, group_sizes,
-                                 lambda i: _expert_fn(p, index(i), activation),
-                                 p["w_down"].shape[-1], e)
-    else:
-        if slot_of is not None:
-            params = {n: v[slot_of] for n, v in params.items()}
+        return grouped.blocked_map(xs, group_sizes,
+                                   lambda i: _expert_fn(p, index(i), activation),
+                                   p["w_down"].shape[-1], e)
+    if slot_of is not None:
+        params = {n: v[slot_of] for n, v in params.items()}
+    sorted_ids = jnp.minimum(sorted_key, e - 1)
 
-        def mm(a, w, b=None):
-            y = grouped.grouped_matmul(a, params[w].astype(dtype), group_sizes, grouped_matmul)
-            return y if b is None else y + params[b].astype(dtype)[sorted_ids]
+    def mm(a, w, b=None):
+        y = grouped.grouped_matmul(a, params[w].astype(dtype), group_sizes, grouped_matmul)
+        return y if b is None else y + params[b].astype(dtype)[sorted_ids]
 
-        bias = "b_up" in params
-        up = mm(xs, "w_up", "b_up" if bias else None)
-        gate = mm(xs, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
-        ys = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
-    ys = jnp.where(keep[order][:, None], ys, 0)
-    # unsort by gathering with the inverse permutation (a float scatter is slow on CPU)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    return ys[inverse]
+    bias = "b_up" in params
+    up = mm(xs, "w_up", "b_up" if bias else None)
+    gate = mm(xs, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
+    return mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
 
 
 def _expert_fn(p: dict, e, activation: str):
@@ -213,7 +225,13 @@ def experts_dense(params: dict, x, routing: Routing, activation: str, dtype=jnp.
     """x (G, S, D) -> (G, S, D) via GShard dispatch / combine einsums."""
     dispatch, combine = dispatch_combine(routing)
     xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+    ye = experts_buffers(params, xe, activation, dtype)
+    return jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), ye)
 
+
+def experts_buffers(params: dict, xe, activation: str, dtype=jnp.float32):
+    """Each expert on its buffer: xe (E, G, C, D) -> (E, G, C, Dout) (the GShard expert step;
+    also each shard's local experts under expert parallelism, moex.nn.parallel)."""
     def mm(a, w, b=None):
         y = jnp.einsum("egcd,edf->egcf", a, params[w].astype(dtype))
         return y if b is None else y + params[b].astype(dtype)[:, None, None, :]
@@ -221,8 +239,7 @@ def experts_dense(params: dict, x, routing: Routing, activation: str, dtype=jnp.
     bias = "b_up" in params
     up = mm(xe, "w_up", "b_up" if bias else None)
     gate = mm(xe, "w_gate", "b_gate" if bias else None) if activation == "swiglu" else None
-    ye = mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
-    return jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), ye)
+    return mm(_hidden(params, activation, up, gate), "w_down", "b_down" if bias else None)
 
 
 def experts_loop(params: dict, x, routing: Routing, activation: str):
@@ -305,16 +322,22 @@ def init_expert_params(module, num_experts: int, d: int, f: int, activation: str
     if expert_inner:
         init_in, in_shape = (nn.initializers.lecun_normal(in_axis=0, out_axis=2, batch_axis=1),
                              (d, num_experts, f))
+        in_axes = ("embed", "experts", "mlp")
     else:
         init_in, in_shape = init_out, (num_experts, d, f)
-    params = {"w_up": module.param("w_up", init_in, in_shape, param_dtype)}
+        in_axes = ("experts", "embed", "mlp")
+    params = {"w_up": param(module, "w_up", init_in, in_shape, param_dtype, in_axes)}
     if activation == "swiglu":
-        params["w_gate"] = module.param("w_gate", init_in, in_shape, param_dtype)
-    params["w_down"] = module.param("w_down", init_out, (num_experts, f, out), param_dtype)
+        params["w_gate"] = param(module, "w_gate", init_in, in_shape, param_dtype, in_axes)
+    params["w_down"] = param(module, "w_down", init_out, (num_experts, f, out), param_dtype,
+                             ("experts", "mlp", "embed"))
     if use_bias:
         z = nn.initializers.zeros
-        params["b_up"] = module.param("b_up", z, (num_experts, f), param_dtype)
+        params["b_up"] = param(module, "b_up", z, (num_experts, f), param_dtype,
+                               ("experts", "mlp"))
         if activation == "swiglu":
-            params["b_gate"] = module.param("b_gate", z, (num_experts, f), param_dtype)
-        params["b_down"] = module.param("b_down", z, (num_experts, out), param_dtype)
+            params["b_gate"] = param(module, "b_gate", z, (num_experts, f), param_dtype,
+                                     ("experts", "mlp"))
+        params["b_down"] = param(module, "b_down", z, (num_experts, out), param_dtype,
+                                 ("experts", "embed"))
     return params

@@ -12,6 +12,7 @@ import numpy as np
 import flax.linen as nn
 
 from moex.config import Activation
+from moex.nn import sharding
 
 DType = jnp.dtype
 
@@ -34,7 +35,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        scale = sharding.param(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                               self.param_dtype, (None,))
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -48,8 +50,8 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        scale = sharding.param(self, "scale", nn.initializers.ones, (d,), self.param_dtype, (None,))
+        bias = sharding.param(self, "bias", nn.initializers.zeros, (d,), self.param_dtype, (None,))
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
@@ -138,20 +140,23 @@ def apply_rope(x, positions, theta: float, rotary_dim: int, interleaved: bool = 
 
 
 class Dense(nn.Module):
-    """y = x @ kernel (+ bias); kernel (D_in, D_out)."""
+    """y = x @ kernel (+ bias); kernel (D_in, D_out) with logical names `axes` (the bias takes
+    the second)."""
 
     features: int
     use_bias: bool = False
     dtype: DType = jnp.float32
     param_dtype: DType = jnp.float32
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (x.shape[-1], self.features), self.param_dtype)
+        kernel = sharding.param(self, "kernel", nn.initializers.lecun_normal(),
+                                (x.shape[-1], self.features), self.param_dtype, self.axes)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            bias = sharding.param(self, "bias", nn.initializers.zeros, (self.features,),
+                                  self.param_dtype, self.axes[1:])
             y = y + bias.astype(self.dtype)
         return y
 
@@ -174,4 +179,5 @@ class MLP(nn.Module):
             h = jax.nn.silu(Dense(self.hidden, name="gate", **kw)(x)) * Dense(self.hidden, name="up", **kw)(x)
         else:
             h = activation_fn(self.activation)(Dense(self.hidden, name="up", **kw)(x))
-        return Dense(d, name="down", **kw)(h)
+        h = sharding.constrain(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
+        return Dense(d, name="down", axes=("mlp", "embed"), **kw)(h)

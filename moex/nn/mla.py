@@ -15,6 +15,7 @@ import flax.linen as nn
 
 from moex.config import DecoderConfig
 from moex.nn.attention import attend, write_cache
+from moex.nn import sharding
 from moex.nn.layers import Dense, RMSNorm, apply_rope
 
 
@@ -26,7 +27,9 @@ class LatentAttention(nn.Module):
     def _w(self, name, shape, in_axes):
         init = nn.initializers.lecun_normal(in_axis=in_axes, out_axis=tuple(
             i for i in range(len(shape)) if i not in (in_axes if isinstance(in_axes, tuple) else (in_axes,))))
-        return self.param(name, init, shape, self.param_dtype).astype(self.dtype)
+        axes = {"q": ("embed", "heads", "kv"), "q_b": (None, "heads", "kv"),
+                "kv_b": (None, "heads", "kv"), "o": ("heads", "kv", "embed")}[name]
+        return sharding.param(self, name, init, shape, self.param_dtype, axes).astype(self.dtype)
 
     @nn.compact
     def __call__(self, x, mask, positions, cache=None, cache_index=None,
@@ -41,10 +44,11 @@ class LatentAttention(nn.Module):
             q = jnp.einsum("btd,dhe->bthe", x, self._w("q", (d, h, dn + dr), 0))
         else:
             qa = norm("q_a_norm")(Dense(c.q_lora_rank, c.qkv_bias, self.dtype, self.param_dtype,
-                                        name="q_a")(x))
+                                        axes=("embed", None), name="q_a")(x))
             q = jnp.einsum("btr,rhe->bthe", qa, self._w("q_b", (c.q_lora_rank, h, dn + dr), 0))
         q_nope, q_pe = q[..., :dn], q[..., dn:]
-        kv_a = Dense(r + dr, c.qkv_bias, self.dtype, self.param_dtype, name="kv_a")(x)
+        kv_a = Dense(r + dr, c.qkv_bias, self.dtype, self.param_dtype, axes=("embed", None),
+                     name="kv_a")(x)
         latent = norm("kv_a_norm")(kv_a[..., :r])[:, :, None, :]               # (B, T, 1, R)
         k_pe = kv_a[..., None, r:]                                             # (B, T, 1, Dr)
         q_pe = apply_rope(q_pe, positions, c.rope_theta, dr, c.rope_interleaved)
@@ -59,5 +63,6 @@ class LatentAttention(nn.Module):
         out = out.astype(self.dtype)
         y = jnp.einsum("bthe,hed->btd", out, self._w("o", (h, dv, d), (0, 1)))
         if c.out_bias:
-            y = y + self.param("o_bias", nn.initializers.zeros, (d,), self.param_dtype).astype(self.dtype)
+            y = y + sharding.param(self, "o_bias", nn.initializers.zeros, (d,), self.param_dtype,
+                                   ("embed",)).astype(self.dtype)
         return y, cache

@@ -16,8 +16,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from moex.config import MoEConfig
+from moex.nn import sharding
 from moex.nn.experts import (combine_pairs, experts_all, experts_dense, experts_soft_gated,
                              init_expert_params, pair_outputs)
+from moex.nn import parallel
 from moex.nn.layers import MLP, Dense
 from moex.nn.routing import Router, Routing, load_balance_loss, router_z_loss
 
@@ -88,7 +90,8 @@ class HardMoE(nn.Module):
             self.shared_experts = MLP(c.num_shared_experts * c.shared_dim, self.activation,
                                       self.use_bias, self.dtype, self.param_dtype, self.out_dim)
             if c.shared_gate == "sigmoid":
-                self.shared_gate = Dense(1, dtype=self.dtype, param_dtype=self.param_dtype)
+                self.shared_gate = Dense(1, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         axes=("embed", None))
 
     def route(self, x, token_mask=None) -> Routing:
         """x (G, S, D) -> the routing decision (expert ids, weights, kept pairs)."""
@@ -109,6 +112,13 @@ class HardMoE(nn.Module):
 
     def __call__(self, x, token_mask=None):
         c = self.cfg
+        plan = None if self.is_initializing() else parallel.expert_parallel(c.num_experts)
+        if plan is not None:                # experts split over the mesh: all-to-all dispatch
+            y, routing = parallel.hard_moe_parallel(
+                plan, x, token_mask, self.router.variables["params"]["kernel"],
+                self.experts(x.shape[-1]), self.router.route_fn(), self.activation, self.dtype,
+                c.grouped_matmul)
+            return self._add_shared(x, y), self._aux(routing, token_mask)
         routing = self.route(x, token_mask)
         experts = self.experts(x.shape[-1])
         if c.compute == "dense":            # the one-hot reference combines in its einsum
@@ -117,11 +127,14 @@ class HardMoE(nn.Module):
         else:
             y = self.combine(x, pair_outputs(experts, x, routing, self.activation, self.dtype,
                                              c.compute, c.grouped_matmul), routing)
-        aux = {"load_balance": load_balance_loss(routing, token_mask),
-               "z_loss": router_z_loss(routing, token_mask),
-               "expert_ids": routing.expert_ids, "weights": routing.weights,
-               "probs": routing.probs}
-        return y, aux
+        return y, self._aux(routing, token_mask)
+
+    @staticmethod
+    def _aux(routing: Routing, token_mask):
+        return {"load_balance": load_balance_loss(routing, token_mask),
+                "z_loss": router_z_loss(routing, token_mask),
+                "expert_ids": routing.expert_ids, "weights": routing.weights,
+                "probs": routing.probs}
 
 
 def l2_normalize(x, axis, eps=1e-6):
@@ -163,18 +176,24 @@ class SoftMoE(nn.Module):
     def __call__(self, x, token_mask=None):
         c = self.cfg
         g, m, d = x.shape
-        mu = self.param("slots", nn.initializers.normal(d ** -0.5),
-                        (d, c.num_experts, c.soft_slots), self.param_dtype)
-        scale = self.param("scale", nn.initializers.ones, (), self.param_dtype)
+        mu = sharding.param(self, "slots", nn.initializers.normal(d ** -0.5),
+                            (d, c.num_experts, c.soft_slots), self.param_dtype,
+                            ("embed", "experts", None))
+        scale = sharding.param(self, "scale", nn.initializers.ones, (), self.param_dtype, ())
         params = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                               self.param_dtype, self.out_dim, name="experts")(d)
+        zero = jnp.zeros((), jnp.float32)
+        plan = None if self.is_initializing() else parallel.expert_parallel(c.num_experts)
+        if plan is not None:                # slots travel to their experts' shards
+            y = parallel.soft_moe(plan, x, token_mask, mu, scale, params, soft_moe_weights,
+                                  self.activation, self.dtype)
+            return y, {"load_balance": zero, "z_loss": zero}
         dispatch, combine = soft_moe_weights(x, mu, scale, token_mask)
         slots = jnp.einsum("gmnp,gmd->ngpd", dispatch.astype(self.dtype), x.astype(self.dtype))
         out = experts_all(params, slots.reshape(c.num_experts, g * c.soft_slots, d),
                           self.activation, self.dtype)
         out = out.reshape(c.num_experts, g, c.soft_slots, -1)
         y = jnp.einsum("gmnp,ngpd->gmd", combine.astype(self.dtype), out)
-        zero = jnp.zeros((), jnp.float32)
         return y, {"load_balance": zero, "z_loss": zero}
 
 
@@ -196,8 +215,8 @@ class CausalSoftMoE(nn.Module):
     def __call__(self, x, token_mask=None):
         c = self.cfg
         g, s, d = x.shape
-        kernel = self.param("router", nn.initializers.normal(0.02), (d, c.num_experts),
-                            self.param_dtype)
+        kernel = sharding.param(self, "router", nn.initializers.normal(0.02),
+                                (d, c.num_experts), self.param_dtype, ("embed", None))
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
         gates = jax.nn.softmax(logits, axis=-1)
         params = SoftGatedParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,

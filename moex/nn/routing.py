@@ -15,12 +15,15 @@ placed before any second choice. Dropped pairs and padding tokens get `kept=Fals
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import struct
+
+from moex.nn import sharding
 
 
 @struct.dataclass
@@ -91,13 +94,18 @@ class Router(nn.Module):
 
     @nn.compact
     def __call__(self, x, token_mask=None) -> Routing:
-        kernel = self.param("kernel", nn.initializers.normal(0.02),
-                            (x.shape[-1], self.num_experts), self.param_dtype)
+        kernel = sharding.param(self, "kernel", nn.initializers.normal(0.02),
+                                (x.shape[-1], self.num_experts), self.param_dtype,
+                                ("embed", None))
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
-        return route(logits, top_k=self.top_k, renormalize=self.renormalize,
-                     capacity_factor=self.capacity_factor, token_mask=token_mask,
-                     num_groups=self.num_groups, topk_groups=self.topk_groups,
-                     scaling=self.scaling)
+        return self.route_fn()(logits, token_mask=token_mask)
+
+    def route_fn(self):
+        """`route` with this router's settings: (logits, token_mask=...) -> Routing."""
+        return functools.partial(route, top_k=self.top_k, renormalize=self.renormalize,
+                                 capacity_factor=self.capacity_factor,
+                                 num_groups=self.num_groups, topk_groups=self.topk_groups,
+                                 scaling=self.scaling)
 
 
 # --- auxiliary losses: pure functions, returned as values -----------------------------------------

@@ -21,6 +21,7 @@ import flax.linen as nn
 
 from moex.config import ProjectorConfig, VisionConfig
 from moex.nn.attention import Attention
+from moex.nn import sharding
 from moex.nn.layers import Dense, LayerNorm, activation_fn
 from moex.nn.moe import make_ffn
 
@@ -97,21 +98,24 @@ class VisionTower(nn.Module):
         patches = patchify(images.astype(self.dtype), c.patch_size)
         if c.temporal_patch > 1:          # one frame repeated: the patch is (t, py, px, c)
             patches = jnp.concatenate([patches] * c.temporal_patch, axis=-1)
-        x = Dense(c.d_model, c.patch_bias, self.dtype, self.param_dtype, name="patch_embed")(patches)
+        x = Dense(c.d_model, c.patch_bias, self.dtype, self.param_dtype, axes=(None, "embed"),
+                  name="patch_embed")(patches)
         b = x.shape[0]
         if c.class_token:
-            cls = self.param("class_token", nn.initializers.normal(0.02), (c.d_model,),
-                             self.param_dtype)
+            cls = sharding.param(self, "class_token", nn.initializers.normal(0.02), (c.d_model,),
+                                 self.param_dtype, ("embed",))
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, c.d_model)), x], 1)
         if c.pos_grid:
-            table = self.param("pos_embed", nn.initializers.normal(0.02),
-                               (c.pos_grid * c.pos_grid, c.d_model), self.param_dtype)
+            table = sharding.param(self, "pos_embed", nn.initializers.normal(0.02),
+                                   (c.pos_grid * c.pos_grid, c.d_model), self.param_dtype,
+                                   (None, "embed"))
             idx, w = grid_interpolation(c.pos_grid, rows, cols)
             pos = jnp.sum(jnp.take(table.astype(self.dtype), jnp.asarray(idx), axis=0)
                           * jnp.asarray(w, self.dtype)[:, :, None], axis=1)
         else:
-            pos = self.param("pos_embed", nn.initializers.normal(0.02), (x.shape[1], c.d_model),
-                             self.param_dtype).astype(self.dtype)
+            pos = sharding.param(self, "pos_embed", nn.initializers.normal(0.02),
+                                 (x.shape[1], c.d_model), self.param_dtype,
+                                 (None, "embed")).astype(self.dtype)
         x = x + pos
         if c.pre_norm:
             x = LayerNorm(c.norm_eps, self.dtype, self.param_dtype, name="pre_norm")(x)
@@ -128,7 +132,7 @@ class VisionTower(nn.Module):
                 y, a = VisionBlock(c, i, self.dtype, self.param_dtype, name=f"layer_{i}")(
                     x, mask, positions)
                 if i < used:
-                    x = y
+                    x = sharding.constrain(y, ("batch", "length", "act_embed"))
                     aux.append(a)
                 if i in c.deepstack_layers:
                     taps.append(merge_patches(y, rows, cols, c.spatial_merge))

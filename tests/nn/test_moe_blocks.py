@@ -11,6 +11,7 @@ from moex.config import MoEConfig, get_config
 from moex.model import build, forward, init_params
 from moex.nn.layers import MLP
 from moex.nn.moe import DenseFFN, HardMoE, make_ffn
+from moex.nn.sharding import unbox
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 16)), jnp.float32)
 
@@ -20,7 +21,7 @@ def test_shared_experts_added_to_routed_output(shared_gate):
     cfg = MoEConfig(kind="hard", num_experts=4, top_k=2, expert_dim=8, renormalize=False,
                     num_shared_experts=2, shared_dim=8, shared_gate=shared_gate)
     block = HardMoE(cfg, "swiglu")
-    params = block.init(jax.random.key(0), X)["params"]
+    params = unbox(block.init(jax.random.key(0), X)["params"])
     y, aux = block.apply({"params": params}, X)
     routed_only = dataclasses.replace(cfg, num_shared_experts=0)
     sub = {k: v for k, v in params.items() if k in ("router", "experts")}
@@ -34,7 +35,7 @@ def test_shared_experts_added_to_routed_output(shared_gate):
 
 def test_every_compute_of_the_block_agrees():
     cfg = MoEConfig(kind="hard", num_experts=5, top_k=2, expert_dim=8)
-    params = HardMoE(cfg, "gelu", use_bias=True).init(jax.random.key(1), X)["params"]
+    params = unbox(HardMoE(cfg, "gelu", use_bias=True).init(jax.random.key(1), X)["params"])
     mask = jnp.asarray([[True] * 7, [False] * 3 + [True] * 4])
     outs = [HardMoE(dataclasses.replace(cfg, compute=c, grouped_matmul=g), "gelu", use_bias=True)
             .apply({"params": params}, X, mask)[0]

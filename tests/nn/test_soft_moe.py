@@ -8,12 +8,13 @@ import numpy as np
 
 from moex.config import MoEConfig
 from moex.nn.moe import CausalSoftMoE, SoftMoE, soft_moe_weights
+from moex.nn.sharding import unbox
 
 CFG = MoEConfig(kind="soft", num_experts=3, expert_dim=16, soft_slots=2)
 
 
 def init(module, x):
-    return module.init(jax.random.key(0), x)["params"]
+    return unbox(module.init(jax.random.key(0), x)["params"])
 
 
 def test_dispatch_and_combine_sum_to_one():
