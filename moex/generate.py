@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moex.nn import sharding
 from moex.nn.decoder import init_cache
 from moex.nn.vlm import VLM, check_placeholders
 
@@ -67,10 +68,14 @@ def sample(logits, sampling: Sampling, step):
 
 
 class Generator:
-    """Holds the jitted prefill and decode step of one model; counts traces for tests."""
+    """Holds the jitted prefill and decode step of one model; counts traces for tests.
 
-    def __init__(self, model: VLM):
+    With a sharding plan (moex.nn.sharding.Plan) both run on its mesh: pass params placed by
+    `moex.model.shard_params(cfg, params, plan)`; prompts are split over the batch axes."""
+
+    def __init__(self, model: VLM, plan: sharding.Plan | None = None):
         self.model = model
+        self.plan = plan
         self.traces = collections.Counter()
         self._prefill = jax.jit(self._prefill_impl, static_argnames=("max_len", "sampling"))
         self._step = jax.jit(self._step_impl, static_argnames=("sampling",), donate_argnums=(1,))
@@ -79,16 +84,19 @@ class Generator:
     def _prefill_impl(self, params, tokens, mask, images, *, max_len, sampling):
         self.traces["prefill"] += 1
         cfg = self.model.cfg
-        cache = init_cache(cfg.decoder, tokens.shape[0], max_len, jnp.dtype(cfg.dtype))
-        logits, cache, _ = self.model.apply({"params": params}, tokens, mask, images, cache,
-                                            last_only=True, fresh_cache=True)
+        with sharding.use(self.plan):
+            cache = init_cache(cfg.decoder, tokens.shape[0], max_len, jnp.dtype(cfg.dtype))
+            logits, cache, _ = self.model.apply({"params": params}, tokens, mask, images, cache,
+                                                last_only=True, fresh_cache=True)
         logits = logits[:, 0]
         return cache, sample(logits, sampling, 0), logits
 
     def _step_impl(self, params, cache, last, done, step, stop, *, sampling):
         self.traces["decode"] += 1
         ones = jnp.ones((last.shape[0], 1), jnp.int32)
-        logits, cache, _ = self.model.apply({"params": params}, last[:, None], ones, None, cache)
+        with sharding.use(self.plan):
+            logits, cache, _ = self.model.apply({"params": params}, last[:, None], ones, None,
+                                                cache)
         logits = logits[:, 0]
         nxt = sample(logits, sampling, step)
         nxt = jnp.where(done, self.model.cfg.pad_token_id, nxt)
@@ -97,6 +105,8 @@ class Generator:
     # -- public pieces, also used by tests and benchmarks ----------------------------------------
     def prefill(self, params, tokens, mask, images=None, *, max_len: int, sampling=GREEDY):
         """Returns (cache, first sampled token (B,), last-position logits (B, V))."""
+        tokens, mask, images = sharding.put_batch(self.plan, (np.asarray(tokens),
+                                                              np.asarray(mask), images))
         return self._prefill(params, jnp.asarray(tokens), jnp.asarray(mask), images,
                              max_len=max_len, sampling=sampling)
 
@@ -163,6 +173,6 @@ def result(cfg, out: list, stop, max_new_tokens: int, logits: list | None) -> Ge
 
 
 @functools.lru_cache(maxsize=16)
-def generator_for(cfg) -> Generator:
-    """One Generator (and so one set of compiled functions) per config."""
-    return Generator(VLM(cfg))
+def generator_for(cfg, plan: sharding.Plan | None = None) -> Generator:
+    """One Generator (and so one set of compiled functions) per config (and plan)."""
+    return Generator(VLM(cfg), plan)

@@ -52,6 +52,7 @@ from moex.data.mmbench import read_mmbench
 from moex.data.prompts import build_prompt, continuation, likelihood_prompt, rotate
 from moex.data.vocab import tokenizer_for, write_tokenizer
 from moex.model import aux_loss, build, init_params
+from moex.nn import sharding
 from moex.tokenizer import left_pad
 from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
                            train_model_config, trained_model_dir)
@@ -93,6 +94,7 @@ class VLMTrainConfig:
     ckpt_every: int = 200
     seed: int = 0
     out: str = "runs/vlm"
+    mesh: str | None = None             # e.g. "data=2,expert=4" (moex.nn.sharding); None: 1 device
 
     @property
     def run_dir(self) -> pathlib.Path:
@@ -281,13 +283,14 @@ def train_vlm(run: VLMTrainConfig, progress: bool = True, stop_at: int | None = 
         examples = SplitExamples(read_mmbench(train_file), cfg, tokenizer, run)
     tcfg = train_model_config(cfg, run.train_capacity_factor)
     optimizer = adamw(run.lr, run.warmup, run.steps, run.weight_decay)
-    state = TrainState.create(initial_params(run, cfg), optimizer)
-    step = make_step(vlm_loss(build(tcfg), tcfg), optimizer)
+    plan = None if run.mesh is None else sharding.Plan.for_mesh(run.mesh)
+    state = TrainState.sharded(cfg, initial_params(run, cfg), optimizer, plan)
+    step = make_step(vlm_loss(build(tcfg), tcfg), optimizer, plan, plan and state.shardings())
     draw = lambda i: tuple(jnp.asarray(x) for x in examples(i))
     state, log = fit(state, step, draw, run.steps, ckpt_dir=run.run_dir / "train",
                      ckpt_every=run.ckpt_every, desc=f"vlm {run.preset}", progress=progress,
                      evaluate=dev_accuracy(cfg, tokenizer, dev_q), eval_every=run.eval_every,
-                     stop_at=stop_at)
+                     stop_at=stop_at, plan=plan)
     if hasattr(tokenizer, "tokenizer"):            # a tokenizers model: saved with the weights
         write_tokenizer(tokenizer, run.run_dir)
     publish_model(run.run_dir, state, run.steps, cfg,

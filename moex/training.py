@@ -20,7 +20,10 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from moex import checkpoint
+from moex.model import shard_params
+from moex.nn import sharding
 
 
 @jax.tree_util.register_dataclass
@@ -34,9 +37,30 @@ class TrainState:
     def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
         return cls(params, optimizer.init(params), jax.numpy.zeros((), jax.numpy.int32))
 
+    @classmethod
+    def sharded(cls, cfg, params, optimizer: optax.GradientTransformation,
+                plan: sharding.Plan | None) -> "TrainState":
+        """The state on the plan's mesh: params by their logical names, each optimizer moment
+        like its param, the step and other scalars replicated (plan None: `create`)."""
+        if plan is None:
+            return cls.create(params, optimizer)
+        params = shard_params(cfg, params, plan)
+        whole = NamedSharding(plan.mesh, PartitionSpec())
+        shape = jax.eval_shape(optimizer.init, params)
+        like = jax.tree.map(lambda x: x.sharding, params)
+        opt = optax.tree_map_params(optimizer, lambda _, s: s, shape, like,
+                                    transform_non_params=lambda _: whole)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt)(params)
+        return cls(params, opt_state, jax.device_put(jax.numpy.zeros((), jax.numpy.int32), whole))
+
+    def shardings(self):
+        """Where every leaf lives (for the train step to keep it there)."""
+        return jax.tree.map(lambda x: x.sharding, self)
+
 
 RUN_FILE = "run.json"
-FREE_FIELDS = ("out", "eval_every", "ckpt_every")   # where output goes, how often to log
+FREE_FIELDS = ("out", "eval_every", "ckpt_every", "mesh")   # where output goes, how often to
+                                                             # log, which devices run it
 
 
 def claim_run_dir(run_dir, config) -> None:
@@ -116,15 +140,22 @@ def adamw(lr: float, warmup: int, steps: int, weight_decay: float = 0.01,
                        optax.adamw(warmup_cosine(lr, warmup, steps), weight_decay=weight_decay))
 
 
-def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
+def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
+              plan: sharding.Plan | None = None, state_shardings=None):
     """A jitted train step: (state, batch) -> (state, loss, metrics); loss_fn(params, batch) ->
-    (loss, metrics dict)."""
+    (loss, metrics dict). With a plan the step is traced under it (expert-parallel MoE blocks,
+    activation shardings) and the new state keeps `state_shardings` (TrainState.shardings())."""
 
     def step(state: TrainState, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1), loss, metrics
+        with sharding.use(plan):
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params,
+                                                                               batch)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+        new = TrainState(params, opt_state, state.step + 1)
+        if state_shardings is not None:
+            new = jax.lax.with_sharding_constraint(new, state_shardings)
+        return new, loss, metrics
     return jax.jit(step, donate_argnums=0)
 
 
@@ -151,7 +182,10 @@ class Checkpoints:
 
     def restore(self, like: TrainState) -> TrainState:
         step = self.latest()
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        # each leaf restored where `like` holds it: onto this run's mesh, whatever mesh (or
+        # single device) wrote the checkpoint
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                             sharding=x.sharding),
                               {"params": like.params, "opt_state": like.opt_state,
                                "step": like.step})
         got = self.manager.restore(step, args=self.ocp.args.StandardRestore(target))
@@ -166,12 +200,12 @@ class Checkpoints:
 def fit(state: TrainState, step_fn, batch_for: Callable[[int], Any], steps: int,
         ckpt_dir=None, ckpt_every: int = 100, log_every: int = 10, desc: str = "train",
         progress: bool = True, evaluate: Callable[[TrainState], dict] | None = None,
-        eval_every: int = 0, stop_at: int | None = None):
+        eval_every: int = 0, stop_at: int | None = None, plan: sharding.Plan | None = None):
     """Train to `steps` (resuming from ckpt_dir's latest checkpoint); returns (state, log).
 
     log: [{"step", "loss", ...metrics}] every `log_every` steps, plus `evaluate(state)`'s dict
     every `eval_every` steps and at the end. `stop_at` ends early (as if interrupted) after that
-    step, having checkpointed it.
+    step, having checkpointed it. With a plan each batch is split over its batch axes.
     """
     from tqdm import tqdm
     ckpt = Checkpoints(ckpt_dir) if ckpt_dir is not None else None
@@ -184,7 +218,7 @@ def fit(state: TrainState, step_fn, batch_for: Callable[[int], Any], steps: int,
     bar = tqdm(total=steps, initial=start, desc=desc, disable=not progress)
     losses = []
     for i in range(start, end):
-        state, loss, metrics = step_fn(state, batch_for(i))
+        state, loss, metrics = step_fn(state, sharding.put_batch(plan, batch_for(i)))
         losses.append(loss)
         done = i + 1
         if done % log_every == 0 or done == end:

@@ -8,6 +8,10 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+# tests/multidevice needs 8 virtual devices, which jax fixes at start-up: tests/test_multidevice.py
+# runs them in a subprocess with XLA_FLAGS set (MOEX_MULTIDEVICE=1); here they are not collected.
+collect_ignore = [] if os.environ.get("MOEX_MULTIDEVICE") else ["multidevice"]
+
 
 @pytest.fixture(scope="session")
 def hf_model(tmp_path_factory):

@@ -13,9 +13,11 @@ dataclass (`moex.cli.args`) and call the library. No library module registers a 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from moex.cli import experiments, lm, model, perf, vlm
+from moex.nn import sharding
 
 GROUPS = (model, lm, vlm, experiments, perf)
 
@@ -51,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
+        sharding.initialize_distributed(os.environ)     # multi-host runs (README: Choosing a mesh)
         return args.fn(args)
     except (KeyError, ValueError, FileNotFoundError) as e:
         why = e.args[0] if isinstance(e, KeyError) and e.args else e   # KeyError's str quotes

@@ -31,7 +31,8 @@ def register(sub) -> None:
     lm_sub = lm.add_subparsers(dest="lm", required=True)
     p = lm_sub.add_parser("train", help="train a preset's decoder (resumes)")
     add_fields(p, LMTrainConfig, positional=("preset",), skip=("corpus_limit",),
-               help={"eval_every": "held-out loss every N steps (0: at the end only)"})
+               help={"eval_every": "held-out loss every N steps (0: at the end only)",
+                     "mesh": "devices to train on, e.g. data=2,expert=4 (axes data, fsdp, tensor, expert; README: Choosing a mesh); default one device"})
     p.set_defaults(fn=lm_train)
     p = lm_sub.add_parser("trace", help="record routing traces of a trained model")
     p.add_argument("model", help="moex checkpoint dir")

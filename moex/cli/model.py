@@ -21,6 +21,8 @@ from moex.data.qwen_images import preprocess as qwen_preprocess, spec_for
 from moex.experiments import tiny_hf
 from moex.experiments.tiny_hf import TinyHFConfig
 from moex.generate import Sampling, generator_for
+from moex.model import shard_params
+from moex.nn import sharding
 from moex.info import format_info, model_info
 from moex.offload.engine import OffloadEngine
 from moex.offload.misses import MissRule, parse_misses
@@ -78,6 +80,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--misses", default="load",
                    help="with --offload, what a miss may do: load, low[:int4|int8][+upgrade], "
                         "host, joined by '+' (a cost model measured here decides per miss)")
+    p.add_argument("--mesh", help="generate sharded over a device mesh, e.g. data=2,expert=4 "
+                   "(README: Choosing a mesh; not with --offload, whose slot pool is one device)")
     p.set_defaults(fn=generate)
 
 
@@ -217,6 +221,9 @@ def generate(args) -> int:
     ids, mask = left_pad(seqs, tok.pad_id)
     sampling = Sampling(args.temperature, args.top_p, args.seed)
     engine = None
+    if args.offload and args.mesh:
+        raise ValueError("--offload runs the engine on one device; drop --mesh (README: "
+                         "Choosing a mesh, offloading beside sharding)")
     if args.offload:
         spec, misses = parse_policy(args.offload), parse_misses(args.misses)
         store = ExpertStore.from_params(cfg, loaded.params, expert_dtype=args.expert_dtype,
@@ -233,8 +240,9 @@ def generate(args) -> int:
         out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
                               sampling=sampling)
     else:
-        out = generator_for(cfg)(loaded.params, ids, mask, images,
-                                 max_new_tokens=args.max_new_tokens, sampling=sampling)
+        plan = None if args.mesh is None else sharding.Plan.for_mesh(args.mesh)
+        out = generator_for(cfg, plan)(shard_params(cfg, loaded.params, plan), ids, mask, images,
+                                       max_new_tokens=args.max_new_tokens, sampling=sampling)
     for p, row, n in zip(args.prompt, out.tokens, out.num_generated):
         print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
                           "tokens": row[:n].tolist()}))

@@ -21,7 +21,9 @@ def register(sub) -> None:
         "data": "synthetic data root (written if missing)",
         "train_file": "MMBench-format TSV to train on instead (no caption rows then)",
         "dev_file": "MMBench-format TSV for held-out accuracy",
-        "init": "dense moex checkpoint to upcycle to the preset and fine-tune"})
+        "init": "dense moex checkpoint to upcycle to the preset and fine-tune",
+        "mesh": "devices to train on, e.g. data=2,expert=4 (axes data, fsdp, tensor, expert; "
+                "README: Choosing a mesh); default one device"})
     p.set_defaults(fn=train)
 
     d = VLMTrainConfig()

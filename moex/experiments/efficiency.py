@@ -57,7 +57,9 @@ from moex.experiments.projection import ProjectConfig
 from moex.experiments.throughput import CompareConfig, run_point
 from moex.generate import Generator
 from moex.measure import tree_bytes, write_outputs
-from moex.model import build
+from moex.model import build, shard_params
+from moex.nn import sharding
+from moex.nn.sharding import format_mesh
 from moex.nn.decoder import init_cache
 from moex.offload.forecast import reference_run
 from moex.offload.spec import budget_slots, parse_budget, parse_policy
@@ -114,6 +116,9 @@ class EfficiencyConfig:
                                                 # tables instead of the measured study
     project_trace: str = ""                     # routing trace for the offload projection
                                                 # (default: the trained {family}-hard's)
+    mesh: str | None = None                     # the grid sharded over a mesh, e.g.
+                                                # "data=2,expert=4" (moex.nn.sharding); the
+                                                # offload engine stays on one device
 
     def grid_points(self) -> tuple[tuple[int, ...], tuple[int, ...], int]:
         name = self.grid if self.grid != "auto" else ("cpu" if jax.default_backend() == "cpu"
@@ -252,6 +257,23 @@ def resident_row(gen, params, cfg, batch: int, seq_len: int, study: EfficiencyCo
             **_offload_cells(1.0, 0, 0.0)}
 
 
+def grid_rows(gridded: list[Model], points, study: EfficiencyConfig, bar=None) -> list[dict]:
+    """The throughput / memory grid: every model at every (B, T) point, whole-model jitted, on
+    one device or sharded over `study.mesh` (params placed by their logical names)."""
+    plan = None if study.mesh is None else sharding.Plan.for_mesh(study.mesh)
+    rows = []
+    for m in gridded:
+        gen, params = Generator(build(m.cfg), plan), shard_params(m.cfg, m.params, plan)
+        for b, s in points:
+            if bar is not None:
+                bar.set_postfix_str(f"{m.name} B={b} T={s}")
+            rows.append({**resident_row(gen, params, m.cfg, b, s, study), "weights": m.source,
+                         "mesh": "1 device" if plan is None else format_mesh(plan.shape)})
+            if bar is not None:
+                bar.update()
+    return rows
+
+
 TIMING_KEYS = ("prefill_tokens_per_s", "prefill_s_median", "prefill_s_min", "prefill_s_max",
                "decode_tokens_per_s", "decode_step_s_median", "decode_step_s_min",
                "decode_step_s_max")
@@ -365,16 +387,12 @@ def run(study: EfficiencyConfig, progress: bool = True):
             bar.set_postfix_str(f"{m.name} routing")
             routes.append(routing(study, m, routing_q))
             bar.update()
-    for m in gridded:
-        gen = Generator(build(m.cfg))
-        for b, s in points:
-            bar.set_postfix_str(f"{m.name} B={b} T={s}")
-            rows.append({**resident_row(gen, m.params, m.cfg, b, s, study), "weights": m.source})
-            bar.update()
+    rows += grid_rows(gridded, points, study, bar)
     if study.policies:
         for m in hard:
             before = len(rows)
-            rows += [{**r, "weights": m.source} for r in offload_rows(m, study, mm, bar)]
+            rows += [{**r, "weights": m.source, "mesh": "1 device"}   # the engine: one device
+                     for r in offload_rows(m, study, mm, bar)]
             bar.update(len(rows) - before)
     bar.close()
     scores = {a["model"]: a for a in acc}

@@ -141,7 +141,8 @@ def report_md(rows, acc, routes, skipped, study, data: dict, roles: dict) -> str
         f"## Learning curves (held-out dev split)\n\nSteps are total training steps: an upcycled "
         f"model's fine-tuning continues from its dense start's last step.\n\n{learning_md(acc)}",
         f"## Routing of the hard-MoE models\n\n{routing_md(routes)}",
-        f"## Throughput and memory (all experts resident)\n\n{throughput_md(rows)}",
+        f"## Throughput and memory (all experts resident{_mesh_note(rows)})\n\n"
+        f"{throughput_md(rows)}",
         f"## Relative to dense\n\n{relative_md(rows)}",
         f"## Expert offloading (live engine, layer by layer, on the benchmark's prompts; "
         f"all-resident = the same engine with every expert in the pool)\n\n{offload_md(rows)}",
@@ -272,3 +273,9 @@ def _signature_plot(plt, route: dict, path: pathlib.Path) -> pathlib.Path:
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _mesh_note(rows: list[dict]) -> str:
+    """', sharded over MESH' when the grid ran on a mesh (`moex efficiency --mesh`)."""
+    meshes = {r.get("mesh") for r in rows if r["policy"] == RESIDENT_JIT} - {None, "1 device"}
+    return f", sharded over {', '.join(sorted(meshes))}" if meshes else ""

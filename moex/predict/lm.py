@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from moex.config import VLMConfig, get_config
 from moex.model import aux_loss, build, init_params
+from moex.nn import sharding
 from moex.offload.forecast import reference_run
 from moex.offload.store import ExpertStore
 from moex.offload.trace import Trace
@@ -55,6 +56,7 @@ class LMTrainConfig:
     seed: int = 0
     corpus_limit: int | None = None     # first N stdlib files only (tests)
     out: str = "runs/lm"
+    mesh: str | None = None             # e.g. "data=2,expert=4" (moex.nn.sharding); None: 1 device
 
     @property
     def run_dir(self) -> pathlib.Path:
@@ -105,14 +107,15 @@ def train_lm(lm_run: LMTrainConfig, progress: bool = True, stop_at: int | None =
     tcfg = train_model_config(cfg, lm_run.train_capacity_factor)
     model = build(tcfg)
     optimizer = adamw(lm_run.lr, lm_run.warmup, lm_run.steps, lm_run.weight_decay)
-    state = TrainState.create(init_params(cfg, lm_run.seed), optimizer)
-    step = make_step(lm_loss(model, tcfg), optimizer)
+    plan = None if lm_run.mesh is None else sharding.Plan.for_mesh(lm_run.mesh)
+    state = TrainState.sharded(cfg, init_params(cfg, lm_run.seed), optimizer, plan)
+    step = make_step(lm_loss(model, tcfg), optimizer, plan, plan and state.shardings())
     evaluate = heldout_loss(model, tcfg, lm_run)
     draw = batch_for(lm_run)
     state, log = fit(state, step, lambda i: jnp.asarray(draw(i)), lm_run.steps,
                      ckpt_dir=lm_run.run_dir / "train", ckpt_every=lm_run.ckpt_every,
                      desc=f"lm {lm_run.preset}", progress=progress, evaluate=evaluate,
-                     eval_every=lm_run.eval_every, stop_at=stop_at)
+                     eval_every=lm_run.eval_every, stop_at=stop_at, plan=plan)
     publish_model(lm_run.run_dir, state, lm_run.steps, cfg,
                   {"trained": "byte-level LM on the stdlib corpus (code + prose)",
                    "config": dataclasses.asdict(lm_run)}, log)

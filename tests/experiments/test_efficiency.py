@@ -28,7 +28,7 @@ def test_experiment_end_to_end(tmp_path, capsys):
     args = [
         "efficiency", "--family", "wtest", "--grid-family", "tiny", "--train-steps", "6",
         "--finetune-steps", "4", "--batch", "1", "2", "--seq", "48", "64",
-        "--max-tokens", "100", "--repeats", "1", "--warmup", "1", "--decode-steps", "2",
+        "--max-tokens", "64", "--repeats", "1", "--warmup", "1", "--decode-steps", "2",
         "--policies", "lru", "pregated", "predictive:prior", "--budgets", "50%", "--offload-batch", "2",
         "--offload-new-tokens", "2", "--offload-repeats", "1", "--eval-questions", "6",
         "--eval-batch", "4", "--routing-questions", "8", "--data", str(data),
@@ -37,7 +37,7 @@ def test_experiment_end_to_end(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "results.csv")))
     keys = [(r["model"], r["batch"], r["seq_len"], r["policy"], r["budget"]) for r in rows]
     resident = {(f"tiny-{k}", str(b), str(t), "resident-jit", "100%")
-                for k in ("dense", "hard", "soft") for b, t in ((1, 48), (1, 64), (2, 48))}
+                for k in ("dense", "hard", "soft") for b, t in ((1, 48), (1, 64))}
     offload = {(m, b, t, p, bud) for m, b, t, p, bud in keys if p != "resident-jit"}
     assert {(m, b, p, bud) for m, b, _, p, bud in offload} == {
         ("wtest-hard", "2", p, b) for p, b in (("all-resident", "100%"), ("lru", "50%"),
@@ -55,7 +55,7 @@ def test_experiment_end_to_end(tmp_path, capsys):
     assert float(by[("lru", "50%")]["param_bytes_experts"]) < \
         float(by[("all-resident", "100%")]["param_bytes_experts"])
     meta = json.loads((out / "results.json").read_text())
-    assert meta["config"]["skipped"] == ["B=2 T=64 (B x T > 100)"]
+    assert meta["config"]["skipped"] == ["B=2 T=48 (B x T > 64)", "B=2 T=64 (B x T > 64)"]
     assert meta["config"]["models"]["grid"] == ["tiny-dense", "tiny-hard", "tiny-soft"]
     acc = json.loads((out / "accuracy.json").read_text())
     assert [a["model"] for a in acc] == ["wtest-dense", "wtest-hard", "wtest-soft"]

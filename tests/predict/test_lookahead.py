@@ -124,7 +124,7 @@ def test_heads_resume_exactly_and_save_load(recorded, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, resumed, loaded)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=7, deadline=None)
 @given(policy=st.sampled_from(["lookahead", "predictive-oracle", "predictive-prior"]),
        seed=st.integers(0, 1000), batch=st.integers(1, 3), slots=st.integers(2, TOTAL))
 def test_lookahead_and_combined_policies_are_bitwise_exact(hints, policy, seed, batch, slots):
