@@ -1,11 +1,12 @@
-"""`moex efficiency | compare` and `moex bench offload | offload-hf | forward | convert`: the
+"""`moex efficiency | compare` and `moex bench offload | offload-hf | forward | convert |
+sharding`: the
 experiments (`moex.experiments`), each reading its options into its run's dataclass."""
 
 from __future__ import annotations
 
 from moex.cli.args import add_fields, from_args
 from moex.experiments import (convert_cost, efficiency, gpu_check, moe_forward, offload_grid,
-                              offload_hf)
+                              offload_hf, sharding_bench)
 from moex.experiments.efficiency import GRIDS, EfficiencyConfig
 from moex.experiments.gpu_check import GpuCheckConfig
 from moex.experiments.offload_grid import OffloadBenchConfig
@@ -40,7 +41,9 @@ def register(sub) -> None:
         "project": "hardware specs (h200, rtx4090, ...): print and plot the PROJECTED 7B "
                    "tables (moex.perf) instead of running the measured study",
         "project_trace": "routing trace for the offload projection (default: the trained "
-                         "hard model's)"})
+                         "hard model's)",
+        "mesh": "run the throughput / memory grid sharded, e.g. data=2,expert=4 (README: "
+                "Choosing a mesh); offloading stays on one device"})
     p.set_defaults(fn=lambda a: efficiency.main(from_args(
         EfficiencyConfig, a, policies=tuple(x for x in a.policies if x != "none"))))
 
@@ -95,6 +98,17 @@ def _bench_parsers(sub) -> None:
     p = bench.add_parser("forward", help="Mixtral-shaped forward: moex vs transformers (torch)")
     add_fields(p, moe_forward.ForwardConfig, flags=RENAMED)
     p.set_defaults(fn=lambda a: moe_forward.main(from_args(moe_forward.ForwardConfig, a)))
+
+    p = bench.add_parser("sharding", help="sharding strategies, all-to-all volumes at 7B shapes, "
+                         "step times on a mesh vs one device (experiments/bench_sharding.py)")
+    add_fields(p, sharding_bench.ShardingBenchConfig, help={
+        "presets": "presets timed (random weights)",
+        "meshes": "meshes, e.g. expert=4,data=2 (axes data, fsdp, tensor, expert); on CPU the "
+                  "command re-runs itself on enough virtual devices",
+        "seq_len": "text tokens per row (plus the image's)",
+        "train": "skip the train-step timing"})
+    p.set_defaults(fn=lambda a: sharding_bench.main(from_args(sharding_bench.ShardingBenchConfig,
+                                                              a)))
 
     p = bench.add_parser("convert", help="conversion cost: checkpoints_convert vs "
                          "transformers.from_pretrained (experiments/bench_convert.py)")
