@@ -273,6 +273,7 @@ def train_vlm(run: VLMTrainConfig, progress: bool = True, stop_at: int | None = 
     cfg = get_config(run.preset)
     if cfg.vision is None:
         raise ValueError(f"{run.preset} has no vision tower; train_vlm trains VLMs")
+    plan = None if run.mesh is None else sharding.Plan.for_mesh(run.mesh)   # fails early
     claim_run_dir(run.run_dir, run)
     train_file, dev_file = split_files(run)
     dev_q = read_mmbench(dev_file)[:run.dev_questions]
@@ -283,7 +284,6 @@ def train_vlm(run: VLMTrainConfig, progress: bool = True, stop_at: int | None = 
         examples = SplitExamples(read_mmbench(train_file), cfg, tokenizer, run)
     tcfg = train_model_config(cfg, run.train_capacity_factor)
     optimizer = adamw(run.lr, run.warmup, run.steps, run.weight_decay)
-    plan = None if run.mesh is None else sharding.Plan.for_mesh(run.mesh)
     state = TrainState.sharded(cfg, initial_params(run, cfg), optimizer, plan)
     step = make_step(vlm_loss(build(tcfg), tcfg), optimizer, plan, plan and state.shardings())
     draw = lambda i: tuple(jnp.asarray(x) for x in examples(i))

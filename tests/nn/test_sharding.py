@@ -153,3 +153,13 @@ def test_distributed_launch_from_environment(monkeypatch):
         sharding.initialize_distributed({"MOEX_COORDINATOR": "h:1", "MOEX_NUM_PROCESSES": "2"})
     with pytest.raises(ValueError, match="MOEX_PROCESS_ID must be"):
         sharding.initialize_distributed({**env, "MOEX_PROCESS_ID": "x"})
+
+
+@pytest.mark.parametrize("group", ["lm", "vlm"])
+def test_train_on_a_mesh_bigger_than_the_machine_fails_before_writing(group, tmp_path, capsys):
+    from moex.cli import main
+    out = tmp_path / "runs"
+    assert main([group, "train", "tiny-hard", "--steps", "1", "--mesh", "data=2,expert=2",
+                 "--out", str(out)]) == 2
+    assert "needs 4 devices; 1 available" in capsys.readouterr().err
+    assert not out.exists()
