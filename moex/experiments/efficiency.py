@@ -366,6 +366,8 @@ def run(study: EfficiencyConfig, progress: bool = True):
     benchmark files used, which models each part measured)."""
     for policy in study.policies:
         parse_policy(policy)                      # a bad policy fails before any training
+    if study.mesh is not None:
+        sharding.Plan.for_mesh(study.mesh)        # and so does a mesh this machine lacks
     batch_sizes, seq_lens, cap = study.grid_points()
     studied = models(study, progress)
     gridded = grid_models(study, studied)

@@ -163,3 +163,12 @@ def test_train_on_a_mesh_bigger_than_the_machine_fails_before_writing(group, tmp
                  "--out", str(out)]) == 2
     assert "needs 4 devices; 1 available" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_efficiency_on_a_mesh_bigger_than_the_machine_fails_first(tmp_path, capsys):
+    from moex.cli import main
+    assert main(["efficiency", "--family", "tiny", "--mesh", "expert=4", "--runs",
+                 str(tmp_path / "runs"), "--data", str(tmp_path / "data"), "--out",
+                 str(tmp_path / "out")]) == 2
+    assert "needs 4 devices; 1 available" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
