@@ -116,15 +116,20 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def write_csv(path, rows: list[dict]) -> None:
+    """Rows as CSV, columns in first-seen order (rows may differ; a missing cell is empty)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)),
+                           restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def write_outputs(out, rows: list[dict], config: dict, report_md: str,
                   extra: Callable[[pathlib.Path], object] | None = None) -> pathlib.Path:
     """`extra(tmp_dir)` writes further files (plots) into the staged dir before it is published."""
     with staged(out, replace=True) as tmp:
-        with open(tmp / "results.csv", "w", newline="") as f:
-            fields = list(dict.fromkeys(k for r in rows for k in r))   # rows may differ
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(rows)
+        write_csv(tmp / "results.csv", rows)
         env = environment()
         meta = {"config": config, "environment": env, "rows": rows}
         (tmp / "results.json").write_text(json.dumps(meta, indent=2, default=str))

@@ -273,7 +273,7 @@ def train_vlm(run: VLMTrainConfig, progress: bool = True, stop_at: int | None = 
     cfg = get_config(run.preset)
     if cfg.vision is None:
         raise ValueError(f"{run.preset} has no vision tower; train_vlm trains VLMs")
-    plan = None if run.mesh is None else sharding.Plan.for_mesh(run.mesh)   # fails early
+    plan = sharding.plan_for(run.mesh)   # fails early
     claim_run_dir(run.run_dir, run)
     train_file, dev_file = split_files(run)
     dev_q = read_mmbench(dev_file)[:run.dev_questions]

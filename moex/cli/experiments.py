@@ -105,7 +105,7 @@ def _bench_parsers(sub) -> None:
         "presets": "presets timed (random weights)",
         "meshes": "meshes, e.g. expert=4,data=2 (axes data, fsdp, tensor, expert); on CPU the "
                   "command re-runs itself on enough virtual devices",
-        "seq_len": "text tokens per row (plus the image's)",
+        "seq_len": "tokens per row besides the image's (BOS, newline, text)",
         "train": "skip the train-step timing"})
     p.set_defaults(fn=lambda a: sharding_bench.main(from_args(sharding_bench.ShardingBenchConfig,
                                                               a)))

@@ -240,7 +240,7 @@ def generate(args) -> int:
         out = engine.generate(ids, mask, images, max_new_tokens=args.max_new_tokens,
                               sampling=sampling)
     else:
-        plan = None if args.mesh is None else sharding.Plan.for_mesh(args.mesh)
+        plan = sharding.plan_for(args.mesh)
         out = generator_for(cfg, plan)(shard_params(cfg, loaded.params, plan), ids, mask, images,
                                        max_new_tokens=args.max_new_tokens, sampling=sampling)
     for p, row, n in zip(args.prompt, out.tokens, out.num_generated):

@@ -260,7 +260,7 @@ def resident_row(gen, params, cfg, batch: int, seq_len: int, study: EfficiencyCo
 def grid_rows(gridded: list[Model], points, study: EfficiencyConfig, bar=None) -> list[dict]:
     """The throughput / memory grid: every model at every (B, T) point, whole-model jitted, on
     one device or sharded over `study.mesh` (params placed by their logical names)."""
-    plan = None if study.mesh is None else sharding.Plan.for_mesh(study.mesh)
+    plan = sharding.plan_for(study.mesh)
     rows = []
     for m in gridded:
         gen, params = Generator(build(m.cfg), plan), shard_params(m.cfg, m.params, plan)
@@ -366,8 +366,7 @@ def run(study: EfficiencyConfig, progress: bool = True):
     benchmark files used, which models each part measured)."""
     for policy in study.policies:
         parse_policy(policy)                      # a bad policy fails before any training
-    if study.mesh is not None:
-        sharding.Plan.for_mesh(study.mesh)        # and so does a mesh this machine lacks
+    sharding.plan_for(study.mesh)                 # and so does a mesh this machine lacks
     batch_sizes, seq_lens, cap = study.grid_points()
     studied = models(study, progress)
     gridded = grid_models(study, studied)

@@ -23,7 +23,6 @@ report.md under --out, written to a temp dir and renamed into place.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import pathlib
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from moex.measure import md_table, write_outputs
+from moex.measure import md_table, write_csv, write_outputs
 from moex.measure import Timing, measure
 from moex.config import DecoderConfig, MoEConfig, VLMConfig
 from moex.model import build, forward, init_params
@@ -344,10 +343,7 @@ def main(args: ForwardConfig) -> int:
 
     def tables(tmp: pathlib.Path) -> None:
         for name, table in (("kernel.csv", kernels), ("expert_block.csv", blocks)):
-            with open(tmp / name, "w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=list(table[0]))
-                w.writeheader()
-                w.writerows(table)
+            write_csv(tmp / name, table)
 
     config = {"args": dataclasses.asdict(args), "shape": SHAPE, "norm_eps": EPS, "rope_theta": THETA,
               "torch": torch_info, "parity": parity, "load_average": load, "total_s": total,

@@ -20,7 +20,6 @@ count at start-up). Results: results.csv (timings), volumes.csv, results.json, r
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -34,7 +33,8 @@ import numpy as np
 from tqdm import tqdm
 
 from moex.config import get_config
-from moex.measure import md_table, measure, write_outputs
+from moex.experiments.throughput import make_batch
+from moex.measure import md_table, measure, write_csv, write_outputs
 from moex.model import aux_loss, build, init_params, shard_params
 from moex.nn import sharding
 from moex.nn.parallel import all_to_all_volume
@@ -109,17 +109,6 @@ def volumes_md(rows: list[dict]) -> str:
                       mb(r["routed_bytes"])] for r in rows])
 
 
-def _inputs(cfg, b, t, seed=0):
-    rng = np.random.default_rng(seed)
-    v = cfg.vision
-    n = v.num_image_tokens
-    tokens = rng.integers(3, cfg.decoder.vocab_size - 1, (b, t + n)).astype(np.int32)
-    tokens[tokens == cfg.image_token_id] = 3
-    tokens[:, :n] = cfg.image_token_id
-    images = rng.normal(size=(b, v.image_size, v.image_size, v.channels)).astype(np.float32)
-    return tokens, np.ones_like(tokens), images
-
-
 def time_point(name: str, mesh: str | None, run: ShardingBenchConfig):
     """Forward (and train step) compile and run time of `name` on `mesh` (None: one device);
     returns (row, the forward's logits)."""
@@ -127,7 +116,8 @@ def time_point(name: str, mesh: str | None, run: ShardingBenchConfig):
     plan = None if mesh is None else sharding.Plan.for_mesh(mesh)
     model = build(cfg)
     params = shard_params(cfg, init_params(cfg, 0), plan)
-    batch = sharding.put_batch(plan, _inputs(cfg, run.batch, run.seq_len))
+    length = run.seq_len + cfg.vision.num_image_tokens    # the image's tokens + seq_len more
+    batch = sharding.put_batch(plan, make_batch(cfg, run.batch, length, np.random.default_rng(0)))
 
     def fwd(p, t, m, im):
         with sharding.use(plan):
@@ -213,22 +203,14 @@ def main(run: ShardingBenchConfig) -> int:
         strategies_md(),
         "## All-to-all volume per MoE layer, from shapes (bf16, expert axis of 4)",
         volumes_md(vols),
-        f"## Step times, B = {run.batch}, T = {run.seq_len} text tokens + the image's "
+        f"## Step times, B = {run.batch}, T = the image's tokens + {run.seq_len} "
         f"(medians of {run.repeats}; on CPU a check, not a speed claim)",
         timing_md(rows)])
     print(report)
     path = write_outputs(run.out, rows, dataclasses.asdict(run), report,
-                         extra=lambda tmp: _write_csv(tmp / "volumes.csv", vols))
+                         extra=lambda tmp: write_csv(tmp / "volumes.csv", vols))
     print(f"\nwrote {path}")
     return 0
-
-
-def _write_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)),
-                           restval="")
-        w.writeheader()
-        w.writerows(rows)
 
 
 def bench_args(run: ShardingBenchConfig) -> list[str]:

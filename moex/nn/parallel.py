@@ -60,21 +60,21 @@ def expert_parallel(num_experts: int) -> sharding.Plan | None:
     return plan if num_experts % plan.size(AXIS) == 0 else None
 
 
-def _token_axes(plan: sharding.Plan) -> tuple[str, ...]:
-    return plan.axes("batch")
-
-
-def _pad_groups(plan, x, mask):
-    """Pad G to a multiple of the token shards; padded rows are masked out."""
-    shards = 1
-    for a in _token_axes(plan):
-        shards *= plan.size(a)
+def _padded(plan, x, token_mask):
+    """(x, mask, G): the mask (default: all valid), and the groups padded to a multiple of the
+    token shards; padding rows are masked out, so they route nowhere and take no capacity."""
+    mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask.astype(bool)
     g = x.shape[0]
-    extra = -g % shards
+    extra = -g % plan.ways("batch")
     if extra:
         x = jnp.concatenate([x, jnp.zeros((extra,) + x.shape[1:], x.dtype)])
         mask = jnp.concatenate([mask, jnp.zeros((extra,) + mask.shape[1:], mask.dtype)])
     return x, mask, g
+
+
+def _rows(plan, ndim: int):
+    """PartitionSpec of a per-row array: its rows over the batch axes."""
+    return P(plan.axes("batch") or None, *([None] * (ndim - 1)))
 
 
 def _specs(plan, tree, lead):
@@ -93,35 +93,39 @@ def hard_moe_parallel(plan, x, token_mask, kernel, experts: dict, route_fn, acti
     return hard_moe(plan, x, token_mask, kernel, experts, route_fn, activation, dtype)
 
 
-def hard_moe(plan, x, token_mask, kernel, experts: dict, route_fn, activation: str, dtype):
-    """Expert-parallel hard MoE: x (G, S, D) -> (y (G, S, Dout), Routing), under `plan`.
-    route_fn(logits, token_mask=...) -> Routing (the block's router settings)."""
-    mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask.astype(bool)
-    x, mask, g = _pad_groups(plan, x, mask)
-    tok = _token_axes(plan) or None
+def _routed(plan, x, token_mask, kernel, experts: dict, route_fn, expert_step):
+    """Each device routes its own rows (route_fn(x, kernel, mask) -> Routing: the block's router
+    settings, replicated kernel) and runs expert_step(x, routing, local experts) -> y on them
+    inside shard_map, experts split over the expert axis. Returns (y (G, S, Dout), Routing)
+    without the padding rows."""
+    x, mask, g = _padded(plan, x, token_mask)
 
     def body(x, mask, kernel, experts):
         with sharding.use(None):
-            logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
-            r = route_fn(logits, token_mask=mask)
-            dispatch, combine = dispatch_combine(r)
-            xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
-            xe = jax.lax.all_to_all(xe, AXIS, 0, 1, tiled=True)        # (E/n, n*g, C, D)
-            ye = experts_buffers(experts, xe, activation, dtype)
-            ye = jax.lax.all_to_all(ye, AXIS, 1, 0, tiled=True)        # (E, g, C, Dout)
-            y = jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), ye)
+            r = route_fn(x, kernel, mask)
+            y = expert_step(x, r, experts)
         return y, (r.logits, r.probs, r.expert_ids, r.weights, r.kept, r.position)
 
-    row = lambda n: P(tok, *([None] * (n - 1)))
-    out_specs = (row(3), (row(3), row(3), row(3), row(3), row(3), row(3)))
-    run = sharding.shard_map(body, plan, (row(3), row(2), P(), _specs(plan, experts, AXIS)),
-                             out_specs)
-    y, (logits, probs, ids, weights, kept, position) = run(x, mask, kernel, experts)
-    capacity = expert_capacity(x.shape[1], kernel.shape[-1], ids.shape[-1], route_fn.keywords.get(
-        "capacity_factor"))
-    routing = Routing(logits[:g], probs[:g], ids[:g], weights[:g], kept[:g], position[:g],
-                      capacity)
-    return y[:g], routing
+    row = _rows(plan, 3)
+    run = sharding.shard_map(body, plan.mesh,
+                             (row, _rows(plan, 2), P(), _specs(plan, experts, AXIS)),
+                             (row, (row,) * 6))
+    y, fields = run(x, mask, kernel, experts)
+    capacity = expert_capacity(x.shape[1], kernel.shape[-1], fields[2].shape[-1],
+                               route_fn.keywords.get("capacity_factor"))
+    return y[:g], Routing(*(f[:g] for f in fields), capacity)
+
+
+def hard_moe(plan, x, token_mask, kernel, experts: dict, route_fn, activation: str, dtype):
+    """Expert-parallel hard MoE, capacity path: x (G, S, D) -> (y (G, S, Dout), Routing)."""
+    def step(x, r, experts):
+        dispatch, combine = dispatch_combine(r)
+        xe = jnp.einsum("gsec,gsd->egcd", dispatch.astype(dtype), x.astype(dtype))
+        xe = jax.lax.all_to_all(xe, AXIS, 0, 1, tiled=True)        # (E/n, n*g, C, D)
+        ye = experts_buffers(experts, xe, activation, dtype)
+        ye = jax.lax.all_to_all(ye, AXIS, 1, 0, tiled=True)        # (E, g, C, Dout)
+        return jnp.einsum("gsec,egcd->gsd", combine.astype(dtype), ye)
+    return _routed(plan, x, token_mask, kernel, experts, route_fn, step)
 
 
 @functools.lru_cache(maxsize=None)
@@ -134,8 +138,7 @@ def ragged_supported(backend: str) -> bool:
         return jax.lax.ragged_all_to_all(x, jnp.zeros_like(x), 0 * one, one, 0 * one, one,
                                          axis_name="x")
     try:
-        fn = jax.shard_map(f, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
-        jax.jit(fn).lower(jnp.ones((2, 2), jnp.float32)).compile()
+        jax.jit(sharding.shard_map(f, mesh, P(), P())).lower(jnp.ones((2, 2), jnp.float32)).compile()
         return True
     except Exception:      # XLA:CPU: "HLO opcode ragged-all-to-all is not supported"
         return False
@@ -169,59 +172,45 @@ def hard_moe_ragged(plan, x, token_mask, kernel, experts: dict, route_fn, activa
                     dtype, grouped_matmul: str = "auto", exchange=ragged_all_to_all):
     """Expert-parallel dropless hard MoE sending only the routed pairs: x (G, S, D) -> (y,
     Routing). `exchange` has ragged_all_to_all's signature (the reference on CPU)."""
-    mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask.astype(bool)
-    x, mask, g = _pad_groups(plan, x, mask)
-    tok = _token_axes(plan) or None
     n = plan.size(AXIS)
     e = kernel.shape[-1]
     el = e // n
 
-    def body(x, mask, kernel, experts):
-        with sharding.use(None):
-            gl, s, d = x.shape
-            logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
-            r = route_fn(logits, token_mask=mask)
-            k = r.expert_ids.shape[-1]
-            pairs = gl * s * k
-            key = jnp.where(r.kept.reshape(-1), r.expert_ids.reshape(-1), e)
-            order = jnp.argsort(key, stable=True)
-            xs = x.reshape(gl * s, d).astype(dtype)[order // k]
-            counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)     # mine, per expert
-            every = jax.lax.all_gather(counts, AXIS)                           # (n, E)
-            flow = every.reshape(n, n, el).sum(-1)                             # sender, receiver
-            me = jax.lax.axis_index(AXIS)
-            before = jnp.cumsum(flow, axis=0) - flow           # rows earlier senders put at j
-            send = flow[me]
-            send_off = jnp.cumsum(send) - send
-            recv = flow[:, me]
-            recv_off = before[:, me]
-            buf = jnp.zeros((n * pairs, d), dtype)
-            got = exchange(xs, buf, send_off, send, before[me], recv, AXIS)
-            # received rows: sender-major, each sender's rows sorted by my local experts
-            mine = jax.lax.dynamic_slice_in_dim(every, me * el, el, axis=1)    # (n, El)
-            ends = jnp.cumsum(mine.reshape(-1))
-            row = jnp.arange(n * pairs)
-            seg = jnp.searchsorted(ends, row, side="right")
-            lkey = jnp.where(row < ends[-1], seg % el, el)
-            order2 = jnp.argsort(lkey, stable=True)
-            ys = grouped_rows(experts, got[order2], lkey[order2], el, activation, dtype,
-                              grouped_matmul)
-            ys = jnp.where((lkey[order2] < el)[:, None], ys, 0)[inverse_permutation(order2)]
-            back = exchange(ys, jnp.zeros((pairs, ys.shape[-1]), dtype), recv_off, recv,
-                            send_off_of_peers(flow, me), send, AXIS)
-            back = jnp.where((key[order] < e)[:, None], back[:pairs], 0)
-            out = back[inverse_permutation(order)].reshape(gl * s, k, -1)
-            y = jnp.sum(out * r.weights.reshape(gl * s, k, 1).astype(dtype), axis=1)
-        return y.reshape(gl, s, -1), (r.logits, r.probs, r.expert_ids, r.weights, r.kept,
-                                      r.position)
-
-    row = lambda m: P(tok, *([None] * (m - 1)))
-    run = sharding.shard_map(body, plan, (row(3), row(2), P(), _specs(plan, experts, AXIS)),
-                             (row(3), tuple(row(3) for _ in range(6))))
-    y, (logits, probs, ids, weights, kept, position) = run(x, mask, kernel, experts)
-    routing = Routing(logits[:g], probs[:g], ids[:g], weights[:g], kept[:g], position[:g],
-                      x.shape[1])
-    return y[:g], routing
+    def step(x, r, experts):
+        gl, s, d = x.shape
+        k = r.expert_ids.shape[-1]
+        pairs = gl * s * k
+        key = jnp.where(r.kept.reshape(-1), r.expert_ids.reshape(-1), e)
+        order = jnp.argsort(key, stable=True)
+        xs = x.reshape(gl * s, d).astype(dtype)[order // k]
+        counts = jnp.bincount(key, length=e + 1)[:e].astype(jnp.int32)     # mine, per expert
+        every = jax.lax.all_gather(counts, AXIS)                           # (n, E)
+        flow = every.reshape(n, n, el).sum(-1)                             # sender, receiver
+        me = jax.lax.axis_index(AXIS)
+        before = jnp.cumsum(flow, axis=0) - flow           # rows earlier senders put at j
+        send = flow[me]
+        send_off = jnp.cumsum(send) - send
+        recv = flow[:, me]
+        recv_off = before[:, me]
+        got = exchange(xs, jnp.zeros((n * pairs, d), dtype), send_off, send, before[me], recv,
+                       AXIS)
+        # received rows: sender-major, each sender's rows sorted by my local experts
+        mine = jax.lax.dynamic_slice_in_dim(every, me * el, el, axis=1)    # (n, El)
+        ends = jnp.cumsum(mine.reshape(-1))
+        row = jnp.arange(n * pairs)
+        seg = jnp.searchsorted(ends, row, side="right")
+        lkey = jnp.where(row < ends[-1], seg % el, el)
+        order2 = jnp.argsort(lkey, stable=True)
+        ys = grouped_rows(experts, got[order2], lkey[order2], el, activation, dtype,
+                          grouped_matmul)
+        ys = jnp.where((lkey[order2] < el)[:, None], ys, 0)[inverse_permutation(order2)]
+        back = exchange(ys, jnp.zeros((pairs, ys.shape[-1]), dtype), recv_off, recv,
+                        send_off_of_peers(flow, me), send, AXIS)
+        back = jnp.where((key[order] < e)[:, None], back[:pairs], 0)
+        out = back[inverse_permutation(order)].reshape(gl * s, k, -1)
+        y = jnp.sum(out * r.weights.reshape(gl * s, k, 1).astype(dtype), axis=1)
+        return y.reshape(gl, s, -1)
+    return _routed(plan, x, token_mask, kernel, experts, route_fn, step)
 
 
 def send_off_of_peers(flow, me):
@@ -234,14 +223,12 @@ def send_off_of_peers(flow, me):
 def soft_moe(plan, x, token_mask, mu, scale, experts: dict, weights_fn, activation: str, dtype):
     """Expert-parallel Soft MoE: x (G, M, D) -> y (G, M, Dout). weights_fn(x, mu, scale, mask) ->
     (dispatch, combine) (G, M, E, P)."""
-    mask = jnp.ones(x.shape[:2], bool) if token_mask is None else token_mask.astype(bool)
-    x, mask, g = _pad_groups(plan, x, mask)
-    tok = _token_axes(plan) or None
+    x, mask, g = _padded(plan, x, token_mask)
 
     def body(x, mask, mu, scale, experts):
         with sharding.use(None):
             dispatch, combine = weights_fn(x, mu, scale, mask)
-            e, p = dispatch.shape[2:]
+            p = dispatch.shape[3]
             slots = jnp.einsum("gmnp,gmd->ngpd", dispatch.astype(dtype), x.astype(dtype))
             slots = jax.lax.all_to_all(slots, AXIS, 0, 1, tiled=True)  # (E/n, n*g, P, D)
             el, gl = slots.shape[:2]
@@ -249,9 +236,9 @@ def soft_moe(plan, x, token_mask, mu, scale, experts: dict, weights_fn, activati
             out = jax.lax.all_to_all(out.reshape(el, gl, p, -1), AXIS, 1, 0, tiled=True)
             return jnp.einsum("gmnp,ngpd->gmd", combine.astype(dtype), out)
 
-    row = lambda n: P(tok, *([None] * (n - 1)))
-    run = sharding.shard_map(body, plan, (row(3), row(2), P(), P(), _specs(plan, experts, AXIS)),
-                             row(3))
+    row = _rows(plan, 3)
+    run = sharding.shard_map(body, plan.mesh, (row, _rows(plan, 2), P(), P(),
+                                               _specs(plan, experts, AXIS)), row)
     return run(x, mask, mu, scale, experts)[:g]
 
 

@@ -80,6 +80,12 @@ def route(logits, *, top_k: int, renormalize: bool, capacity_factor: float | Non
                    kept=kept, position=position.astype(jnp.int32), capacity=capacity)
 
 
+def route_tokens(x, kernel, token_mask=None, **settings) -> Routing:
+    """x (G, S, D) through the router kernel (D, E) in float32, then `route` with `settings`."""
+    logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
+    return route(logits, token_mask=token_mask, **settings)
+
+
 class Router(nn.Module):
     """Linear router x (G, S, D) @ kernel (D, E) -> Routing."""
 
@@ -97,12 +103,11 @@ class Router(nn.Module):
         kernel = sharding.param(self, "kernel", nn.initializers.normal(0.02),
                                 (x.shape[-1], self.num_experts), self.param_dtype,
                                 ("embed", None))
-        logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
-        return self.route_fn()(logits, token_mask=token_mask)
+        return self.route_fn()(x, kernel, token_mask)
 
     def route_fn(self):
-        """`route` with this router's settings: (logits, token_mask=...) -> Routing."""
-        return functools.partial(route, top_k=self.top_k, renormalize=self.renormalize,
+        """`route_tokens` with this router's settings: (x, kernel, token_mask) -> Routing."""
+        return functools.partial(route_tokens, top_k=self.top_k, renormalize=self.renormalize,
                                  capacity_factor=self.capacity_factor,
                                  num_groups=self.num_groups, topk_groups=self.topk_groups,
                                  scaling=self.scaling)

@@ -163,6 +163,11 @@ class Plan:
         return f"mesh {format_mesh(self.shape)} ({self.mesh.devices.size} devices)"
 
 
+def plan_for(mesh: str | None) -> Plan | None:
+    """The plan of a --mesh option ("data=2,expert=4"): default rules; None stays one device."""
+    return None if mesh is None else Plan.for_mesh(mesh)
+
+
 _ACTIVE: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("moex_plan", default=None)
 
 
@@ -263,7 +268,6 @@ def initialize_distributed(environ) -> bool:
     return True
 
 
-def shard_map(fn, plan: Plan, in_specs, out_specs):
-    """jax.shard_map over the plan's mesh; the one place its signature is used."""
-    return jax.shard_map(fn, mesh=plan.mesh, in_specs=in_specs, out_specs=out_specs,
-                         check_vma=False)
+def shard_map(fn, mesh: Mesh, in_specs, out_specs):
+    """jax.shard_map over `mesh`; the one place its signature is used."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

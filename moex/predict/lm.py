@@ -103,7 +103,7 @@ def train_lm(lm_run: LMTrainConfig, progress: bool = True, stop_at: int | None =
     if lm_run.batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (one window per domain), found {lm_run.batch_size}")
     cfg = get_config(lm_run.preset)
-    plan = None if lm_run.mesh is None else sharding.Plan.for_mesh(lm_run.mesh)   # fails early
+    plan = sharding.plan_for(lm_run.mesh)   # fails early
     claim_run_dir(lm_run.run_dir, lm_run)
     tcfg = train_model_config(cfg, lm_run.train_capacity_factor)
     model = build(tcfg)
