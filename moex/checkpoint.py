@@ -1,7 +1,7 @@
 """moex checkpoints on disk: an orbax params tree plus the moex config, written atomically.
 
     OUT/
-      config.json      moex VLMConfig (dataclasses as JSON)
+      config.json      moex VLMConfig or EncDecConfig (dataclasses as JSON; `kind` tells)
       params/          the params pytree as orbax checkpoints, one per second-level subtree
                        (decoder/layer_0, decoder/embed, vision/..., listed in params/index.json):
                        saved one after another, so saving never holds a second copy of the
@@ -25,7 +25,7 @@ import tempfile
 import jax
 import numpy as np
 
-from moex.config import PRESETS, VLMConfig, get_config
+from moex.config import PRESETS, EncDecConfig, VLMConfig, config_from_dict, get_config
 from moex.data.vocab import tokenizer_for
 from moex.model import init_params
 
@@ -121,11 +121,11 @@ def save(out, cfg: VLMConfig, params, metadata: dict | None = None, copy_from=No
     return pathlib.Path(out)
 
 
-def load_config(path) -> VLMConfig:
+def load_config(path) -> VLMConfig | EncDecConfig:
     path = pathlib.Path(path)
     if not (path / "config.json").is_file() or not (path / "params").is_dir():
         raise FileNotFoundError(f"{path}: not a moex checkpoint (expected config.json and params/)")
-    return VLMConfig.from_json((path / "config.json").read_text())
+    return config_from_dict(json.loads((path / "config.json").read_text()))
 
 
 def chunk_names(path) -> list[str]:

@@ -48,6 +48,10 @@ class MoEConfig:
     expert_dim: int = 0                  # F: hidden width of one routed expert
     renormalize: bool = True             # top-k weights renormalised to sum to 1 (Mixtral) or not
     capacity_factor: float | None = None  # None = dropless; else C = ceil(cf * S * K / E) per group
+    expert_capacity: int | None = None   # a fixed C per group (Switch checkpoints), over cf
+    padding_takes_capacity: bool = False  # padding tokens use capacity (transformers' Switch)
+    router_jitter: float = 0.0           # Switch: uniform multiplicative noise on the router's
+                                         # input, training only (a "jitter" rng is passed)
     num_shared_experts: int = 0          # always-on experts, fused as one MLP of width n * shared_dim
     shared_dim: int = 0
     shared_gate: Literal["none", "sigmoid"] = "none"  # Qwen2-MoE gates the shared expert
@@ -269,6 +273,10 @@ class VLMConfig:
     tokenizer: TokenizerKind = "byte"   # without a tokenizer.json: moex.data.vocab.tokenizer_for
     description: str = ""
 
+    @property
+    def vocab_size(self) -> int:
+        return self.decoder.vocab_size
+
     def validate(self) -> "VLMConfig":
         self.decoder.validate()
         if (self.vision is None) != (self.projector is None):
@@ -292,6 +300,104 @@ class VLMConfig:
         return config_from_dict(raw)
 
 
+@dataclasses.dataclass(frozen=True)
+class EncDecConfig:
+    """An encoder-decoder LM in the T5 / Switch Transformers layout (moex.nn.encdec): shared
+    embeddings, pre-norm blocks with T5 layer norm (RMS, no bias), attention without biases or
+    1/sqrt(d) scaling and with relative position buckets (one table per stack, in its first
+    block), ReLU FFNs of which every `step`-th is a Switch MoE (top-1, capacity), cross-attention
+    from every decoder block to the encoder's output. `encoder_moe` / `decoder_moe` select the
+    MoE blocks of each stack (MoEConfig.is_moe_layer; Switch: every_n=2, layer_offset=1)."""
+
+    name: str
+    vocab_size: int = 32128
+    d_model: int = 768
+    num_heads: int = 12
+    head_dim: int = 64                   # T5's d_kv
+    ffn_dim: int = 3072                  # d_ff of the dense FFNs and of every expert
+    activation: Activation = "relu"
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True          # tied: logits = (x * d_model**-0.5) @ embed.T
+    encoder_moe: MoEConfig = DENSE
+    decoder_moe: MoEConfig = DENSE
+    max_seq_len: int = 512
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    tokenizer: TokenizerKind = "byte"
+    description: str = ""
+    kind: Literal["encdec"] = "encdec"   # written to config.json: which config class reads it
+    vision = None                        # (class attributes, not fields) text only: no image
+    image_token_id = -1                  # tower, no placeholder id
+
+    def validate(self) -> "EncDecConfig":
+        if self.activation != "relu":
+            raise ValueError(f"{self.name}: encoder-decoder FFNs are ReLU (Switch "
+                             f"Transformers); found activation {self.activation!r}")
+        for where, moe in (("encoder_moe", self.encoder_moe), ("decoder_moe", self.decoder_moe)):
+            moe.validate(where)
+            if moe.kind == "soft":
+                raise ValueError(f"{self.name}: {where} must be dense or hard, found soft")
+        for n in ("d_model", "num_heads", "head_dim", "ffn_dim", "encoder_layers",
+                  "decoder_layers", "relative_buckets", "relative_max_distance"):
+            if getattr(self, n) < 1:
+                raise ValueError(f"{self.name}: {n} must be >= 1, found {getattr(self, n)}")
+        return self
+
+    def replace(self, **changes) -> "EncDecConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @staticmethod
+    def from_json(text: str) -> "EncDecConfig":
+        return config_from_dict(json.loads(text))
+
+    def moe_layers(self) -> list[tuple[str, int]]:
+        """(stack, block index) of every MoE block, encoder first: the order of traces and of
+        the offload engine's layer visits."""
+        return ([("encoder", i) for i in range(self.encoder_layers)
+                 if self.encoder_moe.is_moe_layer(i)]
+                + [("decoder", i) for i in range(self.decoder_layers)
+                   if self.decoder_moe.is_moe_layer(i)])
+
+
+def switch_moe(num_experts: int, expert_dim: int, num_layers: int, sparse_layers: int,
+               expert_capacity: int | None = 64, jitter: float = 0.01,
+               aux_loss_weight: float = 0.001, z_loss_weight: float = 0.001) -> MoEConfig:
+    """The MoE blocks of a Switch Transformers stack as transformers builds them: with
+    `sparse_layers` > 0, step = num_layers // sparse_layers and block i is sparse iff
+    i % step == 1 (every block when step is 1); top-1 without renormalisation, a fixed capacity
+    per sequence counting padding, multiplicative router jitter in training."""
+    if sparse_layers <= 0:
+        return DENSE
+    step = num_layers // sparse_layers
+    return MoEConfig(kind="hard", num_experts=num_experts, top_k=1, expert_dim=expert_dim,
+                     renormalize=False, expert_capacity=expert_capacity,
+                     padding_takes_capacity=True, router_jitter=jitter, every_n=step,
+                     layer_offset=1 % step, aux_loss_weight=aux_loss_weight,
+                     z_loss_weight=z_loss_weight)
+
+
+AnyConfig = VLMConfig | EncDecConfig
+
+
+def require_decoder_lm(cfg, what: str) -> VLMConfig:
+    """`cfg` if it is a decoder LM / VLM config; an encoder-decoder is refused by name (the
+    commands that take one: info, presets, generate, convert, compare-hf)."""
+    if isinstance(cfg, EncDecConfig):
+        raise ValueError(f"{cfg.name} is an encoder-decoder (Switch / T5 layout); {what} runs "
+                         "decoder LMs and VLMs only")
+    return cfg
+
+
 # MoE field -> {value older moex wrote: today's value}. compute "ragged" (sorted pairs, or for
 # few tokens gathered / broadcast ones, chosen by shape) is today's "auto".
 LEGACY_MOE_VALUES = {"compute": {"ragged": "auto"}}
@@ -306,9 +412,10 @@ def upgrade_moe_fields(moe: dict) -> dict:
     return out
 
 
-def config_from_dict(raw: dict) -> VLMConfig:
-    """Inverse of dataclasses.asdict for VLMConfig (tuples restored, unknown keys rejected,
-    MoE values of older moex versions mapped by LEGACY_MOE_VALUES)."""
+def config_from_dict(raw: dict) -> VLMConfig | EncDecConfig:
+    """Inverse of dataclasses.asdict for VLMConfig and EncDecConfig (by `kind`; tuples
+    restored, unknown keys rejected, MoE values of older moex versions mapped by
+    LEGACY_MOE_VALUES)."""
 
     def build(cls, d):
         if d is None:
@@ -320,7 +427,7 @@ def config_from_dict(raw: dict) -> VLMConfig:
                              f"of {sorted(names)}")
         kw = {}
         for k, v in d.items():
-            if k == "moe":
+            if k in ("moe", "encoder_moe", "decoder_moe"):
                 v = build(MoEConfig, upgrade_moe_fields(v))
             elif k in ("dense_layers", "image_mean", "image_std", "deepstack_layers",
                        "mrope_section"):
@@ -328,6 +435,8 @@ def config_from_dict(raw: dict) -> VLMConfig:
             kw[k] = v
         return cls(**kw)
 
+    if raw.get("kind") == "encdec":
+        return build(EncDecConfig, raw).validate()
     return VLMConfig(
         name=raw["name"],
         decoder=build(DecoderConfig, raw["decoder"]),
@@ -355,7 +464,7 @@ def preset(name: str):
     return register
 
 
-def get_config(name: str) -> VLMConfig:
+def get_config(name: str) -> VLMConfig | EncDecConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]().validate()
@@ -635,3 +744,30 @@ def _qwen3_vl_30b():
                      dtype="bfloat16", param_dtype="bfloat16", **_QWEN3_VL_IDS,
                      description="Qwen3-VL-30B-A3B: 48 layers, 128 experts top-8; DeepStack, "
                                  "interleaved MRoPE")
+
+
+# --- Switch Transformers (T5 encoder-decoder, ExpertFlow's own models) ----------------------------
+# google/switch-base-E: T5-base shapes (12 + 12 blocks, d 768, 12 heads of 64, d_ff 3072, ReLU,
+# vocabulary 32128, relative buckets 32 up to 128), every second block of each stack (1, 3, ...)
+# a Switch layer of E experts, top-1 with expert_capacity 64 per sequence.
+
+def _switch_base(experts: int) -> EncDecConfig:
+    moe = switch_moe(experts, 3072, 12, 6)
+    return EncDecConfig(f"switch-base-{experts}", encoder_moe=moe, decoder_moe=moe,
+                        description=f"Switch Transformers base, {experts} experts (T5-base "
+                                    "encoder-decoder, top-1 Switch layer every 2nd block)")
+
+
+for _e in (8, 16, 32, 64, 128):
+    preset(f"switch-base-{_e}")(lambda e=_e: _switch_base(e))
+
+
+@preset("tiny-switch")
+def _tiny_switch():
+    moe = switch_moe(4, 96, 4, 2, expert_capacity=None)
+    return EncDecConfig("tiny-switch", vocab_size=272, d_model=64, num_heads=4, head_dim=16,
+                        ffn_dim=96, encoder_layers=4, decoder_layers=4, relative_buckets=16,
+                        relative_max_distance=64, encoder_moe=moe, decoder_moe=moe,
+                        pad_token_id=256, eos_token_id=258, decoder_start_token_id=257,
+                        description="test size: Switch encoder-decoder, 4 + 4 blocks, 4 experts "
+                                    "top-1 in blocks 1 and 3 of each stack (byte tokenizer)")

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moex.config import require_decoder_lm
 from moex.nn import sharding
 from moex.nn.decoder import init_cache
 from moex.nn.vlm import VLM, check_placeholders
@@ -74,6 +75,8 @@ class Generator:
     `moex.model.shard_params(cfg, params, plan)`; prompts are split over the batch axes."""
 
     def __init__(self, model: VLM, plan: sharding.Plan | None = None):
+        require_decoder_lm(model.cfg, "Generator (moex.seq2seq.Seq2SeqGenerator runs "
+                                      "encoder-decoders)")
         self.model = model
         self.plan = plan
         self.traces = collections.Counter()

@@ -12,13 +12,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from moex.config import VLMConfig, get_config
+from moex.config import EncDecConfig, VLMConfig, get_config
 from moex.nn import sharding
+from moex.nn.encdec import EncoderDecoder
 from moex.nn.vlm import VLM
 
 
-def build(cfg: VLMConfig | str) -> VLM:
-    return VLM(get_config(cfg) if isinstance(cfg, str) else cfg)
+def build(cfg: VLMConfig | EncDecConfig | str) -> VLM | EncoderDecoder:
+    """The flax module of a config: a VLM (or decoder-only LM), or an encoder-decoder."""
+    cfg = get_config(cfg) if isinstance(cfg, str) else cfg
+    return EncoderDecoder(cfg) if isinstance(cfg, EncDecConfig) else VLM(cfg)
 
 
 def _init_boxed(model: VLM, rng):

@@ -152,7 +152,9 @@ def word_tokenizer_of(tokenizer) -> HFTextTokenizer:
     return HFTextTokenizer(tokenizer, IMAGE_ID, bos_id=BOS_ID, pad_id=PAD_ID, eos_id=EOS_ID)
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None):
+def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None, right: bool = False):
+    """(ids, mask) (B, length) int32: each sequence at the end of its row (decoder prompts), or
+    with right=True at the start (encoder inputs, as T5 tokenizers pad)."""
     longest = max(len(s) for s in seqs)
     length = length or longest
     if longest > length:
@@ -161,6 +163,7 @@ def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None):
     mask = np.zeros((len(seqs), length), np.int32)
     for b, s in enumerate(seqs):
         if s:
-            ids[b, length - len(s):] = s
-            mask[b, length - len(s):] = 1
+            where = slice(0, len(s)) if right else slice(length - len(s), length)
+            ids[b, where] = s
+            mask[b, where] = 1
     return ids, mask

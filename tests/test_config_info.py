@@ -6,7 +6,7 @@ import pytest
 
 from moex.cli import main
 from moex.config import PRESETS, VLMConfig, get_config
-from moex.info import model_info
+from moex.info import format_info, model_info
 
 PUBLISHED = {"mixtral-8x7b": 46.7e9, "qwen1.5-moe-a2.7b": 14.3e9, "deepseek-moe-16b": 16.4e9,
              "llava-1.5-7b": 7.06e9, "qwen3-vl-8b": 8.77e9, "qwen3-vl-30b-a3b": 31.07e9}
@@ -117,3 +117,16 @@ def test_qwen3_vl_presets_are_what_the_converter_reads_from_the_published_config
     same_heads = lambda d: dataclasses.replace(d, head_dim=d.dim_per_head)  # None == d / heads
     assert same_heads(got.decoder) == same_heads(want.decoder) and got.vision == want.vision
     assert got.projector == want.projector and got.image_token_id == want.image_token_id
+
+
+@pytest.mark.parametrize("name,published", [("switch-base-32", 1.98e9), ("switch-base-64", 3.79e9),
+                                            ("switch-base-128", 7.41e9)])
+def test_switch_presets_match_published_sizes(name, published):
+    """REFERENCES.md: Switch-base-32 / 64 / 128 have 1.98B / 3.79B / 7.41B parameters."""
+    info = model_info(name)
+    assert info.total_params == pytest.approx(published, rel=0.02)
+    assert info.encoder_params + info.decoder_params == info.total_params
+    e = int(name.rsplit("-", 1)[1])
+    # 6 + 6 Switch blocks of E experts, each expert wi (768 x 3072) + wo (3072 x 768)
+    assert info.routed_expert_params == 12 * e * 2 * 768 * 3072
+    assert "encoder" in format_info(info)

@@ -27,7 +27,7 @@ PACKAGES = ("moex", "checkpoints_convert")
 # the public API, so it sits on top
 LAYERS = (
     "moex.config", "moex.tokenizer", "moex.nn", "moex.data", "moex.model", "moex.checkpoint",
-    "moex.info", "moex.generate", "moex.measure", "moex.training", "moex.eval", "moex.offload",
+    "moex.info", "moex.generate", "moex.seq2seq", "moex.measure", "moex.training", "moex.eval", "moex.offload",
     "moex.perf", "moex.upcycle", "moex.predict", "moex.train_vlm", "checkpoints_convert", "moex.experiments",
     "moex.cli", "moex",
 )

@@ -15,12 +15,13 @@ from checkpoints_convert.export import to_hf
 from checkpoints_convert.reader import CheckpointError
 from moex import checkpoint
 from moex.cli.args import add_fields, from_args
-from moex.config import PRESETS, get_config
+from moex.config import PRESETS, EncDecConfig, get_config
 from moex.data.images import preprocess
 from moex.data.qwen_images import preprocess as qwen_preprocess, spec_for
 from moex.experiments import tiny_hf
 from moex.experiments.tiny_hf import TinyHFConfig
 from moex.generate import Sampling, generator_for
+from moex.seq2seq import Seq2SeqGenerator
 from moex.model import shard_params
 from moex.nn import sharding
 from moex.info import format_info, model_info
@@ -213,6 +214,8 @@ def native_images(cfg, wants: list[bool], files: list[str], folder=None) -> np.n
 def generate(args) -> int:
     loaded = checkpoint.load_model(args.model, args.seed, args.tokenizer)
     cfg, tok = loaded.cfg, loaded.tokenizer
+    if isinstance(cfg, EncDecConfig):
+        return generate_seq2seq(args, loaded)
     images = prompt_images(cfg, args.prompt, args.image, args.image_mode, args.seed,
                            loaded.checkpoint)
     n_img = 0 if cfg.vision is None else (cfg.vision.num_image_tokens if images is None else
@@ -254,6 +257,24 @@ def generate(args) -> int:
         report["lookahead"] = spec.lookahead
         report["miss_option"] = misses.label
         print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
+    return 0
+
+
+def generate_seq2seq(args, loaded) -> int:
+    """An encoder-decoder: each prompt is the encoder's input (with EOS, right-padded, as T5
+    tokenizers write it); the completion is what the decoder generates."""
+    cfg, tok = loaded.cfg, loaded.tokenizer
+    for flag, value in (("--image", args.image), ("--offload", args.offload),
+                        ("--mesh", args.mesh)):
+        if value:
+            raise ValueError(f"{flag} is not available for the encoder-decoder {cfg.name}")
+    seqs = [tok.encode(p, bos=False) + [cfg.eos_token_id] for p in args.prompt]
+    ids, mask = left_pad(seqs, cfg.pad_token_id, right=True)
+    out = Seq2SeqGenerator(cfg)(loaded.params, ids, mask, max_new_tokens=args.max_new_tokens,
+                                sampling=Sampling(args.temperature, args.top_p, args.seed))
+    for p, row, n in zip(args.prompt, out.tokens, out.num_generated):
+        print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
+                          "tokens": row[:n].tolist()}))
     return 0
 
 

@@ -18,7 +18,7 @@ import json
 import pathlib
 
 from moex.checkpoint import load_config
-from moex.config import PRESETS, get_config
+from moex.config import PRESETS, get_config, require_decoder_lm
 from moex.measure import write_outputs
 from moex.cli.args import add_fields, from_args
 from moex.experiments import precision_projection, projection
@@ -45,11 +45,11 @@ def register(sub) -> None:
 
 def config_of(target: str):
     if target in PRESETS:
-        return get_config(target)
+        return require_decoder_lm(get_config(target), "the performance model")
     if not (pathlib.Path(target) / "config.json").is_file():
         raise ValueError(f"{target!r} is neither a preset nor a moex checkpoint folder; "
                          f"presets: {', '.join(sorted(PRESETS))}")
-    return load_config(target)
+    return require_decoder_lm(load_config(target), "the performance model")
 
 
 def _table_parser() -> argparse.ArgumentParser:

@@ -66,8 +66,8 @@ def tokenizer_for(cfg, checkpoint_dir=None, path=None):
 def check_fits(cfg, tok) -> None:
     """A tokenizer whose ids do not fit the model's vocabulary, or whose special ids differ from
     the config's, is refused by name."""
-    if tok.num_tokens > cfg.decoder.vocab_size:
-        raise ValueError(f"{cfg.name}: its vocabulary holds {cfg.decoder.vocab_size} ids but the "
+    if tok.num_tokens > cfg.vocab_size:
+        raise ValueError(f"{cfg.name}: its vocabulary holds {cfg.vocab_size} ids but the "
                          f"tokenizer ({type(tok).__name__}, {cfg.tokenizer!r}) has "
                          f"{tok.num_tokens}; pass a tokenizer.json that fits (--tokenizer)")
     if cfg.vision is not None and tok.image_id != cfg.image_token_id:

@@ -83,7 +83,8 @@ class HardMoE(nn.Module):
     def setup(self):
         c = self.cfg
         self.router = Router(c.num_experts, c.top_k, c.renormalize, c.capacity_factor,
-                             self.param_dtype, c.num_groups, c.topk_groups, c.routed_scaling)
+                             self.param_dtype, c.num_groups, c.topk_groups, c.routed_scaling,
+                             c.expert_capacity, c.padding_takes_capacity, c.router_jitter)
         self.experts = ExpertParams(c.num_experts, c.expert_dim, self.activation, self.use_bias,
                                     self.param_dtype, self.out_dim)
         if c.num_shared_experts:

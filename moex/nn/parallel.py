@@ -86,7 +86,8 @@ def hard_moe_parallel(plan, x, token_mask, kernel, experts: dict, route_fn, acti
                       dtype, grouped_matmul: str = "auto"):
     """The expert-parallel hard MoE this backend runs best: the ragged path when the block is
     dropless and the backend has ragged_all_to_all, else the capacity path."""
-    dropless = route_fn.keywords.get("capacity_factor") is None
+    settings = route_fn.keywords
+    dropless = settings.get("capacity_factor") is None and settings.get("capacity") is None
     if dropless and ragged_supported(plan.mesh.devices.flat[0].platform):
         return hard_moe_ragged(plan, x, token_mask, kernel, experts, route_fn, activation, dtype,
                                grouped_matmul)
@@ -112,7 +113,8 @@ def _routed(plan, x, token_mask, kernel, experts: dict, route_fn, expert_step):
                              (row, (row,) * 6))
     y, fields = run(x, mask, kernel, experts)
     capacity = expert_capacity(x.shape[1], kernel.shape[-1], fields[2].shape[-1],
-                               route_fn.keywords.get("capacity_factor"))
+                               route_fn.keywords.get("capacity_factor"),
+                               route_fn.keywords.get("capacity"))
     return y[:g], Routing(*(f[:g] for f in fields), capacity)
 
 

@@ -6,7 +6,8 @@ group, D model width, E experts, K experts chosen per token, C capacity (slots p
 Variants real checkpoints need, all from one `route` function:
   softmax -> top-k -> renormalise            Mixtral, OLMoE, Qwen3-MoE  (renormalize=True)
   softmax -> top-k, no renormalisation       Qwen1.5-MoE, DeepSeek-MoE  (renormalize=False)
-  top-1 with capacity and token dropping     Switch (top_k=1, capacity_factor=1.25, renormalize=False)
+  top-1 with capacity and token dropping     Switch (top_k=1, capacity_factor=1.25 or a fixed
+                                             expert_capacity, renormalize=False)
   group-limited greedy, scaled weights       DeepSeek-V2 (num_groups, topk_groups, routed_scaling)
 
 Capacity priority is k-major, then token order (GShard / Switch): every token's first choice is
@@ -42,8 +43,12 @@ class Routing:
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int,
-                    capacity_factor: float | None) -> int:
-    """C = ceil(cf * S * K / E), at least 1; dropless (None) uses S, the most one expert can get."""
+                    capacity_factor: float | None, fixed: int | None = None) -> int:
+    """C = ceil(cf * S * K / E), at least 1; dropless (None) uses S, the most one expert can get.
+    `fixed` (Switch checkpoints' `expert_capacity`): C = fixed per group whatever S is (capped at
+    S, which keeps the same pairs)."""
+    if fixed is not None:
+        return max(1, min(group_size, fixed))
     if capacity_factor is None:
         return group_size
     return max(1, min(group_size, math.ceil(capacity_factor * group_size * top_k / num_experts)))
@@ -51,8 +56,12 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int,
 
 def route(logits, *, top_k: int, renormalize: bool, capacity_factor: float | None = None,
           token_mask=None, num_groups: int = 1, topk_groups: int = 1,
-          scaling: float = 1.0) -> Routing:
-    """logits (G, S, E) -> Routing. token_mask (G, S) bool marks real (non-padding) tokens."""
+          scaling: float = 1.0, capacity: int | None = None,
+          padding_takes_capacity: bool = False) -> Routing:
+    """logits (G, S, E) -> Routing. token_mask (G, S) bool marks real (non-padding) tokens.
+    capacity: a fixed C per group instead of capacity_factor (Switch's `expert_capacity`);
+    padding_takes_capacity: padding tokens take their place in the capacity order as real ones
+    (transformers' Switch routes padding like any token) though they stay unkept."""
     g, s, e = logits.shape
     logits = logits.astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -68,12 +77,13 @@ def route(logits, *, top_k: int, renormalize: bool, capacity_factor: float | Non
     if scaling != 1.0:
         top_p = top_p * scaling
     valid = jnp.ones((g, s), bool) if token_mask is None else token_mask.astype(bool)
-    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32) * valid[:, :, None, None]   # (G, S, K, E)
+    counted = jnp.ones_like(valid) if padding_takes_capacity else valid
+    onehot = jax.nn.one_hot(ids, e, dtype=jnp.int32) * counted[:, :, None, None]  # (G, S, K, E)
     # k-major order: (G, K, S, E) flattened over (K, S), running count per expert.
     ordered = jnp.swapaxes(onehot, 1, 2).reshape(g, top_k * s, e)
     counts = jnp.cumsum(ordered, axis=1) - ordered                               # before this pair
     position = jnp.sum(counts * ordered, axis=-1).reshape(g, top_k, s).swapaxes(1, 2)
-    capacity = expert_capacity(s, e, top_k, capacity_factor)
+    capacity = expert_capacity(s, e, top_k, capacity_factor, capacity)
     kept = valid[:, :, None] & (position < capacity)
     weights = jnp.where(kept, top_p, 0.0)
     return Routing(logits=logits, probs=probs, expert_ids=ids.astype(jnp.int32), weights=weights,
@@ -84,6 +94,14 @@ def route_tokens(x, kernel, token_mask=None, **settings) -> Routing:
     """x (G, S, D) through the router kernel (D, E) in float32, then `route` with `settings`."""
     logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), kernel.astype(jnp.float32))
     return route(logits, token_mask=token_mask, **settings)
+
+
+def jittered(x, rng, amount: float):
+    """Switch's router jitter: x (in float32) times uniform noise in [1 - a, 1 + a], for
+    training (the router then sees x * noise; the experts see x)."""
+    x = x.astype(jnp.float32)
+    return x * jax.random.uniform(rng, x.shape, jnp.float32, 1.0 - amount, 1.0 + amount)
+
 
 
 class Router(nn.Module):
@@ -97,12 +115,18 @@ class Router(nn.Module):
     num_groups: int = 1
     topk_groups: int = 1
     scaling: float = 1.0
+    capacity: int | None = None
+    padding_takes_capacity: bool = False
+    jitter: float = 0.0              # Switch: multiplicative noise on the router's input, applied
+                                     # only when the caller passes a "jitter" rng (training)
 
     @nn.compact
     def __call__(self, x, token_mask=None) -> Routing:
         kernel = sharding.param(self, "kernel", nn.initializers.normal(0.02),
                                 (x.shape[-1], self.num_experts), self.param_dtype,
                                 ("embed", None))
+        if self.jitter > 0 and self.has_rng("jitter"):
+            x = jittered(x, self.make_rng("jitter"), self.jitter)
         return self.route_fn()(x, kernel, token_mask)
 
     def route_fn(self):
@@ -110,7 +134,8 @@ class Router(nn.Module):
         return functools.partial(route_tokens, top_k=self.top_k, renormalize=self.renormalize,
                                  capacity_factor=self.capacity_factor,
                                  num_groups=self.num_groups, topk_groups=self.topk_groups,
-                                 scaling=self.scaling)
+                                 scaling=self.scaling, capacity=self.capacity,
+                                 padding_takes_capacity=self.padding_takes_capacity)
 
 
 # --- auxiliary losses: pure functions, returned as values -----------------------------------------

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from moex.config import VLMConfig
+from moex.config import VLMConfig, require_decoder_lm
 from moex.offload import quant
 from moex.offload.quant import QuantFormat
 from moex.offload.spec import budget_slots
@@ -57,7 +57,7 @@ def host_memory_kind(device) -> str:
 
 def moe_layers(cfg: VLMConfig) -> list[int]:
     """Decoder layers whose FFN is a hard MoE (the ones whose experts are offloaded)."""
-    moe = cfg.decoder.moe
+    moe = require_decoder_lm(cfg, "the offload engine").decoder.moe
     if moe.kind != "hard":
         return []
     return [i for i in range(cfg.decoder.num_layers) if moe.is_moe_layer(i)]
