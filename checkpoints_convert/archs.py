@@ -1,10 +1,11 @@
 """Per-architecture tables: HF config.json <-> moex config, and the key mapping rules.
 
 Supported `architectures[0]` values are the keys of ARCHITECTURES. Each entry knows
-  to_moex(hf_config) -> VLMConfig
-  rules(VLMConfig)   -> [Rule]            (canonical HF keys: what `save_pretrained` writes)
+  to_moex(hf_config) -> VLMConfig (EncDecConfig for encoder-decoders)
+  rules(config)      -> [Rule]            (canonical HF keys: what `save_pretrained` writes)
   aliases                                 (other spellings of keys, rewritten on read)
-  to_hf(VLMConfig, base) -> dict          (config.json for export)
+  to_hf(config, base) -> dict             (config.json for export)
+The encoder-decoder (Switch Transformers) tables live in checkpoints_convert.switch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 
 from moex.config import (DecoderConfig, MoEConfig, ProjectorConfig, VisionConfig, VLMConfig)
 
+from checkpoints_convert import switch
 from checkpoints_convert.mapping import (Rule, bias_heads, copy, expert_down, expert_gate_up,
                                          fused_down, fused_gate_up, heads_in, heads_out, linear,
                                          patch_conv, patch_conv3d, qkv_bias_heads, qkv_heads,
@@ -641,8 +643,13 @@ def _qwen3_vl_arch(name: str) -> Architecture:
                         ignore=IGNORE, options=qwen3_vl_layout)
 
 
+def _switch_arch() -> Architecture:
+    return Architecture(switch.ARCH, switch.to_moex, switch.rules, switch.to_hf,
+                        ignore=IGNORE + switch.IGNORE)
+
+
 ARCHITECTURES = {a.name: a for a in [_lm(n) for n in MODEL_TYPES] + [_llava_arch()]
-                 + [_qwen3_vl_arch(n) for n in QWEN3_VL]}
+                 + [_qwen3_vl_arch(n) for n in QWEN3_VL] + [_switch_arch()]}
 
 
 def architecture_of(hf: dict, where: str) -> Architecture:

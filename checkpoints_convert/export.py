@@ -16,15 +16,19 @@ import shutil
 import numpy as np
 
 from moex import checkpoint
-from moex.config import VLMConfig
+from moex.config import EncDecConfig, VLMConfig
 
+from checkpoints_convert import switch
 from checkpoints_convert.archs import ARCHITECTURES
 from checkpoints_convert.convert import flat_shapes
 from checkpoints_convert.reader import CheckpointError, HFConfig
 
 
-def infer_architecture(cfg: VLMConfig) -> str:
-    """The HF architecture that can express a moex config (for moex-native checkpoints)."""
+def infer_architecture(cfg: VLMConfig | EncDecConfig) -> str:
+    """The HF architecture that can express a moex config (for moex-native checkpoints);
+    switch.to_hf says what an encoder-decoder must be to export."""
+    if isinstance(cfg, EncDecConfig):
+        return switch.ARCH
     d, m = cfg.decoder, cfg.decoder.moe
     problems = []
     if m.kind == "soft" or (cfg.vision is not None and (cfg.vision.moe.kind != "dense"
@@ -62,7 +66,7 @@ def infer_architecture(cfg: VLMConfig) -> str:
     return "MixtralForCausalLM"
 
 
-def hf_tensors(cfg: VLMConfig, params, arch_name: str, options: dict | None = None
+def hf_tensors(cfg: VLMConfig | EncDecConfig, params, arch_name: str, options: dict | None = None
                ) -> dict[str, np.ndarray]:
     """The HF tensors of moex params. options: the architecture's rule options (a converted
     checkpoint's own layout, moex.json 'rules_options')."""

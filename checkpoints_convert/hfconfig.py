@@ -64,6 +64,10 @@ def positive(null: bool = False) -> Field:
     return Field("a number > 0", lambda v: _num(v) and v > 0, null)
 
 
+def nonnegative(null: bool = False) -> Field:
+    return Field("a number >= 0", lambda v: _num(v) and v >= 0, null)
+
+
 def flag(null: bool = False) -> Field:
     return Field("true or false", lambda v: isinstance(v, bool), null)
 
@@ -130,6 +134,15 @@ FIELDS: dict[str, Field] = {
     "projector_hidden_act": text(), "multimodal_projector_bias": flag(),
     "image_token_index": index(), "image_token_id": index(), "video_token_id": index(),
     "vision_start_token_id": index(), "vision_end_token_id": index(),
+    # encoder-decoders (Switch Transformers / T5): sizes, stacks, relative positions, routers
+    "d_model": count(), "d_kv": count(), "d_ff": count(), "num_layers": count(),
+    "num_decoder_layers": count(null=True), "num_sparse_encoder_layers": index(),
+    "num_sparse_decoder_layers": index(), "expert_capacity": count(),
+    "router_bias": flag(), "router_jitter_noise": nonnegative(), "router_dtype": text(),
+    "router_z_loss_coef": nonnegative(), "router_aux_loss_coef": nonnegative(),
+    "relative_attention_num_buckets": count(), "relative_attention_max_distance": count(),
+    "layer_norm_epsilon": positive(), "dense_act_fn": text(),
+    "decoder_start_token_id": integer(null=True),
 }
 
 # The tables read some fields under either of two names (`get(a) or cfg[b]`); the message of a

@@ -39,6 +39,20 @@ def copy() -> Transform:
     return Transform("copy", lambda load, keys: [load(keys[0])], lambda a: [a[0]])
 
 
+def same_tensor(n: int, why: str = "") -> Transform:
+    """One moex array <-> the same tensor under n HF keys (copies a checkpoint keeps of one
+    parameter); reading checks that they are equal, `why` ending the message when not."""
+    def fwd(load, keys):
+        first = load(keys[0])
+        for k in keys[1:]:
+            other = load(k)
+            if other.shape != first.shape or not np.array_equal(other, first):
+                raise CheckpointError(f"{k} differs from {keys[0]}; moex keeps one array for "
+                                      f"both{': ' + why if why else ''}")
+        return [first]
+    return Transform("same_tensor", fwd, lambda a: [a[0]] + [a[0].copy() for _ in range(n - 1)])
+
+
 def linear() -> Transform:
     """(out, in) <-> (in, out)."""
     return Transform("linear", lambda load, keys: [np.ascontiguousarray(load(keys[0]).T)],

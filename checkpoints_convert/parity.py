@@ -4,6 +4,11 @@ For each prompt (tokenised with SRC's tokenizer.json, or seeded random ids when 
 for LLaVA, one seeded synthetic image, both models run one forward over the left-padded batch.
 Reported per position (counted from each row's first real token) and overall: max and mean
 absolute logit difference, and KL(p_transformers || p_moex) of the next-token distributions.
+
+Encoder-decoders (Switch Transformers): the prompts are the encoder's right-padded inputs; the
+decoder is teacher-forced with DECODER_TOKENS seeded ids after the decoder start token, and the
+rows are reported per decoder position. Both models then generate GREEDY_TOKENS greedy tokens
+(no stop token), reported side by side.
 """
 
 from __future__ import annotations
@@ -12,13 +17,17 @@ import dataclasses
 import json
 import pathlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from checkpoints_convert.convert import convert_params, open_source
+from moex.config import EncDecConfig
 from moex.model import build, forward
 from moex.tokenizer import left_pad
 
+DECODER_TOKENS = 8      # teacher-forced decoder length (the start token and 7 seeded ids)
+GREEDY_TOKENS = 8
 DEFAULT_PROMPTS = ["The capital of France is", "def fibonacci(n):",
                    "Mixture-of-experts models route each token to"]
 
@@ -66,6 +75,56 @@ def _log_softmax(x):
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _differences(ref, ours, valid, positions) -> dict:
+    """max / mean |logit difference| and KL(p_ref || p_ours) over the valid positions, overall
+    and per position."""
+    diff = np.abs(ours - ref)
+    lp, lq = _log_softmax(ref.astype(np.float64)), _log_softmax(ours.astype(np.float64))
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    rows = []
+    for p in range(int(positions[valid].max()) + 1):
+        sel = valid & (positions == p)
+        if sel.any():
+            rows.append({"position": p, "max_abs": float(diff[sel].max()),
+                         "mean_abs": float(diff[sel].mean()), "kl": float(kl[sel].max())})
+    return {"max_abs": float(diff[valid].max()), "mean_abs": float(diff[valid].mean()),
+            "max_kl": float(kl[valid].max()),
+            "greedy_agreement": float((ours.argmax(-1) == ref.argmax(-1))[valid].mean()),
+            "per_position": rows}
+
+
+def _compare_encdec(src: pathlib.Path, reader, arch, cfg: EncDecConfig, prompts: list[str],
+                    seed: int) -> dict:
+    """An encoder-decoder: teacher-forced logits, then greedy tokens of both (module docstring)."""
+    import torch
+    import transformers
+    from moex.seq2seq import Seq2SeqGenerator
+
+    params = convert_params(reader, arch, cfg, "float32")
+    vocab = cfg.vocab_size
+    ids, mask = left_pad(_token_ids(src, prompts, min(vocab, 1000), seed), cfg.pad_token_id,
+                         right=True)
+    rng = np.random.default_rng(seed + 1)
+    dec = np.concatenate([np.full((len(ids), 1), cfg.decoder_start_token_id),
+                          rng.integers(0, min(vocab, 1000), (len(ids), DECODER_TOKENS - 1))],
+                         axis=1).astype(np.int32)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(src), dtype=torch.float32).eval()
+    t = {"input_ids": torch.from_numpy(ids.astype(np.int64)),
+         "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+    hf.generation_config.eos_token_id = None         # both run GREEDY_TOKENS steps
+    with torch.no_grad():
+        ref = hf(**t, decoder_input_ids=torch.from_numpy(dec.astype(np.int64))).logits.numpy()
+        want = hf.generate(**t, max_new_tokens=GREEDY_TOKENS, do_sample=False)[:, 1:].numpy()
+    ours = np.asarray(jax.jit(build(cfg).apply)({"params": params}, ids, mask, dec)[0])
+    got = np.asarray(Seq2SeqGenerator(cfg, params).generate(ids, mask, GREEDY_TOKENS,
+                                                            stop_at_eos=False))
+    positions = np.broadcast_to(np.arange(dec.shape[1]), dec.shape)
+    return {"source": str(src), "architecture": arch.name, "prompts": len(ids),
+            **_differences(ref, ours, np.ones(dec.shape, bool), positions),
+            "greedy": {"transformers": want.tolist(), "moex": got.tolist()},
+            "greedy_equal": bool(want.shape == got.shape and (want == got).all())}
+
+
 def compare_hf(src, prompts: list[str] | None = None, seed: int = 0) -> dict:
     import torch                            # optional dependencies (moex[convert])
     import transformers
@@ -73,8 +132,10 @@ def compare_hf(src, prompts: list[str] | None = None, seed: int = 0) -> dict:
     src = pathlib.Path(src)
     reader, arch, cfg = open_source(src)
     cfg = cfg.replace(dtype="float32", param_dtype="float32")
-    params = convert_params(reader, arch, cfg, "float32")
     prompts = prompts or DEFAULT_PROMPTS
+    if isinstance(cfg, EncDecConfig):
+        return _compare_encdec(src, reader, arch, cfg, prompts, seed)
+    params = convert_params(reader, arch, cfg, "float32")
     seqs = _token_ids(src, prompts, min(cfg.decoder.vocab_size, 1000), seed)
     images, extra = None, {}
     if cfg.vision is not None and cfg.vision.dynamic:          # Qwen3-VL
@@ -102,21 +163,8 @@ def compare_hf(src, prompts: list[str] | None = None, seed: int = 0) -> dict:
         ref = hf(input_ids=torch.from_numpy(ids.astype(np.int64)),
                  attention_mask=torch.from_numpy(mask.astype(np.int64)), **extra).logits.numpy()
     ours = np.asarray(forward(build(cfg), params, ids, mask, images)[0])
-    diff = np.abs(ours - ref)
-    lp, lq = _log_softmax(ref.astype(np.float64)), _log_softmax(ours.astype(np.float64))
-    kl = (np.exp(lp) * (lp - lq)).sum(-1)
-    valid = mask.astype(bool)
-    rows = []
-    for p in range(int(mask.sum(1).max())):
-        sel = valid & (positions == p)
-        if sel.any():
-            rows.append({"position": p, "max_abs": float(diff[sel].max()),
-                         "mean_abs": float(diff[sel].mean()), "kl": float(kl[sel].max())})
     return {"source": str(src), "architecture": arch.name, "prompts": len(seqs),
-            "max_abs": float(diff[valid].max()), "mean_abs": float(diff[valid].mean()),
-            "max_kl": float(kl[valid].max()),
-            "greedy_agreement": float((ours.argmax(-1) == ref.argmax(-1))[valid].mean()),
-            "per_position": rows}
+            **_differences(ref, ours, mask.astype(bool), positions)}
 
 
 def format_report(r: dict) -> str:
@@ -126,6 +174,10 @@ def format_report(r: dict) -> str:
               for x in r["per_position"]]
     lines.append(f"overall: max abs {r['max_abs']:.3e}, mean abs {r['mean_abs']:.3e}, "
                  f"max KL {r['max_kl']:.3e}, argmax agreement {100 * r['greedy_agreement']:.1f}%")
+    if "greedy" in r:           # encoder-decoders: positions are decoder positions
+        lines.append(f"greedy tokens ({'equal' if r['greedy_equal'] else 'DIFFERENT'}):")
+        for b, (want, got) in enumerate(zip(r["greedy"]["transformers"], r["greedy"]["moex"])):
+            lines += [f"  row {b} transformers {want}", f"  row {b} moex         {got}"]
     return "\n".join(lines)
 
 

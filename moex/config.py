@@ -372,13 +372,14 @@ class EncDecConfig:
 def switch_moe(num_experts: int, expert_dim: int, num_layers: int, sparse_layers: int,
                expert_capacity: int | None = 64, jitter: float = 0.01,
                aux_loss_weight: float = 0.001, z_loss_weight: float = 0.001) -> MoEConfig:
-    """The MoE blocks of a Switch Transformers stack as transformers builds them: with
-    `sparse_layers` > 0, step = num_layers // sparse_layers and block i is sparse iff
-    i % step == 1 (every block when step is 1); top-1 without renormalisation, a fixed capacity
-    per sequence counting padding, multiplicative router jitter in training."""
-    if sparse_layers <= 0:
+    """The MoE blocks of a Switch Transformers stack as transformers builds them: step =
+    num_layers // sparse_layers (num_layers when sparse_layers is 0, which transformers means as
+    "none" but which still makes block 1 sparse), block i sparse iff i % step == 1 (every block
+    when step is 1; none when step is 0); top-1 without renormalisation, a fixed capacity per
+    sequence counting padding, multiplicative router jitter in training."""
+    step = num_layers // sparse_layers if sparse_layers > 0 else num_layers
+    if step <= 0:
         return DENSE
-    step = num_layers // sparse_layers
     return MoEConfig(kind="hard", num_experts=num_experts, top_k=1, expert_dim=expert_dim,
                      renormalize=False, expert_capacity=expert_capacity,
                      padding_takes_capacity=True, router_jitter=jitter, every_n=step,

@@ -52,7 +52,50 @@ def configs():
                              moe_intermediate_size=14, decoder_sparse_step=1,
                              mlp_only_layers=[1]),
             vision_config=QWEN3_VISION, **QWEN3_IDS),
+        # 4 experts in block 1 of each stack (3 + 2 blocks), capacity 2 per sequence: the
+        # test batches drop tokens in both stacks
+        "switch_drop": T.SwitchTransformersConfig(**SWITCH, num_layers=3, num_decoder_layers=2,
+                                                  num_sparse_encoder_layers=1,
+                                                  num_sparse_decoder_layers=1, num_experts=4,
+                                                  expert_capacity=2),
+        # 8 experts in every encoder block and decoder block 1 (4 + 3 blocks), capacity above
+        # any test length (nothing dropped), an untied LM head, decoder start != pad
+        "switch": T.SwitchTransformersConfig(**{**SWITCH, "decoder_start_token_id": 3},
+                                             num_layers=4, num_decoder_layers=3,
+                                             num_sparse_encoder_layers=4,
+                                             num_sparse_decoder_layers=1, num_experts=8,
+                                             expert_capacity=64, tie_word_embeddings=False),
     }
+
+
+# Switch Transformers: odd widths; 8 relative buckets reaching 12 positions, so the test lengths
+# (up to 20) use the logarithmic and the saturated buckets. See _switch_weights for the weights.
+SWITCH = dict(vocab_size=97, d_model=40, d_kv=12, num_heads=3, d_ff=56,
+              relative_attention_num_buckets=8, relative_attention_max_distance=12,
+              initializer_factor=1.0, router_jitter_noise=0.01, pad_token_id=0, eos_token_id=1,
+              decoder_start_token_id=0)
+SWITCH_ARCHS = ("switch_drop", "switch")
+DECODER_FFN_GAIN = 10.0
+
+
+def _switch_weights(model) -> None:
+    """With transformers' initialisation a tiny random Switch model's greedy output is one token
+    repeated: the decoder's state is mostly the encoder's (the same at every step) and the
+    previous token's own embedding (tied: it predicts itself). Its FFN outputs (dense and
+    experts, `wo`) x DECODER_FFN_GAIN make each step a random function of the previous token,
+    so greedy runs vary. (initializer_factor 2 also varies them, but scales q.k scores ~16x:
+    transformers' own fp32 logits are then ~7e-4 from its fp64 ones, above the 1e-4 tested.)
+    transformers 5 keeps the stacks' embed_tokens apart from `shared` when the embeddings are
+    untied; they start equal here, as in every Switch checkpoint (one tensor before v5)."""
+    import torch
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("decoder.block.") and ".layer.2." in name \
+                    and name.endswith("wo.weight"):
+                p.mul_(DECODER_FFN_GAIN)
+        if not model.config.tie_word_embeddings:
+            model.encoder.embed_tokens.weight.copy_(model.shared.weight)
+            model.decoder.embed_tokens.weight.copy_(model.shared.weight)
 
 
 # Qwen3-VL: odd widths; a 5 x 5 learned position grid (resampled to every image's patch grid);
@@ -86,6 +129,8 @@ QWEN3_VL = ("qwen3_vl", "qwen3_vl_moe")
 
 def model_class(name):
     import transformers as T
+    if name in SWITCH_ARCHS:
+        return T.SwitchTransformersForConditionalGeneration
     if name in QWEN3_VL:
         return T.AutoModelForImageTextToText
     return T.LlavaForConditionalGeneration if name.startswith("llava") else T.AutoModelForCausalLM
@@ -98,5 +143,7 @@ def save(name, path: pathlib.Path, **save_kw) -> pathlib.Path:
     cfg = configs()[name]
     cls = model_class(name)
     model = cls.from_config(cfg) if cls.__name__.startswith("Auto") else cls(cfg)
+    if name in SWITCH_ARCHS:
+        _switch_weights(model)
     model.save_pretrained(path, **save_kw)
     return path

@@ -32,13 +32,15 @@ def test_relative_buckets_equal_transformers(bidirectional, buckets, distance):
 
 
 def test_switch_layer_selection_follows_transformers():
-    """transformers: step = layers // sparse; block i sparse iff i % step == 1 or step == 1."""
-    for layers, sparse in [(12, 6), (12, 3), (4, 4), (3, 1), (5, 2), (7, 3)]:
-        step = layers // sparse
-        want = [i for i in range(layers) if i % step == 1 or step == 1]
+    """transformers: step = layers // sparse (layers when sparse is 0); block i sparse iff
+    step > 0 and (i % step == 1 or step == 1)."""
+    for layers, sparse in [(12, 6), (12, 3), (4, 4), (3, 1), (5, 2), (7, 3), (12, 0), (1, 0),
+                           (3, 5)]:
+        step = layers // sparse if sparse > 0 else layers
+        want = [i for i in range(layers) if step > 0 and (i % step == 1 or step == 1)]
         moe = switch_moe(4, 8, layers, sparse)
         assert [i for i in range(layers) if moe.is_moe_layer(i)] == want
-    assert switch_moe(4, 8, 12, 0).kind == "dense"
+    assert switch_moe(4, 8, 3, 5).kind == "dense"
 
 
 def _capacity_loop(ids, valid, capacity, count_padding):
