@@ -772,3 +772,15 @@ def _tiny_switch():
                         pad_token_id=256, eos_token_id=258, decoder_start_token_id=257,
                         description="test size: Switch encoder-decoder, 4 + 4 blocks, 4 experts "
                                     "top-1 in blocks 1 and 3 of each stack (byte tokenizer)")
+
+
+@preset("small-switch")
+def _small_switch():
+    moe = switch_moe(32, 256, 6, 3, expert_capacity=None)
+    return EncDecConfig("small-switch", vocab_size=272, d_model=128, num_heads=4, head_dim=32,
+                        ffn_dim=256, encoder_layers=6, decoder_layers=6, encoder_moe=moe,
+                        decoder_moe=moe, pad_token_id=256, eos_token_id=258,
+                        decoder_start_token_id=257,
+                        description="CPU size: Switch encoder-decoder, 6 + 6 blocks of d 128, "
+                                    "32 experts top-1 in blocks 1, 3, 5 of each stack (as "
+                                    "Switch-32), byte tokenizer; trained by moex lm train")

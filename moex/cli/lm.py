@@ -2,6 +2,7 @@
 byte-level LMs on the stdlib corpus, their routing traces, and the routing-path predictor.
 
     moex lm train small-hard --steps 400                  # -> runs/lm/small-hard/model
+    moex lm train small-switch                            # encoder-decoder: a byte denoiser
     moex lm trace runs/lm/small-hard/model --domain code --split train --out traces/code.npz
     moex predictor train traces/code.npz --out runs/rpp/code
     moex lm trace runs/lm/small-hard/model --domain code --hidden --out traces/code.npz
@@ -19,21 +20,19 @@ import pathlib
 
 from moex import checkpoint
 from moex.cli.args import add_fields, from_args
+from moex.config import EncDecConfig, get_config
 from moex.experiments.routing_predictor import StudyConfig, study
 from moex.predict.evaluate import evaluate_predictors, markdown
 from moex.predict.lm import LMTrainConfig, record_traces, train_lm
 from moex.predict.lookahead import HeadShape, HeadTrainConfig, train_heads_from_trace
+from moex.predict.seq2seq_lm import Seq2SeqTrainConfig, examples, train_seq2seq
 from moex.predict.train import PredictorShape, PredictorTrainConfig, train_from_trace
 
 
 def register(sub) -> None:
     lm = sub.add_parser("lm", help="byte-level LM training on the stdlib corpus; routing traces")
     lm_sub = lm.add_subparsers(dest="lm", required=True)
-    p = lm_sub.add_parser("train", help="train a preset's decoder (resumes)")
-    add_fields(p, LMTrainConfig, positional=("preset",), skip=("corpus_limit",),
-               help={"eval_every": "held-out loss every N steps (0: at the end only)",
-                     "mesh": "devices to train on, e.g. data=2,expert=4 (axes data, fsdp, tensor, expert; README: Choosing a mesh); default one device"})
-    p.set_defaults(fn=lm_train)
+    _train_parser(lm_sub)
     p = lm_sub.add_parser("trace", help="record routing traces of a trained model")
     p.add_argument("model", help="moex checkpoint dir")
     p.add_argument("--domain", choices=["code", "prose"], required=True)
@@ -90,11 +89,65 @@ def register(sub) -> None:
     p.set_defaults(fn=lambda args: study(from_args(StudyConfig, args)))
 
 
+def _train_parser(lm_sub) -> None:
+    """`moex lm train`: LMTrainConfig's options and Seq2SeqTrainConfig's own. The options both
+    share whose defaults differ default to None here: the preset's kind picks the dataclass,
+    whose default fills them (lm_train)."""
+    p = lm_sub.add_parser("train", help="train a preset's decoder as a byte LM, or an "
+                          "encoder-decoder preset as a byte denoiser (span corruption); resumes")
+    shared = {f.name: f.default for f in dataclasses.fields(Seq2SeqTrainConfig)}
+    differ = {f.name: (f.default, shared[f.name]) for f in dataclasses.fields(LMTrainConfig)
+              if f.name in shared and f.name != "preset" and f.default != shared[f.name]}
+    add_fields(p, LMTrainConfig, positional=("preset",), skip=("corpus_limit",),
+               defaults=dict.fromkeys(differ),
+               help={"eval_every": "held-out loss every N steps (0: at the end only)",
+                     "mesh": "devices to train on, e.g. data=2,expert=4 (axes data, fsdp, "
+                             "tensor, expert; README: Choosing a mesh); default one device "
+                             "(decoder LMs only)",
+                     **{k: ("window bytes (encoder-decoders: before corruption) "
+                            if k == "seq_len" else "")
+                        + f"(default: {lm} for decoder LMs, {s2s} for encoder-decoders)"
+                        for k, (lm, s2s) in differ.items()}})
+    both = tuple(k for k in shared if k in LMTrainConfig.__dataclass_fields__)
+    add_fields(p, Seq2SeqTrainConfig, skip=both + ("corpus_limit",),
+               help={"noise_density": "encoder-decoders: fraction of each window's bytes masked",
+                     "mean_span": "encoder-decoders: mean masked-span length in bytes"})
+    p.set_defaults(fn=lm_train)
+
+
+def _run_config(cls, args):
+    """`cls` from the arguments, its own defaults for the options left unset (None)."""
+    unset = {f.name: f.default for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is None and f.default is not dataclasses.MISSING}
+    return from_args(cls, args, **unset)
+
+
 def lm_train(args) -> int:
-    lm_run = from_args(LMTrainConfig, args)
+    if isinstance(get_config(args.preset), EncDecConfig):
+        return seq2seq_train(args)
+    lm_run = _run_config(LMTrainConfig, args)
     _, log = train_lm(lm_run)
     print(json.dumps(log[-1] if log else {}))
     print(f"model: {lm_run.run_dir / 'model'}")
+    return 0
+
+
+def seq2seq_train(args) -> int:
+    if args.mesh:
+        raise SystemExit(f"--mesh: {args.preset} is an encoder-decoder, whose denoising "
+                         f"training runs on one device; drop --mesh")
+    run = _run_config(Seq2SeqTrainConfig, args)
+    params, log = train_seq2seq(run)
+    print("initial: " + json.dumps({k: v for k, v in log[0].items()
+                                    if k.startswith(("heldout", "span_acc"))}))
+    print(json.dumps(log[-1]))
+    cfg = get_config(run.preset)
+    for domain, got in examples(cfg, params, run, n=1).items():
+        print(f"{domain}: greedy exact-span accuracy {got['span_acc']:.3f}")
+        for row in got["rows"]:
+            for k in ("input", "target", "greedy"):
+                print(f"  {k:>6}: {row[k]!r}")
+    print(f"model: {run.run_dir / 'model'}")
     return 0
 
 

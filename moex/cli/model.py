@@ -29,6 +29,7 @@ from moex.offload.engine import OffloadEngine
 from moex.offload.misses import MissRule, parse_misses
 from moex.offload.spec import parse_budget, parse_policy
 from moex.offload.store import ExpertStore
+from moex.offload.seq2seq_engine import Seq2SeqOffloadEngine
 from moex.predict.forecast import forecaster_for, make_lookahead
 from moex.tokenizer import IMAGE_TAG, left_pad
 from moex.upcycle import UpcycleSpec, upcycle_checkpoint
@@ -264,17 +265,37 @@ def generate_seq2seq(args, loaded) -> int:
     """An encoder-decoder: each prompt is the encoder's input (with EOS, right-padded, as T5
     tokenizers write it); the completion is what the decoder generates."""
     cfg, tok = loaded.cfg, loaded.tokenizer
-    for flag, value in (("--image", args.image), ("--offload", args.offload),
-                        ("--mesh", args.mesh)):
+    for flag, value in (("--image", args.image), ("--mesh", args.mesh),
+                        ("--misses", args.misses != "load"),
+                        ("--expert-dtype", args.expert_dtype not in (None, "native")),
+                        ("--quantized-slots", args.quantized_slots)):
         if value:
             raise ValueError(f"{flag} is not available for the encoder-decoder {cfg.name}")
     seqs = [tok.encode(p, bos=False) + [cfg.eos_token_id] for p in args.prompt]
     ids, mask = left_pad(seqs, cfg.pad_token_id, right=True)
-    out = Seq2SeqGenerator(cfg)(loaded.params, ids, mask, max_new_tokens=args.max_new_tokens,
-                                sampling=Sampling(args.temperature, args.top_p, args.seed))
+    sampling = Sampling(args.temperature, args.top_p, args.seed)
+    engine = None
+    if args.offload:                   # encoder and decoder experts from host memory
+        spec = parse_policy(args.offload)
+        store = ExpertStore.from_params(cfg, loaded.params)
+        engine = Seq2SeqOffloadEngine(cfg, None, spec.policy,
+                                      parse_budget(args.expert_budget, store.total_bytes),
+                                      forecaster=forecaster_for(spec, cfg, store,
+                                                                (ids, mask, None),
+                                                                args.max_new_tokens),
+                                      store=store)
+        out = engine.generate(ids, mask, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    else:
+        out = Seq2SeqGenerator(cfg)(loaded.params, ids, mask,
+                                    max_new_tokens=args.max_new_tokens, sampling=sampling)
     for p, row, n in zip(args.prompt, out.tokens, out.num_generated):
         print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
                           "tokens": row[:n].tolist()}))
+    if engine is not None:
+        engine.calibrate_copy()
+        report = engine.report()
+        report.pop("per_layer")
+        print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
     return 0
 
 

@@ -45,15 +45,16 @@ import statistics
 import jax.numpy as jnp
 import numpy as np
 
+from moex.config import EncDecConfig
 from moex.checkpoint import LoadedModel, load_model
 from moex.data import SyntheticSpec, read_mmbench, write_synthetic
 from moex.measure import tree_bytes, write_outputs
 from moex.offload.cache import belady_bound, stream_from_trace
 from moex.offload.engine import OffloadEngine, hidden_fraction
-from moex.offload.forecast import reference_run
 from moex.offload.misses import MissRule, parse_misses
 from moex.offload.quant import label as dtype_label, parse_expert_dtype
 from moex.offload.spec import PolicySpec, budget_slots, parse_budget, parse_policy
+from moex.offload.seq2seq_engine import engine_class, reference_for
 from moex.offload.store import ExpertStore
 from moex.predict.corpus import samples
 from moex.predict.forecast import make_forecaster, make_lookahead
@@ -125,13 +126,14 @@ def prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str 
     if domain != "random":
         return corpus_prompts(model, batch, length, seed, domain)
     rng = np.random.default_rng(seed)
-    high = min(cfg.decoder.vocab_size, 256)
+    high = min(cfg.vocab_size, 256)
     rows = [rng.integers(0, high, rng.integers(max(1, length // 2), length + 1))
             for _ in range(batch)]
     if cfg.vision is not None and cfg.image_token_id < high:   # a placeholder needs an image
         for r in rows:
             r[r == cfg.image_token_id] = (cfg.image_token_id + 1) % high
-    return (*left_pad([r.tolist() for r in rows], cfg.pad_token_id), None)
+    return (*left_pad([r.tolist() for r in rows], cfg.pad_token_id,
+                      right=isinstance(cfg, EncDecConfig)), None)     # encoder inputs: right
 
 
 def corpus_prompts(model: LoadedModel, batch: int, length: int, seed: int, domain: str):
@@ -156,9 +158,9 @@ def cold_runs(cfg, store, policy: str, forecaster, budget: int, prompts, new_tok
     pieces): per run the engine's timings, hit rate and bytes loaded; and the last engine."""
     runs, eng = [], None
     for i in range(repeats + warmup):
-        eng = OffloadEngine(cfg, None, policy, budget, forecaster=forecaster, store=store,
-                            lookahead=lookahead, misses=misses,
-                            quantized_slots=quantized_slots)
+        eng = engine_class(cfg)(cfg, None, policy, budget, forecaster=forecaster, store=store,
+                                lookahead=lookahead, misses=misses,
+                                quantized_slots=quantized_slots)
         eng.generate(*prompts, max_new_tokens=new_tokens, stop_tokens=())
         if i >= warmup:
             runs.append({**eng.timings, "hit_rate": eng.core.stats.hit_rate,
@@ -208,7 +210,7 @@ def run(grid: OffloadBenchConfig, progress: bool = True, model: LoadedModel | No
                               images, grid, True)
         warm = {(ref.pool.num_slots, "native", False)}
         trace = ref.trace()
-        calibration = reference_run(cfg, store, *prompts(model, batch, grid.prompt_len,
+        calibration = reference_for(cfg, store, *prompts(model, batch, grid.prompt_len,
                                                          grid.seed + 1000 + batch, domain,
                                                          grid.data, grid.style, grid.template),
                                     new_tokens=grid.new_tokens).trace()
@@ -261,6 +263,15 @@ def variants_of(grid: OffloadBenchConfig, model: LoadedModel,
     low copy), the cost model measured once per store; quantized slots only where they apply
     (an int8 / int4 store without a low-precision copy)."""
     stores, costs, out = {(None, None): store}, {}, []
+    if isinstance(model.cfg, EncDecConfig):           # the encoder-decoder engine: plain loads
+        if (tuple(grid.expert_dtype), tuple(grid.misses), tuple(grid.slots)) != (
+                ("native",), ("load",), ("dequantized",)):
+            raise ValueError(f"{model.cfg.name}: the encoder-decoder engine runs native experts "
+                             "with plain loads (--expert-dtype native --misses load --slots "
+                             "dequantized)")
+        probe = engine_class(model.cfg)(model.cfg, None, "on-demand", store.expert_bytes,
+                                        store=store)
+        return [Variant(store, "load", None, probe.calibrate_copy())]
     for dtype in grid.expert_dtype:
         fmt = parse_expert_dtype(dtype)
         for text in grid.misses:

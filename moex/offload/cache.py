@@ -428,18 +428,23 @@ def stream_from_trace(trace, batch: int | None = None, forecaster=None,
     time), each MoE layer with the union of the experts its tokens picked, the union of the
     tokens' pre-gate predictions (where the trace has them), at the first MoE layer the
     forecaster's (L_moe, E) forecast for those rows (where one is given), and the lookahead
-    heads' hints from the rows' recorded hidden states (where heads are given)."""
-    stream = []
+    heads' hints from the rows' recorded hidden states (where heads are given). A forward
+    visits only the layers its rows ran (`Trace.layer_mask`: an encoder-decoder's encoder pass
+    its encoder layers, a decoder step its decoder layers), and its first such visit carries
+    the forecast."""
+    stream, ran_by_row = [], trace.layer_mask()
     for f, rows in enumerate(forward_groups(trace, batch)):
         forecast = None if forecaster is None else np.asarray(forecaster.for_rows(trace, rows))
         ahead = None if lookahead is None else lookahead.for_rows(trace, rows)
-        for li, layer in enumerate(trace.moe_layers):
-            needed = frozenset(int(e) for e in trace.experts[rows, li].ravel())
+        ran = [li for li in range(len(trace.moe_layers)) if ran_by_row[rows, li].any()]
+        for n, li in enumerate(ran):
+            layer = trace.moe_layers[li]
+            needed = frozenset(int(e) for e in trace.experts[rows, li].ravel() if e >= 0)
             pregate = None
-            if trace.pregate is not None and li + 1 < len(trace.moe_layers):
+            if trace.pregate is not None and li + 1 in ran:
                 pregate = frozenset(int(e) for e in trace.pregate[rows, li + 1].ravel() if e >= 0)
             hints = None if ahead is None else {trace.moe_layers[li + o]: p
                                                 for o, p in ahead[li].items()}
-            stream.append(Visit(layer, needed, f, pregate, forecast if li == 0 else None,
+            stream.append(Visit(layer, needed, f, pregate, forecast if n == 0 else None,
                                 len(rows), hints, expert_rows(trace.experts[rows, li])))
     return stream

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moex.config import VLMConfig
+from moex.config import VLMConfig, require_decoder_lm
 from moex.generate import (GREEDY, GenerationResult, Sampling, check_inputs, result, sample,
                            stop_ids)
 from moex.model import build
@@ -250,7 +250,8 @@ class OffloadEngine:
         (`moex.predict.lookahead.LookaheadHints`) for the lookahead policy and for predictive's
         combined form. record_hidden: the trace also records each MoE layer's hidden states
         (trace fields `hidden`, `hidden_pre`: what the heads train on)."""
-        d = cfg.decoder
+        d = require_decoder_lm(cfg, "OffloadEngine (moex.offload.seq2seq_engine runs "
+                                    "encoder-decoders)").decoder
         if d.parallel_block or d.attention != "gqa":
             raise ValueError(f"{cfg.name}: the offload engine runs sequential GQA blocks only")
         self.cfg = cfg
@@ -496,27 +497,39 @@ class OffloadEngine:
         start = time.perf_counter()
         logits, cache = self.forward(tokens, token_mask, cache, fresh_cache=True, images=images,
                                      last_only=True, request_ids=request_ids)
+        ones = np.ones((b, 1), np.int32)
+        out, all_logits = self._decode_loop(
+            start, logits, cache, lambda nxt, cache, i: self.forward(
+                nxt[:, None], ones, cache, request_ids=request_ids),
+            max_new_tokens, sampling, stop)
+        return result(cfg, out, stop, max_new_tokens, all_logits if return_logits else None)
+
+    def _decode_loop(self, start: float, logits, cache, step, max_new_tokens: int,
+                     sampling: Sampling, stop):
+        """Sample from a prefill's last logits (its pass began at `start`), then feed each
+        token through `step(tokens (B,), cache, index of the step) -> (logits, cache)` until
+        every row stopped or N tokens were sampled; sets `timings` (prefill and decode seconds,
+        the decode's stall, loads and bytes). Returns (ids per step, logits per step)."""
         jax.block_until_ready(logits)
         prefill_s, visits = time.perf_counter() - start, len(self.stream)
         stall, loads, moved = self.stats.stall_s, self.pool.loads, self.pool.bytes_loaded
         out, all_logits = [], []
-        done = np.zeros(b, bool)
-        for step in range(max_new_tokens):
+        done = np.zeros(logits.shape[0], bool)
+        for i in range(max_new_tokens):
             all_logits.append(np.asarray(logits[:, -1]))
-            nxt = np.asarray(_sample(logits[:, -1], sampling, step))
-            nxt = np.where(done, cfg.pad_token_id, nxt).astype(np.int32)
+            nxt = np.asarray(_sample(logits[:, -1], sampling, i))
+            nxt = np.where(done, self.cfg.pad_token_id, nxt).astype(np.int32)
             out.append(nxt)
             done = done | np.isin(nxt, stop)
-            if done.all() or step + 1 == max_new_tokens:
+            if done.all() or i + 1 == max_new_tokens:
                 break
-            logits, cache = self.forward(nxt[:, None], np.ones((b, 1), np.int32), cache,
-                                         request_ids=request_ids)
+            logits, cache = step(nxt, cache, i + 1)
         self.timings = {"prefill_s": prefill_s, "prefill_visits": visits,
                         "decode_s": time.perf_counter() - start - prefill_s,
                         "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,
                         "decode_loads": self.pool.loads - loads,
                         "decode_bytes": self.pool.bytes_loaded - moved}
-        return result(cfg, out, stop, max_new_tokens, all_logits if return_logits else None)
+        return out, all_logits
 
     def greedy(self, tokens, token_mask, max_new_tokens: int):
         """Greedy continuation (B, N) and the logits (B, N, V) that chose it (no stop token)."""

@@ -16,14 +16,20 @@ Two entry points, one per consumer:
                   tokens uses expert e with probability 1 - (1 - p)^n. The frequency-prior baseline.
 A learned routing-path predictor gives per-token probabilities; `batch_probability` turns them
 into a forecast.
+
+Encoder-decoder traces (`Trace.is_encdec`): a forward runs one stack (the encoder pass or a
+decoder step), and the forecast's rows of the other stack's MoE layers are 0. A trace's -1
+entries (a layer the row did not run) are no expert; the prior's frequency of a layer is among
+the rows that ran it, and a batch of n tokens counts in the layers of the stack it runs.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from moex.config import EncDecConfig
 from moex.offload.engine import OffloadEngine
-from moex.offload.store import moe_layers
+from moex.offload.store import expert_moe, moe_layers
 from moex.offload.trace import Trace
 
 
@@ -36,10 +42,11 @@ def batch_probability(token_probs, token_mask=None) -> np.ndarray:
 
 
 def used_experts(trace: Trace, rows) -> np.ndarray:
-    """(L, E) with 1.0 where one of `rows` picked the expert."""
+    """(L, E) with 1.0 where one of `rows` picked the expert (-1 entries: none)."""
     out = np.zeros((len(trace.moe_layers), trace.num_experts))
     for li in range(len(trace.moe_layers)):
-        out[li, np.unique(trace.experts[rows, li])] = 1.0
+        ids = np.unique(trace.experts[rows, li])
+        out[li, ids[ids >= 0]] = 1.0
     return out
 
 
@@ -67,32 +74,56 @@ class OracleForecast:
 class PriorForecast:
     name = "prior"
 
-    def __init__(self, token_freq: np.ndarray):
+    def __init__(self, token_freq: np.ndarray, in_encoder=None):
         self.token_freq = np.asarray(token_freq, np.float64)         # (L, E)
+        # (L,) bool: an encoder-decoder's encoder MoE layers; None for a decoder LM
+        self.in_encoder = None if in_encoder is None else np.asarray(in_encoder, bool)
 
     def check_model(self, cfg) -> None:
-        want = (len(moe_layers(cfg)), cfg.decoder.moe.num_experts)
+        want = (len(moe_layers(cfg)), expert_moe(cfg).num_experts)
         if self.token_freq.shape != want:
             raise ValueError(f"prior of shape {self.token_freq.shape} does not match {cfg.name}: "
                              f"expected (MoE layers, experts) = {want}")
+        in_encoder = np.asarray(moe_layers(cfg)) < cfg.encoder_layers \
+            if isinstance(cfg, EncDecConfig) else None
+        if (in_encoder is None) != (self.in_encoder is None) or (
+                in_encoder is not None and (in_encoder != self.in_encoder).any()):
+            show = lambda m: "none (a decoder LM)" if m is None else np.flatnonzero(m).tolist()
+            raise ValueError(f"prior does not match {cfg.name}: its encoder MoE layers are "
+                             f"{show(self.in_encoder)}, the model's {show(in_encoder)}; "
+                             f"calibrate it on a trace of {cfg.name}")
 
     @classmethod
     def from_trace(cls, trace: Trace) -> "PriorForecast":
         freq = np.zeros((len(trace.moe_layers), trace.num_experts))
+        if trace.is_encdec:
+            ran = trace.layer_mask().sum(0)                          # (L,) rows per layer
+            for li in range(len(trace.moe_layers)):
+                ids = trace.experts[:, li].ravel()
+                freq[li] = np.bincount(ids[ids >= 0], minlength=trace.num_experts)
+            return cls(freq / np.maximum(ran, 1)[:, None],
+                       np.asarray(trace.moe_layers) < trace.encoder_layers)
         for li in range(len(trace.moe_layers)):
             for k in range(trace.top_k):
                 freq[li] += np.bincount(trace.experts[:, li, k], minlength=trace.num_experts)
         return cls(freq / max(len(trace), 1))
 
-    def _for(self, n: int) -> np.ndarray:
+    def _for(self, n) -> np.ndarray:
+        """n: tokens of the forward, an int or per layer (L,) (0 where a layer does not run)."""
+        n = n if np.ndim(n) == 0 else np.asarray(n)[:, None]
         return 1.0 - (1.0 - np.clip(self.token_freq, 0.0, 1.0)) ** n
 
     def for_rows(self, trace: Trace, rows) -> np.ndarray:
+        if self.in_encoder is not None:
+            return self._for(trace.layer_mask()[rows].sum(0))
         return self._for(len(rows))
 
     def for_forward(self, index: int, tokens=None, token_mask=None, prefill=True,
                     states=None) -> np.ndarray:
-        return self._for(int(np.asarray(token_mask).sum()))
+        n = int(np.asarray(token_mask).sum())
+        if self.in_encoder is not None:     # the encoder pass runs the encoder, a step the decoder
+            return self._for(np.where(self.in_encoder == bool(prefill), n, 0))
+        return self._for(n)
 
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
-from moex.config import VLMConfig, require_decoder_lm
+from moex.config import EncDecConfig, MoEConfig, VLMConfig
 from moex.offload import quant
 from moex.offload.quant import QuantFormat
 from moex.offload.spec import budget_slots
@@ -55,12 +55,40 @@ def host_memory_kind(device) -> str:
                        "expert offloading needs pinned_host or unpinned_host")
 
 
-def moe_layers(cfg: VLMConfig) -> list[int]:
-    """Decoder layers whose FFN is a hard MoE (the ones whose experts are offloaded)."""
-    moe = require_decoder_lm(cfg, "the offload engine").decoder.moe
+def moe_layers(cfg: VLMConfig | EncDecConfig) -> list[int]:
+    """The layers whose FFN is a hard MoE (the ones whose experts are offloaded): decoder layer
+    indices; for an encoder-decoder, global ids (encoder block i -> i, decoder block j ->
+    encoder_layers + j), the encoder's first."""
+    if isinstance(cfg, EncDecConfig):
+        return [i if stack == "encoder" else cfg.encoder_layers + i
+                for stack, i in cfg.moe_layers()]
+    moe = cfg.decoder.moe
     if moe.kind != "hard":
         return []
     return [i for i in range(cfg.decoder.num_layers) if moe.is_moe_layer(i)]
+
+
+def expert_moe(cfg: VLMConfig | EncDecConfig) -> MoEConfig:
+    """The MoEConfig of the offloaded experts (an encoder-decoder's two stacks must agree on
+    the experts' count, top-k and width: one slot shape serves both)."""
+    if not isinstance(cfg, EncDecConfig):
+        return cfg.decoder.moe
+    enc, dec = cfg.encoder_moe, cfg.decoder_moe
+    if enc.kind == "hard" and dec.kind == "hard" and \
+            (enc.num_experts, enc.top_k, enc.expert_dim) != (dec.num_experts, dec.top_k,
+                                                            dec.expert_dim):
+        raise ValueError(f"{cfg.name}: the encoder's and decoder's experts differ in count, "
+                         "top-k or width; the offload engine holds one expert shape")
+    return enc if enc.kind == "hard" else dec
+
+
+def expert_site(cfg: VLMConfig | EncDecConfig, layer: int) -> tuple[str, str]:
+    """(stack, block) of the params that hold MoE layer `layer`'s experts."""
+    if isinstance(cfg, EncDecConfig) and layer < cfg.encoder_layers:
+        return "encoder", f"layer_{layer}"
+    if isinstance(cfg, EncDecConfig):
+        return "decoder", f"layer_{layer - cfg.encoder_layers}"
+    return "decoder", f"layer_{layer}"
 
 
 @dataclasses.dataclass
@@ -81,7 +109,7 @@ class ExpertStore:
 
     @property
     def num_experts(self) -> int:
-        return self.cfg.decoder.moe.num_experts
+        return expert_moe(self.cfg).num_experts
 
     @property
     def total_bytes(self) -> int:
@@ -139,16 +167,17 @@ class ExpertStore:
         to_host = SingleDeviceSharding(device, memory_kind=kind)
         layers = moe_layers(cfg)
         if not layers:
-            raise ValueError(f"{cfg.name} has no hard-MoE decoder layers to offload")
+            raise ValueError(f"{cfg.name} has no hard-MoE layers to offload")
         dense = {k: v for k, v in params.items()}
-        dense["decoder"] = dict(params["decoder"])
+        for stack in {expert_site(cfg, i)[0] for i in layers}:
+            dense[stack] = dict(params[stack])
         host, low, shapes = {}, {}, {}
         for i in layers:
-            name = f"layer_{i}"
-            layer = dict(params["decoder"][name])
+            stack, name = expert_site(cfg, i)
+            layer = dict(params[stack][name])
             ffn = dict(layer["ffn"])
             experts = ffn.pop("experts")
-            for e in range(cfg.decoder.moe.num_experts):
+            for e in range(expert_moe(cfg).num_experts):
                 weights = {w: np.asarray(a[e]) for w, a in experts.items()}
                 host[i, e] = _to_host(weights if fmt is None
                                       else quant.quantize_expert(weights, fmt), to_host)
@@ -156,7 +185,7 @@ class ExpertStore:
                     low[i, e] = _to_host(quant.quantize_expert(weights, low_fmt), to_host)
             shapes = {w: (tuple(a.shape[1:]), np.dtype(a.dtype)) for w, a in experts.items()}
             layer["ffn"] = ffn
-            dense["decoder"][name] = layer
+            dense[stack][name] = layer
         expert_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in shapes.values())
         first = next(iter(host))
         return cls(cfg, layers, host, dense, kind, expert_bytes, shapes, fmt,

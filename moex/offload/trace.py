@@ -21,6 +21,14 @@ File format (`.npz`, written to a temp file and renamed):
   hidden_pre  (N, L, D) float16 optional (v3): MoE layer l's input before attention (the
                                 "pre-attention" variant of the heads)
 Rows are in the order the tokens were processed: a prefill's tokens, then decode steps.
+
+Encoder-decoder models (moex.config.EncDecConfig; meta "encoder_layers": n_enc, the number of
+encoder blocks): MoE layer ids are global, encoder block i -> i, decoder block j -> n_enc + j,
+and `moe_layers` lists the encoder's MoE blocks first. An encoder token is a phase-0 row
+(position = its encoder position, forward = the request batch's encoder pass); a decoder token
+is a phase-1 row (position 0 = the decoder start token, then each fed token; forward = its
+decode step). A row's experts are -1 (and its probs 0) in the layers its stack does not have:
+`Trace.layer_mask()` gives (N, L) True where the row's token ran the layer.
 v1 files (no `forward`, no `pregate`) load with one forward per row; v2 files are v3 files
 without the hidden states.
 """
@@ -36,7 +44,7 @@ import tempfile
 import numpy as np
 
 from moex.config import VLMConfig
-from moex.offload.store import moe_layers
+from moex.offload.store import expert_moe, moe_layers
 
 FORMAT = "moex-trace-v3"
 READABLE = ("moex-trace-v1", "moex-trace-v2", FORMAT)
@@ -61,17 +69,32 @@ class Trace:
     request_labels: list[str] | None = None
     hidden: np.ndarray | None = None
     hidden_pre: np.ndarray | None = None
+    encoder_layers: int | None = None    # encoder-decoder traces: the encoder's block count
 
     def __post_init__(self):
         if self.forward is None:
             self.forward = np.arange(len(self.request), dtype=np.int32)
+
+    @property
+    def is_encdec(self) -> bool:
+        return self.encoder_layers is not None
+
+    def layer_mask(self) -> np.ndarray:
+        """(N, L) bool: the row's token ran MoE layer l (always, except in an encoder-decoder
+        trace: encoder rows (phase 0) run the encoder's layers, decoder rows the decoder's)."""
+        n, layers = len(self.request), np.asarray(self.moe_layers)
+        if not self.is_encdec:
+            return np.ones((n, len(layers)), bool)
+        in_encoder = layers < self.encoder_layers
+        return np.where((self.phase == 0)[:, None], in_encoder[None], ~in_encoder[None])
 
     def __len__(self) -> int:
         return len(self.request)
 
     def check_model(self, cfg: VLMConfig, where: str = "trace") -> None:
         """Raise if this trace was not recorded on a model shaped like `cfg`."""
-        want = (moe_layers(cfg), cfg.decoder.moe.num_experts, cfg.decoder.moe.top_k)
+        moe = expert_moe(cfg)
+        want = (moe_layers(cfg), moe.num_experts, moe.top_k)
         got = (self.moe_layers, self.num_experts, self.top_k)
         if want != got:
             raise ValueError(f"{where} does not match {cfg.name}: expected MoE layers {want[0]}, "
@@ -84,7 +107,7 @@ class Trace:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "model": self.model, "moe_layers": self.moe_layers,
                 "num_experts": self.num_experts, "top_k": self.top_k}
-        meta.update({k: getattr(self, k) for k in ("domain", "request_labels")
+        meta.update({k: getattr(self, k) for k in ("domain", "request_labels", "encoder_layers")
                      if getattr(self, k) is not None})
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
         try:
@@ -125,7 +148,7 @@ class Trace:
                      data["request"], data["position"], data["phase"], data["experts"],
                      data["probs"], data.get("forward"), data.get("pregate"), data.get("token"),
                      meta.get("domain"), meta.get("request_labels"), data.get("hidden"),
-                     data.get("hidden_pre"))
+                     data.get("hidden_pre"), meta.get("encoder_layers"))
 
     @staticmethod
     def concat(traces: list["Trace"]) -> "Trace":
@@ -134,8 +157,8 @@ class Trace:
             raise ValueError("no traces to concatenate")
         first = traces[0]
         for t in traces[1:]:
-            if (t.moe_layers, t.num_experts, t.top_k) != (first.moe_layers, first.num_experts,
-                                                          first.top_k):
+            if (t.moe_layers, t.num_experts, t.top_k, t.encoder_layers) != (
+                    first.moe_layers, first.num_experts, first.top_k, first.encoder_layers):
                 raise ValueError(f"cannot concatenate traces of {first.model} and {t.model}: "
                                  "their MoE layers, experts or top-k differ")
         offsets = np.cumsum([0] + [int(t.forward.max()) + 1 for t in traces[:-1]])
@@ -146,7 +169,7 @@ class Trace:
                      cat("request"), cat("position"), cat("phase"), cat("experts"),
                      cat("probs"), np.concatenate([t.forward + o for t, o in zip(traces, offsets)]),
                      optional("pregate"), optional("token"), hidden=optional("hidden"),
-                     hidden_pre=optional("hidden_pre"))
+                     hidden_pre=optional("hidden_pre"), encoder_layers=first.encoder_layers)
 
 
 class TraceRecorder:
@@ -162,12 +185,17 @@ class TraceRecorder:
     def add(self, aux: dict, token_mask, request_ids, positions, phase: int,
             pregate=None, tokens=None, hidden=None, hidden_pre=None) -> None:
         """aux: a forward's aux (or any dict with aux["decoder"][layer] holding "expert_ids"
-        (B, T, K) and "probs" (B, T, E)); token_mask, positions (B, T); request_ids (B,);
+        (B, T, K) and "probs" (B, T, E); a layer it lacks did not run: -1 and 0); token_mask, positions (B, T); request_ids (B,);
         pregate: optional (B, T, L, K) pre-gate predictions (see the file format); tokens:
         optional (B, T) token ids; hidden, hidden_pre: optional (B, T, L, D) hidden states."""
         mask = np.asarray(token_mask).astype(bool)
         b, t = mask.shape
-        per_layer = [aux["decoder"][i] for i in self.layers]
+        moe = expert_moe(self.cfg)
+        absent = {"expert_ids": np.full((b, t, moe.top_k), -1), "probs": np.zeros(
+            (b, t, moe.num_experts), np.float32)}                # a layer this pass did not run
+        dec = aux["decoder"]                # a forward's list per layer, or {layer: aux}
+        per_layer = [dec.get(i, absent) if isinstance(dec, dict) else dec[i]
+                     for i in self.layers]
         experts = np.stack([np.asarray(a["expert_ids"]) for a in per_layer], axis=2)  # B,T,L,K
         probs = np.stack([np.asarray(a["probs"]) for a in per_layer], axis=2)         # B,T,L,E
         req = np.broadcast_to(np.asarray(request_ids)[:, None], (b, t))
@@ -188,11 +216,12 @@ class TraceRecorder:
         if not self.rows:
             raise ValueError("no forward was recorded")
         cat = lambda k, dtype: np.concatenate([r[k] for r in self.rows]).astype(dtype)
-        m = self.cfg.decoder.moe
+        m = expert_moe(self.cfg)
         optional = lambda k, dtype: cat(k, dtype) if all(k in r for r in self.rows) else None
         return Trace(self.cfg.name, self.layers, m.num_experts, m.top_k, cat("request", np.int32),
                      cat("position", np.int32), cat("phase", np.int8), cat("experts", np.int16),
                      cat("probs", np.float16), cat("forward", np.int32),
                      optional("pregate", np.int16), optional("token", np.int32),
                      hidden=optional("hidden", np.float16),
-                     hidden_pre=optional("hidden_pre", np.float16))
+                     hidden_pre=optional("hidden_pre", np.float16),
+                     encoder_layers=getattr(self.cfg, "encoder_layers", None))

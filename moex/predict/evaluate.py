@@ -5,6 +5,11 @@ come from two domains.
 
 Methods: rpp (a routing-path predictor, at admission), lookahead_dO / preattn_dO (lookahead heads
 at offset O, post- and pre-attention; `moex.predict.lookahead`), pregate, tlp, slp, prior.
+
+Encoder-decoder traces: the prompt is the encoder input and the generated positions are the
+decoder's; every metric counts a position only in the layers it ran (`Examples.layer_mask`), so
+"generated" holds the decoder's layers only (the encoder's are n/a), and SLP / pre-gate are
+undefined at the first MoE layer of each stack.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ def method_scores(trace: Trace, ex, prior: np.ndarray, rpp=None, heads=()) -> di
     """{method: (scores (R, P + G, L, E), defined layers (L,) bool)} on `ex`'s grid.
     rpp: (RPPConfig, params) or None; heads: [(LookaheadConfig, params)]."""
     everywhere = np.ones(ex.num_layers, bool)
-    from_layer_1 = np.arange(ex.num_layers) >= 1
+    from_layer_1 = ~ex.first_in_stack              # a previous MoE layer in the same stack
     out = {}
     if rpp is not None:
         out["rpp"] = (predict(*rpp, ex.tokens, ex.mask, states=ex.states), everywhere)
@@ -45,6 +50,12 @@ def method_scores(trace: Trace, ex, prior: np.ndarray, rpp=None, heads=()) -> di
     return out
 
 
+def _layer_mask(ex, index=slice(None)):
+    """The flat (N, L) layer mask `metrics.evaluate` takes: None for a decoder LM (every position
+    runs every layer)."""
+    return _flat(ex.layer_mask[index]) if ex.is_encdec else None
+
+
 def evaluate_predictors(traces, prior_trace, predictor=None, heads=(), gen_len: int = 16) -> dict:
     """{trace file: {method: metrics}} for a routing-path predictor (folder), lookahead head
     sets (folders) and the baselines, on all positions ("traces"), generated positions only
@@ -54,7 +65,8 @@ def evaluate_predictors(traces, prior_trace, predictor=None, heads=(), gen_len: 
         gen_len = rpp[0].gen_len
     head_sets = [load_heads(h) for h in heads]
     prior_ex = examples(Trace.load(prior_trace), gen_len)
-    prior = frequency_prior(_flat(prior_ex.routes), _flat(prior_ex.route_mask))
+    prior = frequency_prior(_flat(prior_ex.routes), _flat(prior_ex.route_mask),
+                            _layer_mask(prior_ex))
     report = {"predictor": str(predictor) if predictor else None,
               "heads": [str(h) for h in heads], "prior_trace": str(prior_trace),
               "traces": {}, "generated": {}, "categories": {}}
@@ -66,20 +78,26 @@ def evaluate_predictors(traces, prior_trace, predictor=None, heads=(), gen_len: 
                              f"({rpp[0].num_layers}, {rpp[0].num_experts})")
         ex = examples(trace, gen_len, rpp[0].max_prompt if rpp else None,
                       states=bool(rpp and rpp[0].state_width))
+        enc = None if ex.in_encoder is None else int(ex.in_encoder.sum())
+        if rpp is not None and enc != rpp[0].encoder_moe_layers:
+            raise ValueError(f"{path}: trace has {enc} encoder MoE layers (None: a decoder "
+                             f"LM), the predictor {rpp[0].encoder_moe_layers}")
         scores = method_scores(trace, ex, prior, rpp, head_sets)
         truth, k = _flat(ex.routes), trace.top_k
         generated = np.zeros_like(ex.route_mask)
         generated[:, ex.tokens.shape[1]:] = ex.route_mask[:, ex.tokens.shape[1]:]
         name = pathlib.Path(path).name
         for key, mask in (("traces", ex.route_mask), ("generated", generated)):
-            report[key][name] = {m: evaluate(_flat(s), truth, _flat(mask), k, defined=d)
+            report[key][name] = {m: evaluate(_flat(s), truth, _flat(mask), k, defined=d,
+                                             layer_mask=_layer_mask(ex))
                                  for m, (s, d) in scores.items()}
         if trace.request_labels:
             labels = np.asarray(trace.request_labels)[ex.requests]
             report["categories"][name] = {
                 m: {str(c): evaluate(_flat(s[labels == c]), _flat(ex.routes[labels == c]),
                                      _flat(ex.route_mask[labels == c]), k, batch_sizes=(),
-                                     defined=d)["mean_topk_recall"]
+                                     defined=d, layer_mask=_layer_mask(ex, labels == c)
+                                     )["mean_topk_recall"]
                     for c in sorted(set(labels))}
                 for m, (s, d) in scores.items()}
     return report

@@ -13,6 +13,11 @@ the prompts (before the first MoE layer) and keeps the per-position probabilitie
 forecast is the probability that any of its tokens uses each expert
 (`moex.offload.forecast.batch_probability`): the prompt positions at prefill, generated position
 f - 1 at decode step f. Mispredictions are corrected at run time by the engine's demand loads.
+For an encoder-decoder (a predictor with `encoder_moe_layers`) the prefill is the encoder pass
+(tokens = the encoder input: the predictor's prompt) and decode step f runs the decoder on its
+position f - 1 (0 = the start token); each forecast covers all MoE layers (L, E), with 0 in the
+rows of the stack that forward does not run (the decoder's at the encoder pass, the encoder's at
+a decoder step).
 
     make_lookahead(spec)       the lookahead heads a spec names (`lookahead:HEADS`,
                                `predictive:F+HEADS`), as LookaheadHints; None otherwise
@@ -22,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from moex.offload.forecast import OracleForecast, PriorForecast, batch_probability, reference_run
+from moex.offload.forecast import OracleForecast, PriorForecast, batch_probability
+from moex.offload.seq2seq_engine import reference_for
 from moex.offload.spec import PolicySpec
 from moex.offload.trace import Trace
 from moex.predict.lookahead import LookaheadHints
@@ -55,7 +61,7 @@ def forecaster_for(spec: PolicySpec, cfg, store, prompts, new_tokens: int):
     both come from one all-resident run of these prompts (run only when needed)."""
     if spec.forecast is None or spec.predictor:
         return make_forecaster(spec)
-    trace = reference_run(cfg, store, *prompts, new_tokens=new_tokens).trace()
+    trace = reference_for(cfg, store, *prompts, new_tokens=new_tokens).trace()
     return make_forecaster(spec, trace, trace)
 
 
@@ -75,6 +81,19 @@ class PredictorForecast:
     def for_forward(self, index: int, tokens, token_mask, prefill: bool = True,
                     states=None) -> np.ndarray:
         tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
+        in_encoder = self.rpp_cfg.in_encoder
+        if in_encoder is not None:                         # encoder-decoder: one stack runs
+            if not prefill and self.probs is None:
+                raise ValueError("an encoder-decoder's first forward is its encoder pass "
+                                 "(prefill=True, tokens = the encoder input); the forecaster "
+                                 "was asked for a decoder step first")
+            out = self._forecast(index, tokens, token_mask, prefill, states)
+            out[~in_encoder if prefill else in_encoder] = 0.0
+            return out
+        return self._forecast(index, tokens, token_mask, prefill, states)
+
+    def _forecast(self, index: int, tokens, token_mask, prefill: bool,
+                  states) -> np.ndarray:
         if prefill or self.probs is None:
             # a prefill (a new request batch): one predictor forward for all its positions
             if self.rpp_cfg.state_width and states is None:

@@ -29,13 +29,15 @@ import optax
 
 from tqdm import tqdm
 
-from moex.config import VLMConfig, get_config
+from moex.config import EncDecConfig, VLMConfig, get_config
 from moex.model import aux_loss, build, init_params
 from moex.nn import sharding
 from moex.offload.forecast import reference_run
+from moex.offload.seq2seq_engine import seq2seq_reference_run
 from moex.offload.store import ExpertStore
 from moex.offload.trace import Trace
 from moex.predict.corpus import DOMAINS, samples
+from moex.predict.seq2seq_lm import SpanLayout, corrupt
 from moex.training import (TrainState, adamw, claim_run_dir, fit, make_step, publish_model,
                            train_model_config)
 
@@ -127,7 +129,15 @@ def record_traces(cfg: VLMConfig, params, domain: str, split: str, requests: int
                   corpus_limit: int | None = None, progress: bool = True,
                   hidden: bool = False):
     """Routing traces of `requests` greedy generations from `domain` prompts (one Trace); with
-    `hidden` also every MoE layer's hidden states (trace format v3, for the lookahead heads)."""
+    `hidden` also every MoE layer's hidden states (trace format v3, for the lookahead heads).
+    An encoder-decoder's prompts are its task's encoder inputs: the windows span-corrupted
+    (`denoising_inputs`), its trace encoder rows then decoder steps (moex.offload.trace)."""
+    if isinstance(cfg, EncDecConfig):
+        if hidden:
+            raise ValueError(f"{cfg.name}: hidden-state traces (lookahead heads) are recorded "
+                             "on decoder models only")
+        return _seq2seq_traces(cfg, params, domain, split, requests, prompt_len, new_tokens,
+                               batch, seed, corpus_limit, progress)
     store = ExpertStore.from_params(cfg, params)
     windows = samples(domain, split, requests, prompt_len, seed, corpus_limit)
     traces = []
@@ -136,6 +146,32 @@ def record_traces(cfg: VLMConfig, params, domain: str, split: str, requests: int
         traces.append(reference_run(cfg, store, ids, np.ones_like(ids), new_tokens=new_tokens,
                                     request_ids=np.arange(start, start + len(ids)),
                                     record_hidden=hidden).trace())
+    trace = Trace.concat(traces)
+    trace.domain = domain
+    return trace
+
+
+def denoising_inputs(cfg: EncDecConfig, domain: str, split: str, n: int, length: int,
+                     seed: int = 0, corpus_limit: int | None = None):
+    """(ids, mask) (n, S): `n` windows of `length` stdlib bytes span-corrupted as
+    `moex lm train` trains an encoder-decoder (15 % of the bytes in spans of mean 3, each span a
+    sentinel id), seeded by `seed`."""
+    layout = SpanLayout.of(cfg, length, 0.15, 3.0)
+    windows = samples(domain, split, n, length, seed, corpus_limit)
+    enc = corrupt(windows, layout, np.random.default_rng(seed))["enc"]
+    return enc, np.ones_like(enc)
+
+
+def _seq2seq_traces(cfg: EncDecConfig, params, domain, split, requests, prompt_len, new_tokens,
+                    batch, seed, corpus_limit, progress):
+    store = ExpertStore.from_params(cfg, params)
+    ids, mask = denoising_inputs(cfg, domain, split, requests, prompt_len, seed, corpus_limit)
+    traces = []
+    for start in tqdm(range(0, requests, batch), desc=f"trace {domain}", disable=not progress):
+        rows = slice(start, start + batch)
+        traces.append(seq2seq_reference_run(
+            cfg, store, ids[rows], mask[rows], new_tokens=new_tokens,
+            request_ids=np.arange(start, min(start + batch, requests))).trace())
     trace = Trace.concat(traces)
     trace.domain = domain
     return trace

@@ -17,6 +17,12 @@ E experts.
 Defaults follow ExpertFlow (d_model 32, d_ff 2048). Trained with multi-label binary
 cross-entropy (`bce_loss`) on routing traces: target[p, l, e] = 1 where token p picked expert e
 in MoE layer l.
+
+Encoder-decoder targets (`encoder_moe_layers` set): the prompt is the target's encoder input
+and the G generated positions are its decoder positions (0 = the decoder start token); the
+output still covers all L MoE layers (the encoder's first), but only the encoder's layers mean
+anything at prompt positions and only the decoder's at generated ones (`layer_mask` in the loss;
+the forecaster zeroes the others).
 """
 
 from __future__ import annotations
@@ -27,8 +33,11 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from moex.offload.store import moe_layers
+
+from moex.config import EncDecConfig
+from moex.offload.store import expert_moe, moe_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +55,8 @@ class RPPConfig:
     gen_len: int = 32                  # G
     model: str = ""                    # the target model's name
     state_width: int = 0               # W: also read the first MoE layer's input states (0: no)
+    encoder_moe_layers: int | None = None  # encoder-decoder target: how many of the L MoE layers
+                                           # are the encoder's (listed first); None: decoder LM
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -54,22 +65,47 @@ class RPPConfig:
     def from_json(cls, text: str) -> "RPPConfig":
         return cls(**json.loads(text))
 
+    @property
+    def in_encoder(self):
+        """(L,) bool numpy array of the encoder's MoE layers; None for a decoder-LM target."""
+        if self.encoder_moe_layers is None:
+            return None
+        return np.arange(self.num_layers) < self.encoder_moe_layers
+
     @classmethod
     def for_model(cls, cfg, **kw) -> "RPPConfig":
         layers = moe_layers(cfg)
         if not layers:
-            raise ValueError(f"{cfg.name} has no hard-MoE decoder layers to predict")
-        return cls(len(layers), cfg.decoder.moe.num_experts, cfg.decoder.moe.top_k,
-                   cfg.decoder.vocab_size, model=cfg.name, **kw)
+            raise ValueError(f"{cfg.name} has no hard-MoE layers to predict")
+        moe = expert_moe(cfg)
+        encdec = _encoder_moe_layers(cfg)
+        vocab = cfg.vocab_size if encdec is not None else cfg.decoder.vocab_size
+        return cls(len(layers), moe.num_experts, moe.top_k, vocab, model=cfg.name,
+                   encoder_moe_layers=encdec, **kw)
 
     def check_model(self, cfg) -> None:
-        """Raise unless the target model has this predictor's (L, E)."""
-        want = (len(moe_layers(cfg)), cfg.decoder.moe.num_experts)
+        """Raise unless the target model has this predictor's (L, E) (and, for an
+        encoder-decoder, its split of the MoE layers between encoder and decoder)."""
+        want = (len(moe_layers(cfg)), expert_moe(cfg).num_experts)
         if want != (self.num_layers, self.num_experts):
             raise ValueError(f"routing-path predictor for (L, E) = ({self.num_layers}, "
                              f"{self.num_experts}) (trained on {self.model or 'unknown'}) does "
                              f"not match {cfg.name}: it has {want[0]} MoE layers and {want[1]} "
                              "experts")
+        enc = _encoder_moe_layers(cfg)
+        if enc != self.encoder_moe_layers:
+            what = lambda n: "a decoder LM" if n is None else \
+                f"an encoder-decoder with {n} encoder MoE layers"
+            raise ValueError(f"routing-path predictor for {what(self.encoder_moe_layers)} "
+                             f"(trained on {self.model or 'unknown'}) does not match "
+                             f"{cfg.name}, {what(enc)}: train one on {cfg.name}'s traces")
+
+
+def _encoder_moe_layers(cfg) -> int | None:
+    """How many of an encoder-decoder's MoE layers are the encoder's; None for a decoder LM."""
+    if not isinstance(cfg, EncDecConfig):
+        return None
+    return sum(1 for layer in moe_layers(cfg) if layer < cfg.encoder_layers)
 
 
 class Block(nn.Module):
@@ -131,11 +167,16 @@ class RoutingPathPredictor(nn.Module):
         return logits.reshape(b, p + c.gen_len, c.num_layers, c.num_experts).astype(jnp.float32)
 
 
-def bce_loss(logits, targets, mask):
+def bce_loss(logits, targets, mask, layer_mask=None):
     """Mean multi-label binary cross-entropy over (L, E) of the positions where mask is 1.
 
-    logits, targets (B, N, L, E); mask (B, N)."""
+    logits, targets (B, N, L, E); mask (B, N); layer_mask (B, N, L) bool or None: only the
+    (position, layer) pairs where it is True count (an encoder-decoder's positions run one
+    stack's layers), each pair's mean over E weighing the same."""
     per = optax.sigmoid_binary_cross_entropy(logits, targets.astype(logits.dtype))
+    if layer_mask is not None:
+        weight = mask.astype(per.dtype)[..., None] * layer_mask.astype(per.dtype)
+        return jnp.sum(per.mean(-1) * weight) / jnp.maximum(weight.sum(), 1.0)
     per = per.mean(axis=(-1, -2))
     mask = mask.astype(per.dtype)
     return jnp.sum(per * mask) / jnp.maximum(mask.sum(), 1.0)

@@ -17,6 +17,12 @@ as good, so it is never worse than FIFO on the objective. Each half is sorted (s
 `split_caches(cache_a, cache_b, a, b)` moves KV-cache rows with their requests: the two batches'
 caches (same max length and write index, as batches admitted together are) are concatenated
 along the batch axis and re-split by the schedule.
+
+Encoder-decoder models: what is re-split between batches are decoder tokens (a decode step's
+fed tokens), and only the decoder's MoE layers count: pass `layers` (L,) bool (the decoder's:
+`~Examples.in_encoder`) to `schedule` / `objective` / `similarity`, or build the vectors from a
+trace's expert ids with `routing_vectors` (its -1 entries, the layers a token did not run, are
+no expert; `trace_vectors(trace, rows)` keeps the layers the rows ran).
 """
 
 from __future__ import annotations
@@ -25,19 +31,51 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def objective(routes, a, b) -> int:
+def _counted(routes, layers=None) -> np.ndarray:
+    """routes (N, L, E) as bool, only the `layers` (L,) bool that count (None: all)."""
     r = np.asarray(routes, bool)
+    return r if layers is None else r[:, np.asarray(layers, bool)]
+
+
+def routing_vectors(experts, num_experts: int, layers=None) -> np.ndarray:
+    """Per-token routing vectors (N, L', E) bool from chosen expert ids (N, L, K) (a trace's
+    `experts`; -1: the token did not run the layer, no expert), over the `layers` (L,) bool that
+    count (None: all L)."""
+    ids = np.asarray(experts)
+    out = np.zeros((*ids.shape[:2], num_experts), bool)
+    n, layer, _ = np.nonzero(ids >= 0)
+    out[n, layer, ids[ids >= 0]] = True
+    return _counted(out, layers)
+
+
+def trace_vectors(trace, rows) -> np.ndarray:
+    """routing_vectors of trace rows over the layers they ran (all L for a decoder LM; an
+    encoder-decoder's decoder rows: the decoder's MoE layers). The rows must run the same
+    layers (one stack's tokens)."""
+    ran = trace.layer_mask()[np.asarray(rows)]
+    if len(ran) and not (ran == ran[0]).all():
+        raise ValueError("the scheduler re-splits tokens that run the same MoE layers; the rows "
+                         "mix an encoder-decoder's encoder and decoder tokens: pass one stack's")
+    return routing_vectors(trace.experts[rows], trace.num_experts,
+                           ran[0] if len(ran) else None)
+
+
+def objective(routes, a, b, layers=None) -> int:
+    r = _counted(routes, layers)
     return int(r[a].any(0).sum() + r[b].any(0).sum())
 
 
-def similarity(routes) -> np.ndarray:
-    r = np.asarray(routes, bool).reshape(len(routes), -1).astype(np.int32)
+def similarity(routes, layers=None) -> np.ndarray:
+    r = _counted(routes, layers)
+    r = r.reshape(len(r), -1).astype(np.int32)
     ham = r @ (1 - r).T + (1 - r) @ r.T
     return 1.0 - ham / r.shape[1]
 
 
-def schedule(routes, max_iter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    r = np.asarray(routes, bool)
+def schedule(routes, max_iter: int = 20, layers=None) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) indices of the two halves; `layers` (L,) bool: the MoE layers that count (None:
+    all; an encoder-decoder's decode step: the decoder's)."""
+    r = _counted(routes, layers)
     n = len(r)
     if n % 2:
         raise ValueError(f"the scheduler splits 2T requests into two halves; found {n}")

@@ -7,7 +7,8 @@ offload policy.
 Training: multi-label BCE (`bce_loss`) over real positions, AdamW with linear warmup + cosine
 decay and separate learning rates for the head (`head_lr`) and the body (`body_lr`) as in
 ExpertFlow (optax.multi_transform), batches drawn from (seed, step), orbax checkpoints with
-resume (`moex.training.fit`), deterministic given the seed.
+resume (`moex.training.fit`), deterministic given the seed. On an encoder-decoder's examples
+the loss counts only the layers each position ran (`Examples.layer_mask`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def loss_fn(rpp_cfg: RPPConfig):
     def run(params, batch):
         logits = model.apply({"params": params}, batch["tokens"], batch["mask"],
                              batch.get("states"))
-        loss = bce_loss(logits, batch["routes"], batch["route_mask"])
+        loss = bce_loss(logits, batch["routes"], batch["route_mask"], batch.get("layer_mask"))
         return loss, {}
     return run
 
@@ -68,6 +69,8 @@ def _batch(ex, i) -> dict:
            "routes": jnp.asarray(ex.routes[i]), "route_mask": jnp.asarray(ex.route_mask[i])}
     if ex.states is not None:
         out["states"] = jnp.asarray(ex.states[i])
+    if ex.is_encdec:
+        out["layer_mask"] = jnp.asarray(ex.layer_mask[i])
     return out
 
 
@@ -85,6 +88,10 @@ def train_predictor(ex, rpp_cfg: RPPConfig, train_cfg: PredictorTrainConfig, ckp
     if (ex.num_layers, ex.num_experts) != (rpp_cfg.num_layers, rpp_cfg.num_experts):
         raise ValueError(f"examples have (L, E) = ({ex.num_layers}, {ex.num_experts}), the "
                          f"predictor ({rpp_cfg.num_layers}, {rpp_cfg.num_experts})")
+    enc = lambda x: None if x is None else int(np.sum(x))
+    if enc(ex.in_encoder) != rpp_cfg.encoder_moe_layers:
+        raise ValueError(f"examples have {enc(ex.in_encoder)} encoder MoE layers (None: a "
+                         f"decoder LM), the predictor {rpp_cfg.encoder_moe_layers}")
     if (ex.states is None) != (rpp_cfg.state_width == 0):
         raise ValueError(f"the predictor reads states of width {rpp_cfg.state_width}; the "
                          f"examples {'lack' if ex.states is None else 'have'} them")
@@ -158,7 +165,9 @@ def train_from_trace(trace_path, out, shape: PredictorShape = PredictorShape(),
                         vocab_size=int(max(trace.token.max() + 1, shape.vocab_size)),
                         d_model=shape.d_model, d_ff=shape.d_ff, gen_len=shape.gen_len,
                         max_prompt=max(shape.max_prompt, ex.tokens.shape[1]), model=trace.model,
-                        state_width=0 if ex.states is None else ex.states.shape[-1])
+                        state_width=0 if ex.states is None else ex.states.shape[-1],
+                        encoder_moe_layers=None if ex.in_encoder is None
+                        else int(ex.in_encoder.sum()))
     out = pathlib.Path(out)
     params, log = train_predictor(train, rpp_cfg, train_cfg, ckpt_dir=out.with_name(out.name + ".train"),
                                   evaluate=validation_loss(rpp_cfg, val))

@@ -167,5 +167,11 @@ def test_generate_cli_runs_an_encoder_decoder(capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == ["hello", "a b c"]
     assert all(1 <= len(r["tokens"]) <= 4 for r in rows)
-    assert main(["generate", "tiny-switch", "--prompt", "x", "--offload", "lru"]) == 2
-    assert "--offload is not available for the encoder-decoder" in capsys.readouterr().err
+    # through the offload engine (a quarter of the experts on the device): the same tokens
+    assert main(["generate", "tiny-switch", "--prompt", "hello", "--prompt", "a b c",
+                 "--max-new-tokens", "4", "--offload", "lru", "--expert-budget", "25%"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line) for line in captured.out.splitlines()] == rows
+    assert json.loads(captured.err.splitlines()[-1])["offload"]["slots"] == 4
+    assert main(["generate", "tiny-switch", "--prompt", "x", "--mesh", "data=1"]) == 2
+    assert "--mesh is not available for the encoder-decoder" in capsys.readouterr().err
