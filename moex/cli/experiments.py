@@ -1,12 +1,12 @@
-"""`moex efficiency | compare` and `moex bench offload | offload-hf | forward | convert |
-sharding`: the
+"""`moex efficiency | compare` and `moex bench offload | expertflow | offload-hf | forward |
+convert | sharding`: the
 experiments (`moex.experiments`), each reading its options into its run's dataclass."""
 
 from __future__ import annotations
 
 from moex.cli.args import add_fields, from_args
-from moex.experiments import (convert_cost, efficiency, gpu_check, moe_forward, offload_grid,
-                              offload_hf, sharding_bench)
+from moex.experiments import (convert_cost, efficiency, expertflow, gpu_check, moe_forward,
+                              offload_grid, offload_hf, sharding_bench)
 from moex.experiments.efficiency import GRIDS, EfficiencyConfig
 from moex.experiments.gpu_check import GpuCheckConfig
 from moex.experiments.offload_grid import OffloadBenchConfig
@@ -88,6 +88,20 @@ def _bench_parsers(sub) -> None:
         "template": "--domain vlm: chat template, e.g. "
                     "'<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n'"})
     p.set_defaults(fn=lambda a: (offload_grid.bench(from_args(OffloadBenchConfig, a)), 0)[1])
+
+    p = bench.add_parser("expertflow", help="ExpertFlow's comparison on a Switch "
+                         "encoder-decoder: predictive vs per-layer LRU and pre-gating at "
+                         "cache sizes of CS experts per layer")
+    add_fields(p, expertflow.ExpertFlowConfig, help={
+        "checkpoint": "a Switch moex checkpoint (moex lm train small-switch, or converted); "
+                      "default: the preset's random weights",
+        "predictor": "a routing-path predictor folder (moex predictor train) for "
+                     "predictive:PREDICTOR; oracle and prior always run",
+        "cache_sizes": "experts per MoE layer the pool holds (budget = CS x MoE layers)",
+        "hardware": "the GPU regime's link and memory bandwidth (moex perf hardware)",
+        "project": "the preset whose bf16 expert and weight bytes the GPU regime moves"})
+    p.set_defaults(fn=lambda a: (expertflow.bench(from_args(expertflow.ExpertFlowConfig, a)),
+                                 0)[1])
 
     p = bench.add_parser("offload-hf", help="the offload grid on a converted random "
                          "transformers Mixtral (extra options go to `moex bench offload`)")

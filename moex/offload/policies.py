@@ -169,10 +169,13 @@ class Predictive(ValuedEviction):
 
     def quotas(self, forecast: np.ndarray) -> np.ndarray:
         """Slots per layer, in proportion to predicted demand (largest remainder), each at most
-        the number of experts the forecast gives any chance and at least one where it gives
-        one (the quotas may then sum past S: finished layers' slots are recycled)."""
+        the layer's demand rounded up -- the forecast's expected number of distinct experts
+        the layer uses -- and the number of experts it gives any chance, and at least one where
+        it gives one (the quotas may then sum past S: finished layers' slots are recycled).
+        The demand cap keeps a soft forecast (a predictor's, a prior's) from filling spare
+        slots with unlikely experts: each one is a copy the link carries."""
         demand = forecast.sum(axis=1)
-        cap = (forecast > 0).sum(axis=1)
+        cap = np.minimum((forecast > 0).sum(axis=1), np.ceil(demand - 1e-9).astype(int))
         if demand.sum() <= 0:
             return np.zeros(len(demand), int)
         share = self.slots * demand / demand.sum()
