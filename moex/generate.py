@@ -126,18 +126,27 @@ class Generator:
         if max_len < t + max_new_tokens:
             raise ValueError(f"max_len {max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
         stop = jnp.asarray(stop_ids(cfg, stop_tokens))
-        cache, tok, logits = self.prefill(params, tokens, mask, images, max_len=max_len,
-                                          sampling=sampling)
-        done = jnp.isin(tok, stop)
-        out, all_logits = [tok], [logits] if return_logits else None
-        for i in range(1, max_new_tokens):
-            if bool(done.all()):
-                break
-            cache, tok, done, logits = self.step(params, cache, tok, done, i, stop, sampling)
-            out.append(tok)
-            if return_logits:
-                all_logits.append(logits)
-        return result(cfg, out, stop, max_new_tokens, all_logits)
+        first = self.prefill(params, tokens, mask, images, max_len=max_len, sampling=sampling)
+        return decode_loop(cfg, lambda *a: self.step(params, *a, sampling), first, stop,
+                           max_new_tokens, return_logits)
+
+
+def decode_loop(cfg, step, first, stop, max_new_tokens: int,
+                return_logits: bool) -> GenerationResult:
+    """The decode steps after a prefill's `first` = (cache, token (B,), logits (B, V)):
+    `step(cache, last, done, index, stop) -> (cache, token, done, logits)` until every row
+    stopped or N tokens are out (Generator and moex.seq2seq.Seq2SeqGenerator)."""
+    cache, tok, logits = first
+    done = jnp.isin(tok, stop)
+    out, all_logits = [tok], [logits] if return_logits else None
+    for i in range(1, max_new_tokens):
+        if bool(done.all()):
+            break
+        cache, tok, done, logits = step(cache, tok, done, i, stop)
+        out.append(tok)
+        if return_logits:
+            all_logits.append(logits)
+    return result(cfg, out, stop, max_new_tokens, all_logits)
 
 
 def check_inputs(cfg, tokens, mask, images, max_new_tokens: int):

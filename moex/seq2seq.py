@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moex.config import EncDecConfig
-from moex.generate import GREEDY, GenerationResult, Sampling, result, sample, stop_ids
+from moex.generate import GREEDY, GenerationResult, Sampling, decode_loop, sample, stop_ids
 from moex.model import build
 from moex.nn import sharding
 from moex.nn.encdec import init_cache
@@ -72,18 +72,9 @@ class Seq2SeqGenerator:
                  return_logits: bool = False) -> GenerationResult:
         tokens, mask = check_inputs(self.cfg, tokens, mask, max_new_tokens)
         stop = jnp.asarray(stop_ids(self.cfg, stop_tokens))
-        cache, tok, logits = self.start(params, tokens, mask, max_len=max_new_tokens,
-                                        sampling=sampling)
-        done = jnp.isin(tok, stop)
-        out, all_logits = [tok], [logits] if return_logits else None
-        for i in range(1, max_new_tokens):
-            if bool(done.all()):
-                break
-            cache, tok, done, logits = self.step(params, cache, tok, done, i, stop, sampling)
-            out.append(tok)
-            if return_logits:
-                all_logits.append(logits)
-        return result(self.cfg, out, stop, max_new_tokens, all_logits)
+        first = self.start(params, tokens, mask, max_len=max_new_tokens, sampling=sampling)
+        return decode_loop(self.cfg, lambda *a: self.step(params, *a, sampling), first, stop,
+                           max_new_tokens, return_logits)
 
     def generate(self, tokens, token_mask, max_new_tokens: int, stop_at_eos: bool = True):
         """Greedy ids (B, N) with the params given at construction; without stop_at_eos every

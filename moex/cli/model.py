@@ -247,17 +247,24 @@ def generate(args) -> int:
         plan = sharding.plan_for(args.mesh)
         out = generator_for(cfg, plan)(shard_params(cfg, loaded.params, plan), ids, mask, images,
                                        max_new_tokens=args.max_new_tokens, sampling=sampling)
-    for p, row, n in zip(args.prompt, out.tokens, out.num_generated):
+    extra = None if engine is None else {"forecast": getattr(engine.forecaster, "name", None),
+                                         "lookahead": spec.lookahead,
+                                         "miss_option": misses.label}
+    return print_completions(args.prompt, out, tok, engine, extra)
+
+
+def print_completions(prompts, out, tok, engine=None, extra=None) -> int:
+    """One JSON line per prompt on stdout; with an offload engine its report (+ `extra`) and
+    timings as one JSON line on stderr."""
+    for p, row, n in zip(prompts, out.tokens, out.num_generated):
         print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
                           "tokens": row[:n].tolist()}))
     if engine is not None:
         engine.calibrate_copy()
         report = engine.report()
         report.pop("per_layer")
-        report["forecast"] = getattr(engine.forecaster, "name", None)
-        report["lookahead"] = spec.lookahead
-        report["miss_option"] = misses.label
-        print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
+        print(json.dumps({"offload": {**report, **(extra or {})}, **engine.timings}),
+              file=sys.stderr)
     return 0
 
 
@@ -288,15 +295,7 @@ def generate_seq2seq(args, loaded) -> int:
     else:
         out = Seq2SeqGenerator(cfg)(loaded.params, ids, mask,
                                     max_new_tokens=args.max_new_tokens, sampling=sampling)
-    for p, row, n in zip(args.prompt, out.tokens, out.num_generated):
-        print(json.dumps({"prompt": p, "completion": tok.decode(row[:n]),
-                          "tokens": row[:n].tolist()}))
-    if engine is not None:
-        engine.calibrate_copy()
-        report = engine.report()
-        report.pop("per_layer")
-        print(json.dumps({"offload": report, **engine.timings}), file=sys.stderr)
-    return 0
+    return print_completions(args.prompt, out, tok, engine)
 
 
 def upcycle(args) -> int:
