@@ -1,12 +1,12 @@
-"""`moex efficiency | compare` and `moex bench offload | expertflow | offload-hf | forward |
-convert | sharding`: the
+"""`moex efficiency | compare` and `moex bench offload | engine | expertflow | offload-hf |
+forward | convert | sharding`: the
 experiments (`moex.experiments`), each reading its options into its run's dataclass."""
 
 from __future__ import annotations
 
 from moex.cli.args import add_fields, from_args
-from moex.experiments import (convert_cost, efficiency, expertflow, gpu_check, moe_forward,
-                              offload_grid, offload_hf, sharding_bench)
+from moex.experiments import (convert_cost, efficiency, engine_speed, expertflow, gpu_check,
+                              moe_forward, offload_grid, offload_hf, sharding_bench)
 from moex.experiments.efficiency import GRIDS, EfficiencyConfig
 from moex.experiments.gpu_check import GpuCheckConfig
 from moex.experiments.offload_grid import OffloadBenchConfig
@@ -88,6 +88,19 @@ def _bench_parsers(sub) -> None:
         "template": "--domain vlm: chat template, e.g. "
                     "'<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n'"})
     p.set_defaults(fn=lambda a: (offload_grid.bench(from_args(OffloadBenchConfig, a)), 0)[1])
+
+    p = bench.add_parser("engine", help="the offload engine's decode speed against the "
+                         "whole-model jitted decode, with a per-layer breakdown "
+                         "(moex/experiments/engine_speed.py)")
+    add_fields(p, engine_speed.EngineBenchConfig, flags=RENAMED, help={
+        "checkpoint": "a moex checkpoint dir (e.g. results/offload_hf/moex, a converted "
+                      "Mixtral) instead of the preset's random weights",
+        "policies": "policies timed at every budget (all-resident, fused and layer by layer, "
+                    "always runs)",
+        "budgets": "expert budgets: '25%%', '0.25' or bytes",
+        "breakdown": "POLICY@BUDGET points profiled per layer (e.g. pregated@50%%)"})
+    p.set_defaults(fn=lambda a: (engine_speed.bench(from_args(engine_speed.EngineBenchConfig,
+                                                               a)), 0)[1])
 
     p = bench.add_parser("expertflow", help="ExpertFlow's comparison on a Switch "
                          "encoder-decoder: predictive vs per-layer LRU and pre-gating at "

@@ -52,7 +52,7 @@ from moex.eval.routing import load_rows, markdown, routing_usage, signature_rows
 from moex.experiments import precision_projection, projection
 from moex.experiments.efficiency_report import (RESIDENT_JIT, accuracy_md, relative_md, report_md,
                                                 throughput_md, write_plots)
-from moex.experiments.offload_grid import cold_runs
+from moex.experiments.offload_grid import cold_runs, jitted_decode
 from moex.experiments.projection import ProjectConfig
 from moex.experiments.throughput import CompareConfig, run_point
 from moex.generate import Generator
@@ -300,7 +300,10 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
     in the model's tokenizer: the routing is the model's own on its task) x (all-resident,
     policies x budgets): prefill and decode tokens/s (medians of cold-pool repeats), hit rate,
     bytes moved, device bytes. predictive:oracle forecasts from the all-resident run's trace,
-    predictive:prior from an all-resident run on the next B questions."""
+    predictive:prior from an all-resident run on the next B questions. Every row also holds
+    the whole-model jitted decode on the same prompts and its decode rate as a ratio to it
+    (`decode_x_jitted`: the model without offloading is the baseline; the engine's
+    all-resident, preloaded, is its own row)."""
     cfg = m.cfg
     store = ExpertStore.from_params(cfg, m.params)
     rest = tree_bytes(store.dense_params)
@@ -313,6 +316,8 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
         kv = tree_bytes(jax.eval_shape(lambda: init_cache(   # shapes only, as in resident rows
             cfg.decoder, batch, seq + study.offload_new_tokens, np.dtype(cfg.dtype)))["layers"])
         warm, forecasters, reference = set(), {}, None
+        jit = jitted_decode(cfg, m.params, prompts, study.offload_new_tokens,
+                            study.offload_repeats)["decode_tok_s"]
         for spec, label in points:
             if progress_bar is not None:
                 progress_bar.set_postfix_str(f"{cfg.name} offload B={batch} {spec.label} {label}")
@@ -333,10 +338,12 @@ def offload_rows(m: Model, study: EfficiencyConfig, questions, progress_bar=None
                 reference = eng.trace()
             pool = eng.pool.pool_bytes
             med = lambda key: statistics.median(key(t) for t in runs)
-            rows.append({**_keys(cfg, batch, seq, spec.label, label),
-                         **_timing_cells(batch * seq, batch, [t["prefill_s"] for t in runs],
-                                         [t["decode_s"] / max(1, t["decode_steps"])
-                                          for t in runs]),
+            timing = _timing_cells(batch * seq, batch, [t["prefill_s"] for t in runs],
+                                   [t["decode_s"] / max(1, t["decode_steps"]) for t in runs])
+            rows.append({**_keys(cfg, batch, seq, spec.label, label), **timing,
+                         "jitted_decode_tokens_per_s": jit,
+                         "decode_x_jitted": timing["decode_tokens_per_s"] / jit,
+                         "recomputed_layers": med(lambda t: t["recomputed"]),
                          **_memory_cells(pool, rest, kv, rest + pool + kv, "accounted"),
                          **_offload_cells(med(lambda t: t["hit_rate"]),
                                           int(med(lambda t: t["bytes_moved"])),

@@ -365,6 +365,15 @@ class CacheCore:
         self.loads.extend(loads)
         return loads
 
+    def place(self, key: Key) -> None:
+        """Key is resident from the start (a preloaded pool): no access, load or prefetch."""
+        part = self._part(key[0])
+        if len(self.resident[part]) >= self.capacity[part]:
+            raise ValueError(f"cannot place {key}: its partition holds {self.capacity[part]} "
+                             "experts already")
+        if key not in self.resident[part]:
+            self.resident[part].append(key)
+
     def residents(self) -> set[Key]:
         return {k for part in self.resident.values() for k in part}
 

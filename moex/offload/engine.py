@@ -2,35 +2,46 @@
 
 Shape letters: B batch, T new tokens, D width, K choices per token, E experts, L_moe MoE layers.
 
-A forward (prefill or decode step):
-  1. embeddings (and, with images, the vision tower + projector, spliced at the placeholders);
-  2. admission, before the first MoE layer: a `predictive` policy gets the forecaster's
-     (L_moe, E) forecast (a routing-path predictor may read that layer's input states) and its
-     prefetches are issued (async `device_put`) before any expert computes;
-  3. per decoder layer: dense layers run whole. For a MoE layer a jitted piece runs attention,
-     the router and the pre-gate (the next MoE layer's router on this layer's hidden state); the
-     engine reads the routing (one device -> host sync), the `CacheCore` turns it into rounds of
-     demand loads (misses first) and a list of prefetches; per round the engine loads the missing
-     experts, waits for the copies of the experts the round needs (that wait is the *stall*) and
-     runs the round's experts through the expert->slot table; after the layer's compute is
-     dispatched it issues the prefetches, which overlap that compute and the next attention.
-     With a miss rule (`moex.offload.misses`) a missed expert may instead load its
-     low-precision copy (upgraded in the background, with the prefetches) or run on the host
-     CPU device on the rows that picked it: the layer's activations and routing are copied
-     there, its pairs are computed from the store's weights (dispatched before the device's
-     rounds, so the two overlap) and copied back into the same per-pair buffer.
-     With lookahead heads (the `lookahead` policy, predictive's combined form) the layer's heads
-     run on the same hidden state, compiled into the same piece as the router, and their
-     predictions for the layers ahead come back in the same sync as the routing.
-Every piece runs the model's own moex.nn modules on the model's params (`LayerPieces`); the
-experts' pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
-Expert outputs are kept per token-expert pair, each round filling its experts' pairs, and
-combined once, so rounds, budgets and policies all run the same compiled pieces on the same
-weights: logits are bitwise identical across them. `stream` records the visits (with their
-hints) for exact replay, and `trace()` the routing in the trace format.
+The expert -> slot table lives on the device (`SlotPool.device_table`, written by the same
+jitted update that writes the slots), and every expert piece gathers its experts from the pool
+through it, so a layer whose experts are resident needs no host decision before it runs.
 
-Text decoders with sequential blocks and GQA attention (the offloaded layers); `belady` needs
-the future and runs in the replay simulator only.
+A forward (prefill or decode step) takes one of two paths:
+
+  fused      when the pool holds every expert (all-resident, or a budget that holds a whole
+             forward) and nothing reads a layer's state before it runs: the whole forward is
+             one jitted call (`LayerPieces.step`), as in `moex.generate.Generator`. Then the
+             host reads every layer's routing in one transfer and checks it, layer by layer,
+             against the residency the call saw; at the first layer that read an unresident
+             expert the engine loads it and recomputes from that layer on, layer by layer.
+  per layer  otherwise. Embeddings first (with images: the vision tower + projector, spliced
+             at the placeholders); a `predictive` policy's admission before the first MoE
+             layer (the forecaster's (L_moe, E) forecast, which a routing-path predictor may
+             compute from that layer's input states, and its prefetches, async `device_put`).
+             Each MoE layer is one dispatch (`LayerPieces.layer`): attention, router, the
+             pre-gate (the next MoE layer's router on this hidden state), lookahead heads if
+             any, and the experts *optimistically* from the pool as the table stands. The host
+             then reads the routing (one transfer), and the `CacheCore` turns the visit into
+             rounds of demand loads (misses first) and prefetches. When the layer read an
+             unresident expert, each round's loads are issued and the missing experts fill
+             their pairs of the layer's accumulator (`LayerPieces.experts`) and the layer's
+             output is combined again: a recompute, counted (`stats.recomputed_layers`). The
+             prefetches then overlap the next layer. With a miss rule (`moex.offload.misses`) a
+             missed expert may instead load its low-precision copy (upgraded in the background,
+             with the prefetches) or run on the host CPU device on the rows that picked it (its
+             pairs computed from the store's weights and merged into the accumulator).
+
+Exactness: expert outputs are kept per token-expert pair and combined once by the same
+function (`LayerPieces._experts_fn`) on every path -- optimistic, recomputed, in rounds, fused
+-- and a pair's value does not depend on which other experts were active, so all policies,
+budgets and paths give bitwise the same logits (the tests hold the fused and per-layer paths
+equal). Every piece runs the model's own moex.nn modules on the model's params; the experts'
+pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
+
+`stream` records the visits (with their hints) for exact replay, `trace()` the routing in the
+trace format, `stats` the recomputes and where the time went (`profile=True` for a per-layer
+breakdown). Text decoders with sequential blocks and GQA attention (the offloaded layers);
+`belady` needs the future and runs in the replay simulator only.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ from moex.nn.decoder import DecoderLayer, advance_cache, attention_inputs, init_
 from moex.nn.experts import PAIR_COMPUTE, pair_outputs
 from moex.nn.vlm import VLM
 from moex.nn.routing import route
-from moex.offload.cache import CacheCore, Visit, expert_rows
+from moex.offload.cache import CacheCore, Visit
 from moex.offload import quant
 from moex.offload.misses import MissCosts
 from moex.offload.policies import make_policy
@@ -62,10 +73,40 @@ from moex.offload.trace import TraceRecorder
 
 @dataclasses.dataclass
 class EngineStats:
-    """Time and bytes of the engine's copies (counts are in `core.stats`)."""
-    stall_s: float = 0.0                     # waiting for copies before a round computes
+    """Time and bytes of the engine's copies (counts are in `core.stats`), its recomputes and
+    where the host's time went."""
+    stall_s: float = 0.0                     # the host waiting for copies before a round
+                                             # computes (the encoder-decoder engine; the decoder
+                                             # engine never waits on the host: a piece that
+                                             # reads an in-flight copy waits on the device)
     copy_s_per_expert: float = 0.0           # calibrated host -> device copy of one expert
     stall_per_layer: dict = dataclasses.field(default_factory=dict)
+    recomputed_layers: int = 0               # layer visits that read an unresident expert
+    recomputed_pieces: int = 0               # expert pieces run again for them
+    recomputed_per_layer: dict = dataclasses.field(default_factory=dict)
+    fused: int = 0                           # forwards run as one call
+    time_s: dict = dataclasses.field(default_factory=dict)   # seconds per activity (`_lap`)
+    layer_s: dict = dataclasses.field(default_factory=dict)  # layer -> activity -> seconds
+
+
+@dataclasses.dataclass
+class _Pass:
+    """One forward: its inputs, `LayerPieces.prepare`'s outputs and what it gathers for the
+    trace."""
+    tokens: np.ndarray
+    token_mask: np.ndarray
+    from_zero: bool
+    mask: object = None
+    positions: object = None           # RoPE positions (multimodal or counted)
+    valid: object = None
+    index: object = None
+    inject: tuple = ()
+    counted: object = None
+    rope: object = None                # multimodal positions or None
+    forecast: np.ndarray | None = None
+    routed: dict = dataclasses.field(default_factory=dict)
+    pregates: dict = dataclasses.field(default_factory=dict)
+    hidden: dict = dataclasses.field(default_factory=lambda: {"hidden": {}, "hidden_pre": {}})
 
 
 def pair_compute(compute: str) -> str:
@@ -137,51 +178,76 @@ class LayerPieces:
             pregate = layer.apply({"params": p_next}, x, valid, method=_pregate)
         return x, h, routing, pregate, cache
 
-    @functools.cached_property
-    def attend_route(self):
-        return jax.jit(self._attend_route_pregate, static_argnums=(8,))
-
-    @functools.lru_cache(maxsize=None)
-    def attend_route_ahead(self, heads):
-        """attend_route and lookahead heads in one compiled piece: `heads(head_params, x,
-        index)` maps the post-attention state x (B, T, D) of MoE layer `index` to per-token
-        probabilities (B, T, O, E) (`moex.predict.lookahead.layer_fn`); one dispatch, and its
-        result comes back in the same sync as the routing."""
-        def run(head_params, head_index, *args):
-            out = self._attend_route_pregate(*args)
-            return (*out, heads(head_params, out[0], head_index))
-        return jax.jit(run, static_argnums=(10,))
-
-    @functools.cached_property
-    def pairs(self):
+    def _pool_pairs(self, fmt=None, dtype: str | None = None):
+        """(pool, slot_of (E,), active (E,), h, routing) -> the active experts' pair outputs
+        (B*T, K, D), their weights read from the pool through the expert->slot table
+        (unresident experts must be inactive). fmt: the pool holds quantized copies (fmt, and
+        the dtype they dequantize to): the layer's E slots are dequantized as the slot update
+        would, then computed through an identity table -- the same route and values as
+        dequantized slots, so the numbers are bitwise the same."""
         d = self.cfg.decoder
+        how = pair_compute(d.moe.compute)
 
-        def run(pool, slot_of, active, acc, h, routing):
-            pairs = pair_outputs(pool, h, routing, d.activation, self.dtype,
-                                 pair_compute(d.moe.compute), d.moe.grouped_matmul, slot_of,
-                                 active)
-            mine = active[routing.expert_ids.reshape(acc.shape[:2])]
-            return jnp.where(mine[..., None], pairs, acc)
-        return jax.jit(run, donate_argnums=(3,))
+        def plain(pool, slot_of, active, h, routing):
+            return pair_outputs(pool, h, routing, d.activation, self.dtype, how,
+                                d.moe.grouped_matmul, slot_of, active)
 
-    @functools.lru_cache(maxsize=None)
-    def pairs_quantized(self, fmt, dtype: str):
-        """`pairs` on a pool of quantized slots: the layer's E slots (through the expert->slot
-        table; unresident ones read slot 0 and are masked by `active`) are dequantized as the
-        slot update would, then computed through an identity table -- the same route and
-        values as dequantized slots, so the numbers are bitwise the same."""
-        d = self.cfg.decoder
-
-        def run(pool, slot_of, active, acc, h, routing):
+        def quantized(pool, slot_of, active, h, routing):
             stored = {w: a[jnp.maximum(slot_of, 0)] for w, a in pool.items()}
             weights = jax.vmap(lambda e: quant.dequantize_expert(e, fmt, jnp.dtype(dtype)))(
                 stored)
-            pairs = pair_outputs(weights, h, routing, d.activation, self.dtype,
-                                 pair_compute(d.moe.compute), d.moe.grouped_matmul,
-                                 jnp.arange(slot_of.shape[0], dtype=jnp.int32), active)
+            return pair_outputs(weights, h, routing, d.activation, self.dtype, how,
+                                d.moe.grouped_matmul,
+                                jnp.arange(slot_of.shape[0], dtype=jnp.int32), active)
+        return plain if fmt is None else quantized
+
+    def _experts_fn(self, fmt=None, dtype: str | None = None):
+        """The expert half of a MoE layer: (p, pool, table, row, active, acc, x, h, routing) ->
+        (x + the layer's FFN output, acc). The experts in `active` that the table holds
+        (`table[row] >= 0`) fill their pairs of acc (B*T, K, D); the layer's output is then
+        combined from acc. One function for every path (optimistic, rounds, recompute, fused),
+        so a pair's value never depends on which path filled it and the combine is the same
+        compiled code: the outputs are bitwise equal whenever acc holds every needed pair."""
+        layer, pairs_of = self._moe_layer, self._pool_pairs(fmt, dtype)
+
+        def run(p, pool, table, row, active, acc, x, h, routing):
+            slot_of = table[row]
+            active = active & (slot_of >= 0)
+            pairs = pairs_of(pool, slot_of, active, h, routing)
             mine = active[routing.expert_ids.reshape(acc.shape[:2])]
-            return jnp.where(mine[..., None], pairs, acc)
-        return jax.jit(run, donate_argnums=(3,))
+            acc = jnp.where(mine[..., None], pairs, acc)
+            return x + layer.apply({"params": p}, h, acc, routing, method=_combine), acc
+        return run
+
+    @functools.lru_cache(maxsize=None)
+    def experts(self, fmt=None, dtype: str | None = None):
+        """`_experts_fn` jitted (fmt: quantized slots)."""
+        return jax.jit(self._experts_fn(fmt, dtype))
+
+    @functools.lru_cache(maxsize=None)
+    def layer(self, fmt=None, dtype: str | None = None, heads=None):
+        """A MoE layer in one dispatch, its experts optimistic: (head params, head index, p,
+        p_next, pool, table, row, x, mask, positions, valid, cache, index, from_zero) -> (x
+        after the layer as the table's experts give it, acc, x after attention, h, routing,
+        routing (3, B, T, K) int32: expert ids, kept, pre-gate ids (-1: none), cache, lookahead
+        probabilities or None). heads: lookahead heads, `heads(head_params, x, index)` mapping
+        the post-attention state x (B, T, D) of MoE layer `index` to per-token probabilities
+        (B, T, O, E) (`moex.predict.lookahead.layer_fn`), computed in the same piece so they
+        come back with the routing."""
+        experts = self._experts_fn(fmt, dtype)
+        k, e = self.cfg.decoder.moe.top_k, self.cfg.decoder.moe.num_experts
+
+        def run(head_params, head_index, p, p_next, pool, table, row, x, mask, positions, valid,
+                cache, index, from_zero):
+            x_mid, h, routing, pregate, cache = self._attend_route_pregate(
+                p, p_next, x, mask, positions, valid, cache, index, from_zero)
+            acc = jnp.zeros((h.shape[0] * h.shape[1], k, pool["w_down"].shape[-1]), self.dtype)
+            x_out, acc = experts(p, pool, table, row, jnp.ones((e,), bool), acc, x_mid, h,
+                                 routing)
+            routes = _routes(routing, pregate)
+            ahead = None if heads is None else heads(head_params, x_mid, head_index)
+            return x_out, acc, x_mid, h, routing, routes, cache, ahead
+        return jax.jit(run, static_argnums=(13,))
 
     @functools.cached_property
     def host_pairs(self):
@@ -201,38 +267,99 @@ class LayerPieces:
             return jnp.where(mine[..., None], pairs, acc)
         return jax.jit(run, donate_argnums=(0,))
 
-    @functools.cached_property
-    def combine(self):
-        layer = self._moe_layer
-
-        def run(p, x, h, pairs, routing):
-            return x + layer.apply({"params": p}, h, pairs, routing, method=_combine)
-        return jax.jit(run)
-
-    @functools.lru_cache(maxsize=None)
-    def dense_layer(self, i: int):
+    def _dense_fn(self, i: int):
         layer = self._layer(i)
 
         def run(p, x, mask, positions, valid, cache, index, from_zero):
             x, cache, _ = layer.apply({"params": p}, x, mask, positions, valid, cache, index,
                                       from_zero)
             return x, cache
-        return jax.jit(run, static_argnums=(7,))
+        return run
+
+    @functools.lru_cache(maxsize=None)
+    def dense_layer(self, i: int):
+        return jax.jit(self._dense_fn(i), static_argnums=(7,))
+
+    def _prepare(self, params, tokens, token_mask, images, cache):
+        """Everything a forward needs before its first layer: (x, RoPE positions (multimodal
+        or counted), DeepStack injections, valid, counted positions, attention mask, cache
+        index) -- VLM.inputs and attention_inputs; `cache` without its layers (or None)."""
+        x, rope, inject = self.model.apply({"params": params}, tokens, images, token_mask,
+                                           None if cache is None else cache["pos"],
+                                           method=VLM.inputs)[:3]
+        valid, counted, mask, index = attention_inputs(self.cfg.decoder, token_mask, cache)
+        return x, (counted if rope is None else rope), inject, valid, counted, mask, index, \
+            rope
 
     @functools.cached_property
-    def embed(self):
-        """(params, tokens, images, token_mask, start) -> (x, multimodal positions or None,
-        DeepStack injections): VLM.inputs."""
-        def run(params, tokens, images, token_mask, start):
-            return self.model.apply({"params": params}, tokens, images, token_mask, start,
-                                    method=VLM.inputs)[:3]
-        return jax.jit(run)
+    def prepare(self):
+        return jax.jit(self._prepare)
+
+    @functools.cached_property
+    def advance(self):
+        """advance_cache, jitted (the layers pass through untouched)."""
+        return jax.jit(advance_cache)
+
+    def _head_fn(self, params, x):
+        return self.model.apply({"params": params}, x, method=_head)
 
     @functools.cached_property
     def head(self):
-        def run(params, x):
-            return self.model.apply({"params": params}, x, method=_head)
-        return jax.jit(run)
+        return jax.jit(self._head_fn)
+
+    @functools.lru_cache(maxsize=None)
+    def step(self, fmt=None, dtype: str | None = None):
+        """A whole forward as one jitted call, every MoE layer's experts read from the pool
+        through the device table (the engine's fused path): (params, pool, table, tokens,
+        token_mask, images, cache without its layers (or None), layer caches, from_zero,
+        last_only) -> (logits, new layer caches, the cache's next index / valid / pos (or None),
+        routing (L_moe, 3, B, T, K) int32: expert ids, kept, pre-gate ids (-1: none), router
+        probabilities (L_moe, B, T, E), each MoE layer's input x (L_moe, B, T, D) (to recompute
+        from), the counted positions (B, T)). Few outputs, as each costs the dispatch time. It
+        runs the very functions of the per-layer pieces (`_prepare`, `_dense_fn`,
+        `_attend_route_pregate`, `_experts_fn`, `_head_fn`); tests hold the two paths bitwise
+        equal."""
+        layers, experts = moe_layers(self.cfg), self._experts_fn(fmt, dtype)
+        k, e = self.cfg.decoder.moe.top_k, self.cfg.decoder.moe.num_experts
+
+        def run(params, pool, table, tokens, token_mask, images, meta, caches, from_zero,
+                last_only):
+            prep = self._prepare(params, tokens, token_mask, images, meta)
+            x, positions, inject, valid, _, mask, index, rope = prep
+            p = params["decoder"]
+            new, inputs, routes, probs = [], [], [], []
+            every = jnp.ones((e,), bool)
+            for i, lc in enumerate(caches):
+                if i not in layers:
+                    x, lc = self._dense_fn(i)(p[f"layer_{i}"], x, mask, positions, valid, lc,
+                                              index, from_zero)
+                else:
+                    li = layers.index(i)
+                    p_next = p[f"layer_{layers[li + 1]}"] if li + 1 < len(layers) else None
+                    inputs.append(x)
+                    x_mid, h, routing, pregate, lc = self._attend_route_pregate(
+                        p[f"layer_{i}"], p_next, x, mask, positions, valid, lc, index,
+                        from_zero)
+                    acc = jnp.zeros((h.shape[0] * h.shape[1], k, pool["w_down"].shape[-1]),
+                                    self.dtype)
+                    x, acc = experts(p[f"layer_{i}"], pool, table, li, every, acc, x_mid, h,
+                                     routing)
+                    routes.append(_routes(routing, pregate))
+                    probs.append(routing.probs)
+                x = x + inject[i] if i < len(inject) else x
+                new.append(lc)
+            logits = self._head_fn(params, x[:, -1:] if last_only else x)
+            nxt = None if meta is None else advance_cache(meta, valid, (), rope)
+            return logits, new, nxt, jnp.stack(routes), jnp.stack(probs), jnp.stack(inputs), \
+                prep[4]
+        return jax.jit(run, static_argnums=(8, 9), donate_argnums=(7,))
+
+
+def _routes(routing, pregate):
+    """(3, B, T, K) int32: a layer's expert ids, kept pairs and pre-gate ids (-1: none), one
+    array so the host reads them in one transfer."""
+    pre = jnp.full_like(routing.expert_ids, -1) if pregate is None else pregate
+    return jnp.stack([routing.expert_ids, routing.kept.astype(jnp.int32), pre])
 
 
 @functools.lru_cache(maxsize=8)
@@ -244,12 +371,18 @@ class OffloadEngine:
     def __init__(self, cfg: VLMConfig, params, policy: str, budget_bytes: int, device=None,
                  forecaster=None, rounds: bool = True, store: ExpertStore | None = None,
                  lookahead=None, record_hidden: bool = False, misses=None, host_device=None,
-                 quantized_slots: bool = False):
+                 quantized_slots: bool = False, warm: bool = False, fuse: bool = True,
+                 profile: bool = False):
         """params: the model's params (experts are moved to host memory), or None with `store`
         (an ExpertStore built once and shared by several engines). lookahead: trained heads
         (`moex.predict.lookahead.LookaheadHints`) for the lookahead policy and for predictive's
         combined form. record_hidden: the trace also records each MoE layer's hidden states
-        (trace fields `hidden`, `hidden_pre`: what the heads train on)."""
+        (trace fields `hidden`, `hidden_pre`: what the heads train on). warm: start with every
+        expert in the pool (`preload`; the budget must hold them all), as the model runs
+        without offloading; otherwise the pool starts empty. fuse: run a forward as one call
+        where it can (`_fusable`); False keeps every forward layer by layer (to measure what
+        fusing buys). profile: wait for the device after each piece, so `stats.time_s` and
+        `stats.layer_s` say where the time goes (slower; see `_lap`)."""
         d = require_decoder_lm(cfg, "OffloadEngine (moex.offload.seq2seq_engine runs "
                                     "encoder-decoders)").decoder
         if d.parallel_block or d.attention != "gqa":
@@ -287,11 +420,36 @@ class OffloadEngine:
         self.dtype = jnp.dtype(cfg.dtype)
         self._inflight: dict = {}                 # key -> staged device arrays of its copy
         self.pieces = pieces_for(cfg)
-        if lookahead is not None:                 # the fused attention + heads piece
-            self._attend_ahead = self.pieces.attend_route_ahead(lookahead.layer_fn)
-        self._pairs = (self.pieces.pairs_quantized(self.store.fmt, str(self.store.dtype))
-                       if self.pool.quantized else self.pieces.pairs)   # chosen once
+        fmt = (self.store.fmt, str(self.store.dtype)) if self.pool.quantized else ()
+        self._experts = self.pieces.experts(*fmt)              # chosen once
+        self._layer = self.pieces.layer(*(fmt or (None, None)),
+                                        None if lookahead is None else lookahead.layer_fn)
+        self._step = self.pieces.step(*fmt)
+        e = d.moe.num_experts
+        self._rows = [jax.device_put(jnp.int32(i), self.pool.sharding)
+                      for i in range(len(self.store.layers))]
+        self._every, self._none = (jax.device_put(np.full(e, v), self.pool.sharding)
+                                   for v in (True, False))
+        self._zeros: dict = {}                    # (B*T, K) -> a zero acc on the device
+        self.fuse, self.profile = fuse, profile
+        self._last = time.perf_counter()          # the lap clock (`_lap`)
         self._forward = 0
+        if warm:
+            self.preload()
+
+    def preload(self) -> None:
+        """Put every expert in the pool before the first request: the model as it runs
+        without offloading. Setup, not traffic: the copies count as neither loads nor cache
+        accesses. The budget must hold every expert."""
+        keys = [(layer, e) for layer in self.store.layers for e in range(self.store.num_experts)]
+        if self.pool.num_slots < len(keys):
+            raise ValueError(f"preloading needs {len(keys)} expert slots (every expert), the "
+                             f"budget gives {self.pool.num_slots}")
+        for key in keys:
+            if not self.pool.is_resident(key):
+                self.pool.load(key, count=False)
+                self.core.place(key)
+        jax.block_until_ready(self.pool.arrays)
 
     # -- copies -----------------------------------------------------------------------------------
     def _free(self, key) -> None:
@@ -299,13 +457,18 @@ class OffloadEngine:
         self._inflight.pop(key, None)
 
     def _execute(self, loads) -> None:
-        """Issue loads (async): evictions free slots, then each key is copied into a free slot
-        (its low-precision copy for kind "low"; an upgrade rewrites the key's own slot)."""
+        """Issue loads (async), together: evictions free slots, then each key is copied into a
+        free slot (its low-precision copy for kind "low"; an upgrade rewrites the key's own
+        slot)."""
+        if not loads:
+            return
         for load in loads:
             if load.victim is not None:
                 self._free(load.victim)
-            slot = self.pool.slot_of(load.key) if load.kind == "upgrade" else None
-            self._inflight[load.key] = self.pool.load(load.key, slot, low=load.kind == "low")
+        requests = [(load.key, self.pool.slot_of(load.key) if load.kind == "upgrade" else None,
+                     load.kind == "low") for load in loads]
+        for load, staged in zip(loads, self.pool.load_many(requests)):
+            self._inflight[load.key] = staged
 
     def _wait(self, layer: int, experts) -> None:
         staged = [self._inflight.pop((layer, e)) for e in sorted(experts)
@@ -355,70 +518,213 @@ class OffloadEngine:
                 last_only: bool = False, request_ids=None):
         """Logits (B, T, V) float32 (T = 1 with last_only) and the new cache, like the model's
         forward. request_ids (B,) label the rows in the trace (default 0..B-1)."""
-        p, d = self.params["decoder"], self.cfg.decoder
-        tokens, token_mask = np.asarray(tokens), np.asarray(token_mask)
+        tokens, token_mask = np.asarray(tokens, np.int32), np.asarray(token_mask, np.int32)
         b, t = tokens.shape
-        moe_layers = self.store.layers
-        forecast = None
-        # x with image tokens spliced in; with Qwen3-VL images also multimodal RoPE positions
-        # and the DeepStack injections added after layers 0, 1, ... (moex.nn.vlm)
-        x, rope, inject = self.pieces.embed(
-            self.params, jnp.asarray(tokens), None if images is None else jnp.asarray(images),
-            jnp.asarray(token_mask), None if cache is None else cache["pos"])
-        # committed to the pool's device like everything computed from the pool, so each piece
-        # sees one argument placement (and compiles once)
-        x, rope, inject = jax.device_put((x, rope, inject), self.pool.sharding)
-        valid, positions, mask, index = attention_inputs(d, jnp.asarray(token_mask), cache)
-        counted, positions = positions, (positions if rope is None else rope)
+        self._last = time.perf_counter()                  # laps start (see _lap)
+        meta = None if cache is None else {k: cache[k] for k in ("index", "valid", "pos")}
+        caches = [None] * self.cfg.decoder.num_layers if cache is None else list(cache["layers"])
+        # host inputs travel with the first piece's call (a separate device_put waits behind
+        # the device's queue); they land on the pool's device, where the params are
+        args = (tokens, token_mask, images)
         from_zero = cache is None or fresh_cache
-        caches = [None] * d.num_layers if cache is None else cache["layers"]
-        new_layers, routed, pregates, hidden = [], {}, {}, {"hidden": {}, "hidden_pre": {}}
-        for i, lc in enumerate(caches):
+        run = _Pass(tokens, token_mask, from_zero)
+        if self._fusable(t):
+            x, start, logits, nxt = self._fused(run, args, meta, caches, last_only)
+        else:
+            # x with image tokens spliced in; with Qwen3-VL images also multimodal RoPE
+            # positions and the DeepStack injections added after layers 0, 1, ... (moex.nn.vlm)
+            x, run.positions, run.inject, run.valid, run.counted, run.mask, run.index, \
+                run.rope = self.pieces.prepare(self.params, *args, meta)
+            start, logits, nxt = 0, None, None
+            self._lap("prepare", wait=x)
+        if start < len(caches):
+            x = self._layers(run, start, x, caches)
+        if logits is None:
+            logits = self.pieces.head(self.params, x[:, -1:] if last_only else x)
+            self._lap("head", wait=logits)
+        if cache is not None and nxt is None:
+            nxt = self.pieces.advance(meta, run.valid, (), run.rope)
+        self._record(run.routed, run.pregates, tokens, token_mask, run.counted, int(not from_zero),
+                     np.arange(b) if request_ids is None else np.asarray(request_ids), run.hidden)
+        self._lap("record")
+        self._forward += 1
+        return logits, (None if cache is None else {**nxt, "layers": tuple(caches)})
+
+    # -- the two paths of a forward -------------------------------------------------------------
+    def _fusable(self, t: int) -> bool:
+        """A forward runs as one jitted call (`LayerPieces.step`) when the pool can hold every
+        expert at once and nothing reads a layer's state before the layer runs (a forecaster's
+        admission, lookahead heads, recorded hidden states, a policy that keeps nothing), for a
+        decode step or once every expert is resident; a miss then recomputes from its layer
+        on. Otherwise layer by layer, each optimistically (`_layers`)."""
+        s = self.store
+        return (self.fuse and self.pool.num_slots >= len(s.layers) * s.num_experts
+                and not (self.policy.uses_forecast or self.policy.keeps_nothing)
+                and self.lookahead is None and not self.record_hidden
+                and (t == 1 or len(self.pool.resident()) == len(s.layers) * s.num_experts))
+
+    def _fused(self, run: "_Pass", args, meta, caches, last_only: bool):
+        """The forward as one call; then each MoE layer's visit in order, checked against the
+        table the call read. Returns (x, the layer to go on from, logits, the cache's next
+        index / valid / pos); `caches` is updated in place. At the first MoE layer that read an
+        unresident expert, the visits so far stand, the layer's loads run and (its input x,
+        the layer, None, None) come back for `_layers` to run it and the rest again -- the
+        call's caches hold this step's keys and values from a wrong x there, which each layer
+        overwrites in place before reading them. A recomputed layer runs the same functions,
+        so the numbers are those of a run without the miss."""
+        resident = self.pool.resident()
+        logits, caches[:], nxt, routes, probs, inputs, run.counted = self._step(
+            self.params, self.pool.arrays, self.pool.device_table(), *args, meta, caches,
+            run.from_zero, last_only)
+        self.stats.fused += 1
+        self._lap("fused step", wait=logits)
+        routes, probs = jax.device_get((routes, probs))
+        self._lap("routing wait")
+        layers = self.store.layers
+        for li, layer in enumerate(layers):
+            ids, kept, pre = routes[li]
+            kept = kept.astype(bool)
+            needed = frozenset(np.unique(ids[kept]).tolist())
+            if any((layer, e) not in resident for e in needed):
+                (_, run.positions, run.inject, run.valid, run.counted, run.mask, run.index,
+                 run.rope) = self.pieces.prepare(self.params, *args, meta)
+                return inputs[li], layer, None, None
+            plan, _ = self._visit(run, li, probs[li], ids, kept,
+                                  None if li + 1 == len(layers) else pre)
+            self._settle(None, None, None, None, plan, layer, needed, resident, None, None)
+        return None, len(caches), logits, nxt
+
+    def _layers(self, run: "_Pass", start: int, x, caches):
+        """Layers start.. of a forward, one at a time; `caches` is updated in place. A MoE
+        layer: attention, router and pre-gate, then its experts from the pool through the device
+        table as it stands -- both dispatched before the routing is known (optimistic) -- then
+        the routing is read (the host waits for the router only, the experts keep computing)
+        and checked; a layer that read an unresident expert is recomputed after its loads."""
+        p, layers = self.params["decoder"], self.store.layers
+        for i in range(start, len(caches)):
             pl = p[f"layer_{i}"]
-            if i not in moe_layers:
-                x, lc = self.pieces.dense_layer(i)(pl, x, mask, positions, valid, lc, index,
-                                                   from_zero)
-                x = x + inject[i] if i < len(inject) else x
-                new_layers.append(lc)
+            if i not in layers:
+                x, caches[i] = self.pieces.dense_layer(i)(pl, x, run.mask, run.positions,
+                                                          run.valid, caches[i], run.index,
+                                                          run.from_zero)
+                x = x + run.inject[i] if i < len(run.inject) else x
+                self._lap("dense layer", i, wait=x)
                 continue
-            li = moe_layers.index(i)
-            nxt = moe_layers[li + 1] if li + 1 < len(moe_layers) else None
+            li = layers.index(i)
+            nxt = layers[li + 1] if li + 1 < len(layers) else None
             x_in = x
             if li == 0 and self.policy.uses_forecast:
-                forecast = self._admit(tokens, token_mask, x, cache is None or fresh_cache)
+                run.forecast = self._admit(run.tokens, run.token_mask, x, run.from_zero)
+                self._lap("admit", i)
             p_next = None if nxt is None else p[f"layer_{nxt}"]
-            ahead = None
-            if self.lookahead is None:
-                x, h, routing, pregate, lc = self.pieces.attend_route(
-                    pl, p_next, x, mask, positions, valid, lc, index, from_zero)
-            else:
-                x, h, routing, pregate, lc, ahead = self._attend_ahead(
-                    self.lookahead.params, jnp.int32(li), pl, p_next, x, mask, positions, valid,
-                    lc, index, from_zero)
-            new_layers.append(lc)
+            heads = (None, None) if self.lookahead is None else (self.lookahead.params,
+                                                                 self._rows[li])
+            resident = self.pool.resident()
+            x, acc, x_mid, h, routing, routes, caches[i], ahead = self._layer(
+                *heads, pl, p_next, self.pool.arrays, self.pool.device_table(), self._rows[li],
+                x, run.mask, run.positions, run.valid, caches[i], run.index, run.from_zero)
+            self._lap("layer piece", i, wait=x)
+            ids, kept, pre = jax.device_get(routes)
+            ahead = None if ahead is None else np.asarray(ahead)
+            self._lap("routing wait", i)
             if self.record_hidden:
-                hidden["hidden"][li], hidden["hidden_pre"][li] = x, x_in
-            ids, kept = np.asarray(routing.expert_ids), np.asarray(routing.kept)
+                run.hidden["hidden"][li], run.hidden["hidden_pre"][li] = x_mid, x_in
             if ahead is not None:
-                ahead = {moe_layers[li + o]: probs for o, probs in
-                         self.lookahead.for_layer(li, ahead, token_mask).items()}
-            routed[i] = {"expert_ids": ids, "probs": routing.probs}
-            hint = None
-            if pregate is not None:
-                pregates[nxt] = np.asarray(pregate)
-                hint = frozenset(int(e) for e in pregates[nxt][token_mask.astype(bool)].ravel())
-            visit = Visit(i, frozenset(int(e) for e in ids[kept]), self._forward, hint,
-                          forecast if li == 0 else None, int(token_mask.sum()), ahead,
-                          expert_rows(ids[kept]))
-            self.stream.append(visit)
-            x = self._moe(pl, x, h, routing, self.core.visit(len(self.stream) - 1, visit), i)
-            x = x + inject[i] if i < len(inject) else x
-        x = x[:, -1:] if last_only else x
-        logits = self.pieces.head(self.params, x)
-        self._record(routed, pregates, tokens, token_mask, counted, int(not from_zero),
-                     np.arange(b) if request_ids is None else np.asarray(request_ids), hidden)
-        self._forward += 1
-        return logits, (None if cache is None else advance_cache(cache, valid, new_layers, rope))
+                ahead = {layers[li + o]: probs for o, probs in
+                         self.lookahead.for_layer(li, ahead, run.token_mask).items()}
+            plan, needed = self._visit(run, li, routing.probs, ids, kept.astype(bool),
+                                       None if nxt is None else pre, ahead)
+            x, _ = self._settle(pl, x_mid, h, routing, plan, i, needed, resident, x, acc)
+            x = x + run.inject[i] if i < len(run.inject) else x
+        return x
+
+    def _visit(self, run: "_Pass", li: int, probs, ids, kept, pregate, ahead=None):
+        """MoE layer li's routing (host arrays) into the trace, the visit stream and the cache
+        core: (the core's plan, the experts the layer's tokens need)."""
+        layers = self.store.layers
+        layer, nxt = layers[li], (layers[li + 1] if li + 1 < len(layers) else None)
+        run.routed[layer] = {"expert_ids": ids, "probs": probs}
+        hint = None
+        if pregate is not None:
+            run.pregates[nxt] = pregate
+            hint = frozenset(np.unique(pregate[run.token_mask.astype(bool)]).tolist())
+        experts, pairs = np.unique(ids[kept], return_counts=True)
+        needed = frozenset(experts.tolist())
+        visit = Visit(layer, needed, self._forward, hint, run.forecast if li == 0 else None,
+                      int(run.token_mask.sum()), ahead, tuple(zip(experts.tolist(),
+                                                                  pairs.tolist())))
+        self.stream.append(visit)
+        plan = self.core.visit(len(self.stream) - 1, visit)
+        self._lap("plan", layer)
+        return plan, needed
+
+    def _settle(self, p_layer, x_mid, h, routing, plan, layer: int, needed: frozenset,
+                resident: frozenset, x, acc):
+        """Carry out a visit's plan after its layer ran optimistically on the `resident` keys:
+        frees, the host's share, every round's loads (the policy's decisions, whether or not
+        the layer needs them now) and, when the layer read an unresident expert, the recompute:
+        each round's missing experts fill their pairs of the optimistic acc and the layer's
+        output is combined again. Then the prefetches. Returns (x after the layer, recomputed)."""
+        for key in plan.dropped:
+            self._free(key)
+        missing = frozenset(e for e in needed if (layer, e) not in resident)
+        for e in needed - missing:                  # the layer's piece already waits for them
+            self._inflight.pop((layer, e), None)
+        host = self._host_pairs(layer, plan.host, h, routing)      # overlaps the rounds
+        row = self._rows[self.store.layers.index(layer)]
+        for r in plan.rounds:
+            self._execute(r.loads)
+            self._lap("loads", layer, wait=self.pool.arrays)
+            todo = r.experts & missing
+            if todo:                      # the piece's update waits for the copies it reads
+                x, acc = self._experts(p_layer, self.pool.arrays, self.pool.device_table(), row,
+                                       self._mask(todo), acc, x_mid, h, routing)
+                self.stats.recomputed_pieces += 1
+                self._lap("recompute", layer, wait=x)
+        if host is not None:
+            active, pairs = host
+            acc = self.pieces.merge(acc, jax.device_put(pairs, self.pool.sharding),
+                                    jax.device_put(active, self.pool.sharding),
+                                    routing.expert_ids)
+            x, acc = self._experts(p_layer, self.pool.arrays, self.pool.device_table(), row,
+                                   self._none, acc, x_mid, h, routing)
+            self.stats.recomputed_pieces += 1
+            self._lap("recompute", layer, wait=x)
+        self._execute(plan.prefetch)                  # overlaps this layer's compute
+        self._lap("prefetch", layer, wait=self.pool.arrays)
+        if missing:
+            self.stats.recomputed_layers += 1
+            self.stats.recomputed_per_layer[layer] = \
+                self.stats.recomputed_per_layer.get(layer, 0) + 1
+        return x, bool(missing)
+
+    def _mask(self, experts: frozenset) -> np.ndarray:
+        """(E,) bool, True for `experts` (a host array: it travels with the piece's call)."""
+        active = np.zeros(self.store.num_experts, bool)
+        active[sorted(experts)] = True
+        return active
+
+    def _zero_acc(self, h):
+        b, t, _ = h.shape
+        shape = (b * t, self.cfg.decoder.moe.top_k, self.pool.arrays["w_down"].shape[-1])
+        if shape not in self._zeros:
+            self._zeros[shape] = jax.device_put(jnp.zeros(shape, self.dtype), self.pool.sharding)
+        return self._zeros[shape]
+
+    def _lap(self, what: str, layer: int | None = None, wait=None) -> None:
+        """Close a lap of the forward's clock: the time since the last lap went to `what` (and
+        to `layer`'s row). The engine does not wait on the device to time it: `routing wait`
+        laps hold the device time the host waited for. With `profile` it does wait (for
+        `wait`, the lap's device work), so each lap holds its own device time -- a breakdown
+        that serializes host and device, for finding where the time goes, not for speed."""
+        if self.profile and wait is not None:
+            jax.block_until_ready(wait)
+        now = time.perf_counter()
+        spent, self._last = now - self._last, now
+        self.stats.time_s[what] = self.stats.time_s.get(what, 0.0) + spent
+        if layer is not None:
+            row = self.stats.layer_s.setdefault(layer, {})
+            row[what] = row.get(what, 0.0) + spent
 
     def _admit(self, tokens, token_mask, x, prefill: bool) -> np.ndarray:
         """A forward's admission, before its first MoE layer: the forecaster's (L_moe, E)
@@ -513,11 +819,14 @@ class OffloadEngine:
         jax.block_until_ready(logits)
         prefill_s, visits = time.perf_counter() - start, len(self.stream)
         stall, loads, moved = self.stats.stall_s, self.pool.loads, self.pool.bytes_loaded
+        recomputed, fused = self.stats.recomputed_layers, self.stats.fused
+        spent = _snapshot(self.stats)
         out, all_logits = [], []
         done = np.zeros(logits.shape[0], bool)
         for i in range(max_new_tokens):
-            all_logits.append(np.asarray(logits[:, -1]))
-            nxt = np.asarray(_sample(logits[:, -1], sampling, i))
+            last = np.asarray(logits)[:, -1]
+            all_logits.append(last)
+            nxt = np.asarray(_sample(last, sampling, i))
             nxt = np.where(done, self.cfg.pad_token_id, nxt).astype(np.int32)
             out.append(nxt)
             done = done | np.isin(nxt, stop)
@@ -528,7 +837,10 @@ class OffloadEngine:
                         "decode_s": time.perf_counter() - start - prefill_s,
                         "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,
                         "decode_loads": self.pool.loads - loads,
-                        "decode_bytes": self.pool.bytes_loaded - moved}
+                        "decode_bytes": self.pool.bytes_loaded - moved,
+                        "decode_recomputed": self.stats.recomputed_layers - recomputed,
+                        "decode_fused": self.stats.fused - fused,
+                        "decode_time_s": _since(spent, self.stats)}
         return out, all_logits
 
     def greedy(self, tokens, token_mask, max_new_tokens: int):
@@ -546,6 +858,7 @@ class OffloadEngine:
         counts = s.as_dict()
         for layer, row in counts["per_layer"].items():
             row["stall_s"] = self.stats.stall_per_layer.get(layer, 0.0)
+            row["recomputed"] = self.stats.recomputed_per_layer.get(layer, 0)
             if self.core.misses is None:          # every load moves one stored copy
                 row["bytes_moved"] = (row["misses"] + row["prefetches"]) * \
                     self.store.stored_bytes
@@ -558,7 +871,28 @@ class OffloadEngine:
                 "low_dtype": quant.label(self.store.low_fmt) if self.store.low_fmt else None,
                 "bytes_moved": self.pool.bytes_loaded, "loads": self.pool.loads,
                 "stall_s": self.stats.stall_s, "copy_s_estimate": copy_s,
-                "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s), **counts}
+                "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s),
+                "recomputed_layers": self.stats.recomputed_layers,
+                "recomputed_pieces": self.stats.recomputed_pieces,
+                "fused_forwards": self.stats.fused, **counts}
+
+
+def _snapshot(stats: EngineStats) -> dict:
+    return {"forward": dict(stats.time_s),
+            **{layer: dict(acts) for layer, acts in stats.layer_s.items()}}
+
+
+def _since(before: dict, stats: EngineStats) -> dict:
+    """Seconds per activity since `before` (a _snapshot): {"forward": {activity: s} for the
+    activities outside any layer, layer: {activity: s}}."""
+    now = _snapshot(stats)
+    out = {key: {a: s - before.get(key, {}).get(a, 0.0) for a, s in acts.items()}
+           for key, acts in now.items()}
+    for layer, acts in out.items():
+        if layer != "forward":
+            for a, s in acts.items():
+                out["forward"][a] = out["forward"].get(a, 0.0) - s
+    return {key: {a: s for a, s in acts.items() if s > 1e-12} for key, acts in out.items()}
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -598,4 +932,8 @@ def _sample_jit(logits, sampling, step):
 
 
 def _sample(logits, sampling: Sampling, step: int):
+    """moex.generate.sample on host logits (B, V); greedy is numpy's argmax (the same first
+    maximum as jnp.argmax), without a device round trip."""
+    if sampling.temperature == 0:
+        return np.argmax(logits, axis=-1).astype(np.int32)
     return _sample_jit(logits, sampling, jnp.int32(step))

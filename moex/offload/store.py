@@ -106,6 +106,7 @@ class ExpertStore:
     low_fmt: QuantFormat | None = None
     low_bytes: int = 0
     _host_weights: dict = dataclasses.field(default_factory=dict, repr=False)
+    _views: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def num_experts(self) -> int:
@@ -138,6 +139,14 @@ class ExpertStore:
                                  "(build it with low_dtype='int4' or 'int8')")
             return self.low[key], self.low_fmt, self.low_bytes
         return self.host[key], self.fmt, self.stored_bytes
+
+    def view_of(self, key, low: bool = False) -> dict:
+        """The copy a load of `key` moves as numpy arrays sharing the host arrays' memory (on a
+        CPU backend; made once per key)."""
+        if (key, low) not in self._views:
+            self._views[key, low] = {w: np.asarray(a) for w, a in
+                                     self.copy_of(key, low)[0].items()}
+        return self._views[key, low]
 
     def host_weights(self, layer: int, device) -> dict:
         """Layer `layer`'s experts stacked (E, ...) in the weights' dtype, committed to `device`
@@ -230,10 +239,23 @@ class SlotPool:
         self._owner: list[tuple[int, int] | None] = [None] * self.num_slots   # slot -> key
         self._slot_of: dict[tuple[int, int], int] = {}                        # key -> slot
         self._low: set = set()                                                # low-precision
+        self._row = {layer: i for i, layer in enumerate(store.layers)}
+        self._table = np.full((len(store.layers), store.num_experts), -1, np.int32)
+        # the table the device reads: like _table, except that a freed expert keeps its entry
+        # until its slot is written again (its weights are still there, so reading them is
+        # right); it changes only with the slot writes, in the same jitted update, so every
+        # version of `arrays` comes with the table that describes it
+        self._lazy = self._table.copy()
+        self._physical: list = [None] * self.num_slots   # slot -> key whose weights it holds
+        self._device_table = jax.device_put(self._lazy.copy(), self.sharding)
         self.bytes_loaded = 0
         self.loads = 0
         self.low_loads = 0
-        self._update = jax.jit(_set_slot, donate_argnums=0, static_argnums=(3, 4))
+        self._update = jax.jit(_set_slots, donate_argnums=0, static_argnums=(3, 4))
+        # on a CPU device host and device memory are the same RAM: the update reads the
+        # store's arrays in place (numpy views), so writing the slot is the only copy; elsewhere
+        # an async device_put stages each copy first (a DMA from pinned host memory)
+        self._in_place = self.device.platform == "cpu"
 
     @property
     def pool_bytes(self) -> int:
@@ -265,12 +287,53 @@ class SlotPool:
             raise KeyError(f"expert {key} is not in the pool (resident: {sorted(self._slot_of)})")
         self._owner[self._slot_of.pop(key)] = None
         self._low.discard(key)
+        self._table[self._row[key[0]], key[1]] = -1
 
-    def load(self, key: tuple[int, int], slot: int | None = None, low: bool = False) -> dict:
+    def load(self, key: tuple[int, int], slot: int | None = None, low: bool = False,
+             count: bool = True) -> dict:
         """Copy expert `key` = (layer, expert) into `slot` (default: the first free one),
         replacing whatever was there (if key was resident in another slot, that slot is freed);
-        `low`: its low-precision copy (an upgrade loads the stored copy into the same slot).
-        Returns the staged device arrays of the (async) copy: block on them to wait for it."""
+        `low`: its low-precision copy (an upgrade loads the stored copy into the same slot);
+        `count`: add it to `loads` and `bytes_loaded` (not when preloading).
+        Returns a device scalar, ready once the (async) copy has landed: block on it to wait."""
+        return self.load_many([(key, slot, low)], count)[0]
+
+    def load_many(self, requests, count: bool = True) -> list[dict]:
+        """`load` for each (key, slot or None, low) in order, the copies issued together: one
+        batched async device_put and one slot update per copy format (the dispatch costs once,
+        not per expert). Returns for each request a device array that is ready once its copy
+        has landed in its slot."""
+        claimed = [(key, self._claim(key, slot, low), low) for key, slot, low in requests]
+        ready = [None] * len(claimed)
+        for low in (False, True):
+            mine = [i for i, c in enumerate(claimed) if c[2] == low]
+            if not mine:
+                continue
+            copies = [self.store.copy_of(claimed[i][0], low) for i in mine]
+            width = 1 << (len(mine) - 1).bit_length()       # padded: few compiled widths
+            pad = width - len(mine)
+            if self._in_place:
+                arrays = [self.store.view_of(claimed[i][0], low) for i in mine]
+            else:
+                arrays = jax.device_put([c[0] for c in copies], self.sharding)   # async
+            self.arrays, self._device_table, done = self._update(
+                self.arrays, np.asarray([claimed[i][1] for i in mine] +
+                                        [claimed[mine[-1]][1]] * pad, np.int32),
+                arrays + arrays[-1:] * pad, None if self.quantized else copies[0][1],
+                str(self.store.dtype), self._lazy.copy())
+            for i in mine:
+                ready[i] = done
+            if count:
+                self.bytes_loaded += sum(c[2] for c in copies)
+                self.loads += len(mine)
+                self.low_loads += len(mine) * low
+        if self.pool_bytes > self.budget_bytes:
+            raise AssertionError(f"pool holds {self.pool_bytes} B, over its budget of "
+                                 f"{self.budget_bytes} B")
+        return ready
+
+    def _claim(self, key: tuple[int, int], slot: int | None, low: bool) -> int:
+        """Slot bookkeeping of a load: key owns `slot` (or the first free one) from now on."""
         if slot is None:
             slot = self.first_free_slot()
             if slot is None:
@@ -281,10 +344,6 @@ class SlotPool:
         if key not in self.store.host:
             raise KeyError(f"no expert {key} in the store (MoE layers {self.store.layers}, "
                            f"{self.store.num_experts} experts)")
-        arrays, fmt, nbytes = self.store.copy_of(key, low)
-        staged = {w: jax.device_put(a, self.sharding) for w, a in arrays.items()}
-        self.arrays = self._update(self.arrays, jnp.int32(slot), staged,
-                                   None if self.quantized else fmt, str(self.store.dtype))
         if key in self._slot_of:
             self.free(key)
         old = self._owner[slot]
@@ -292,24 +351,46 @@ class SlotPool:
             self.free(old)
         self._owner[slot] = key
         self._slot_of[key] = slot
+        self._table[self._row[key[0]], key[1]] = slot
+        gone = self._physical[slot]
+        if gone is not None and self._lazy[self._row[gone[0]], gone[1]] == slot:
+            self._lazy[self._row[gone[0]], gone[1]] = -1      # its slot is about to be written
+        self._physical[slot] = key
+        self._lazy[self._row[key[0]], key[1]] = slot
         if low:
             self._low.add(key)
-        self.bytes_loaded += nbytes
-        self.loads += 1
-        self.low_loads += low
-        if self.pool_bytes > self.budget_bytes:
-            raise AssertionError(f"pool holds {self.pool_bytes} B, over its budget of "
-                                 f"{self.budget_bytes} B")
-        return staged
+        return slot
 
     def slot_table(self, layer: int) -> np.ndarray:
         """(E,) int32: the slot of each expert of `layer`, -1 if not resident."""
-        return np.asarray([self._slot_of.get((layer, e), -1)
-                           for e in range(self.store.num_experts)], np.int32)
+        return self._table[self._row[layer]].copy()
+
+    def row(self, layer: int) -> int:
+        """The row of MoE layer `layer` in `device_table`."""
+        return self._row[layer]
+
+    def device_table(self):
+        """(L_moe, E) int32 on the pool's device: the expert -> slot table to be read together
+        with `arrays` as of now (-1: the expert's weights are in no slot). The jitted update
+        that writes slots also writes this table, so the two always come from the same call: a
+        piece given both never reads a slot through an entry for weights that slot no longer
+        holds, and a slot whose copy is in flight is read only after the copy lands (the
+        version of `arrays` that holds it depends on the copy). A freed expert keeps its entry
+        until its slot is written again (its weights are still there); residency -- what the
+        engine and the cache core count as resident -- is `resident` / `slot_table`."""
+        return self._device_table
 
 
-def _set_slot(arrays: dict, slot, staged: dict, fmt: QuantFormat | None, dtype: str) -> dict:
-    """Write one expert into `slot`; a quantized copy is dequantized here, on the device."""
-    if fmt is not None:
-        staged = quant.dequantize_expert(staged, fmt, jnp.dtype(dtype))
-    return {w: a.at[slot].set(staged[w]) for w, a in arrays.items()}
+def _set_slots(arrays: dict, slots, staged: list, fmt: QuantFormat | None, dtype: str,
+               table):
+    """Write expert staged[i] into slots[i], in order (in place: `arrays` is donated); a
+    quantized copy is dequantized here, on the device. Returns (arrays, `table` -- the
+    expert -> slot table after the writes -- on the device, an element of the last write:
+    ready when the writes have landed)."""
+    for i, one in enumerate(staged):
+        if fmt is not None:
+            one = quant.dequantize_expert(one, fmt, jnp.dtype(dtype))
+        arrays = {w: jax.lax.dynamic_update_index_in_dim(a, one[w].astype(a.dtype), slots[i], 0)
+                  for w, a in arrays.items()}
+    last = next(iter(arrays.values()))[slots[-1]]
+    return arrays, table, last.reshape(-1)[:1]

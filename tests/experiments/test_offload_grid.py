@@ -57,9 +57,16 @@ def test_bench_offload_grid_writes_every_point(tmp_path, capsys):
         assert float(r["decode_tok_s"]) > 0 and r["memory_kind"] == "pinned_host"
         assert int(r["peak_pool_bytes"]) <= int(r["budget_bytes"])
         assert float(r["belady_hit_rate"]) >= float(r["reuse_rate"]) - 1e-12
+        # every rate is also a ratio to the model without offloading, measured in the run
+        assert float(r["ratio_to_jitted"]) == pytest.approx(
+            float(r["decode_tok_s"]) / float(r["jitted_decode_tok_s"]))
+        assert float(r["recomputed"]) >= 0
+        if r["policy"] == "all-resident":           # preloaded: nothing missed or recomputed
+            assert float(r["recomputed"]) == 0 and float(r["hit_rate"]) == 1.0
     meta = json.loads((out / "report.md").parent.joinpath("results.json").read_text())
     assert meta["config"]["preset"] == "tiny-hard" and "jax" in meta["environment"]
-    assert "| B | budget | policy |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| B | budget | policy |" in report and "| B | jitted decode tok/s" in report
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
