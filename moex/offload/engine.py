@@ -141,14 +141,20 @@ class LayerPieces:
     is defined in one place; the engine adds only where the expert weights come from (the slot
     pool, through the expert->slot table) and in which rounds.
 
-      embed         tokens (and images) -> decoder inputs            VLM.embed
-      dense_layer   a layer without a hard MoE, whole                DecoderLayer
-      attend_route  attention with its residual, the FFN norm and    DecoderLayer.attend,
-                    the router; and the pre-gate: the next MoE       DecoderLayer.ffn_input,
-                    layer's router on this hidden state              HardMoE.route
-      pairs         the active experts' pair outputs, from the pool  moex.nn.experts.pair_outputs
-      combine       weighted sum over K, shared experts, residual    HardMoE.combine
-      head          final norm and LM head                           Decoder.head
+      prepare       tokens (and images) -> decoder inputs, positions,   VLM.inputs,
+                    attention mask and cache index                      attention_inputs
+      dense_layer   a layer without a hard MoE, whole                   DecoderLayer
+      layer         a MoE layer in one dispatch: attention with its     DecoderLayer.attend,
+                    residual, the FFN norm, the router, the pre-gate    DecoderLayer.ffn_input,
+                    (the next MoE layer's router on this hidden state)  HardMoE.route,
+                    and the experts optimistically from the pool        (experts, below)
+      experts       the active experts' pair outputs from the pool      pair_outputs,
+                    through the device table, into the layer's          HardMoE.combine
+                    accumulator; weighted sum over K, shared experts,
+                    residual (the recompute of a missed layer)
+      head          final norm and LM head                              Decoder.head
+      step          a whole forward in one call (the fused path)        all of the above
+      merge         host-computed pairs into the accumulator
 
     `pieces_for(cfg)` caches one instance per config, shared by every engine of that config, so
     policies and budgets never recompile.
