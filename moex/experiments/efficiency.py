@@ -254,7 +254,11 @@ def resident_row(gen, params, cfg, batch: int, seq_len: int, study: EfficiencyCo
             **_memory_cells(r["param_bytes_experts"], r["param_bytes_rest"], r["kv_cache_bytes"],
                             device_peak if device_peak > 0 else r["prefill_peak_bytes"],
                             "allocator" if device_peak > 0 else "xla-prefill"),
-            **_offload_cells(1.0, 0, 0.0)}
+            **_offload_cells(1.0, 0, 0.0),
+            # the jitted model is its own baseline (offload rows: the jitted decode on their
+            # prompts, and their rate over it)
+            "jitted_decode_tokens_per_s": timing["decode_tokens_per_s"], "decode_x_jitted": 1.0,
+            "recomputed_layers": 0}
 
 
 def grid_rows(gridded: list[Model], points, study: EfficiencyConfig, bar=None) -> list[dict]:
