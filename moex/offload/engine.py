@@ -434,9 +434,7 @@ class OffloadEngine:
         e = d.moe.num_experts
         self._rows = [jax.device_put(jnp.int32(i), self.pool.sharding)
                       for i in range(len(self.store.layers))]
-        self._every, self._none = (jax.device_put(np.full(e, v), self.pool.sharding)
-                                   for v in (True, False))
-        self._zeros: dict = {}                    # (B*T, K) -> a zero acc on the device
+        self._none = np.zeros(e, bool)           # no expert active: combine only
         self.fuse, self.profile = fuse, profile
         self._last = time.perf_counter()          # the lap clock (`_lap`)
         self._forward = 0
@@ -709,13 +707,6 @@ class OffloadEngine:
         active = np.zeros(self.store.num_experts, bool)
         active[sorted(experts)] = True
         return active
-
-    def _zero_acc(self, h):
-        b, t, _ = h.shape
-        shape = (b * t, self.cfg.decoder.moe.top_k, self.pool.arrays["w_down"].shape[-1])
-        if shape not in self._zeros:
-            self._zeros[shape] = jax.device_put(jnp.zeros(shape, self.dtype), self.pool.sharding)
-        return self._zeros[shape]
 
     def _lap(self, what: str, layer: int | None = None, wait=None) -> None:
         """Close a lap of the forward's clock: the time since the last lap went to `what` (and
