@@ -299,38 +299,42 @@ class SlotPool:
         return self.load_many([(key, slot, low)], count)[0]
 
     def load_many(self, requests, count: bool = True) -> list[dict]:
-        """`load` for each (key, slot or None, low) in order, the copies issued together: one
-        batched async device_put and one slot update per copy format (the dispatch costs once,
-        not per expert). Returns for each request a device array that is ready once its copy
-        has landed in its slot."""
+        """`load` for each (key, slot or None, low) in order, the copies issued together: per
+        copy format, slot updates of power-of-two widths (5 copies: one update of 4 and one of
+        1), so few widths compile and every copy is made once. Returns for each request a
+        device array that is ready once its copy has landed in its slot."""
         claimed = [(key, self._claim(key, slot, low), low) for key, slot, low in requests]
         ready = [None] * len(claimed)
         for low in (False, True):
             mine = [i for i, c in enumerate(claimed) if c[2] == low]
-            if not mine:
-                continue
-            copies = [self.store.copy_of(claimed[i][0], low) for i in mine]
-            width = 1 << (len(mine) - 1).bit_length()       # padded: few compiled widths
-            pad = width - len(mine)
-            if self._in_place:
-                arrays = [self.store.view_of(claimed[i][0], low) for i in mine]
-            else:
-                arrays = jax.device_put([c[0] for c in copies], self.sharding)   # async
-            self.arrays, self._device_table, done = self._update(
-                self.arrays, np.asarray([claimed[i][1] for i in mine] +
-                                        [claimed[mine[-1]][1]] * pad, np.int32),
-                arrays + arrays[-1:] * pad, None if self.quantized else copies[0][1],
-                str(self.store.dtype), self._lazy.copy())
-            for i in mine:
-                ready[i] = done
-            if count:
-                self.bytes_loaded += sum(c[2] for c in copies)
-                self.loads += len(mine)
-                self.low_loads += len(mine) * low
+            while mine:
+                chunk, mine = mine[:1 << (len(mine).bit_length() - 1)], \
+                    mine[1 << (len(mine).bit_length() - 1):]
+                done = self._write([claimed[i][0] for i in chunk],
+                                   [claimed[i][1] for i in chunk], low, count)
+                for i in chunk:
+                    ready[i] = done
         if self.pool_bytes > self.budget_bytes:
             raise AssertionError(f"pool holds {self.pool_bytes} B, over its budget of "
                                  f"{self.budget_bytes} B")
         return ready
+
+    def _write(self, keys: list, slots: list, low: bool, count: bool):
+        """One slot update: expert keys[i]'s copy (its low-precision one with `low`) into
+        slots[i]. Returns a device array ready once the copies have landed."""
+        copies = [self.store.copy_of(key, low) for key in keys]
+        if self._in_place:
+            arrays = [self.store.view_of(key, low) for key in keys]
+        else:
+            arrays = jax.device_put([c[0] for c in copies], self.sharding)     # async
+        self.arrays, self._device_table, done = self._update(
+            self.arrays, np.asarray(slots, np.int32), arrays,
+            None if self.quantized else copies[0][1], str(self.store.dtype), self._lazy.copy())
+        if count:
+            self.bytes_loaded += sum(c[2] for c in copies)
+            self.loads += len(keys)
+            self.low_loads += len(keys) * low
+        return done
 
     def _claim(self, key: tuple[int, int], slot: int | None, low: bool) -> int:
         """Slot bookkeeping of a load: key owns `slot` (or the first free one) from now on."""
