@@ -8,7 +8,8 @@ machine state; medians over repeats).
 
 The earlier revision's `moex` package is exported with `git archive` into a temporary folder
 and imported as `moex_before` (its imports rewritten), so both engines run side by side. The
-earlier engine starts all-resident from a cold pool (it had no preload); this one preloads.
+all-resident engines preload every expert where the revision can (`warm`); an earlier engine
+without it starts from a cold pool.
 Prints a markdown table and writes it with the rows as JSON to --out.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import io
 import json
 import pathlib
@@ -102,8 +104,8 @@ def main(argv=None) -> int:
             for policy, budget in points:
                 for side, (cfg, store, engine, parse, forecaster_of) in sides.items():
                     spec = parse(policy)
-                    kw = {"warm": True} if side == "after" and spec.policy == "all-resident" \
-                        else {}
+                    kw = {"warm": True} if spec.policy == "all-resident" and \
+                        "warm" in inspect.signature(engine).parameters else {}
                     eng = engine(cfg, None, spec.policy, parse_budget(budget, store.total_bytes),
                                  store=store, forecaster=forecaster_of(
                                      spec, traces[side, "ref"], traces[side, "cal"]), **kw)
@@ -113,6 +115,7 @@ def main(argv=None) -> int:
                         batch * t["decode_steps"] / t["decode_s"])
                     if side == "after":
                         rates[(policy, budget, "recomputed")] = [t["decode_recomputed"]]
+                        rates[(policy, budget, "waited")] = [t.get("decode_waited", 0)]
         jit = statistics.median(rates["jitted"][1:])
         for policy, budget in points:
             before = statistics.median(rates[(policy, budget, "before")][1:])
@@ -121,18 +124,20 @@ def main(argv=None) -> int:
                          "jitted_tok_s": jit, "before_tok_s": before, "after_tok_s": after,
                          "before_x_jitted": before / jit, "after_x_jitted": after / jit,
                          "after_x_before": after / before,
-                         "recomputed_decode": rates[(policy, budget, "recomputed")][0]})
+                         "recomputed_decode": rates[(policy, budget, "recomputed")][0],
+                         "waited_decode": rates[(policy, budget, "waited")][0]})
     lines = [f"Engine before ({a.rev}) and after (this checkout) on {new_model.cfg.name}; "
              f"medians of {a.repeats} interleaved runs, {a.new_tokens} new tokens, "
              f"{time.strftime('%Y-%m-%d')}", "",
              "| B | policy | budget | jitted tok/s | before tok/s (x jitted) "
-             "| after tok/s (x jitted) | after / before | recomputed (decode) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| after tok/s (x jitted) | after / before | recomputed (decode) | waited (decode) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['policy']} | {r['budget']} | {r['jitted_tok_s']:.1f} "
                      f"| {r['before_tok_s']:.1f} ({r['before_x_jitted']:.2f}) "
                      f"| {r['after_tok_s']:.1f} ({r['after_x_jitted']:.2f}) "
-                     f"| {r['after_x_before']:.2f} | {r['recomputed_decode']} |")
+                     f"| {r['after_x_before']:.2f} | {r['recomputed_decode']} "
+                     f"| {r['waited_decode']} |")
     table = "\n".join(lines)
     print(table)
     out = pathlib.Path(a.out)

@@ -11,7 +11,8 @@ Per batch size B, on the same prompts (random tokens, left-padded, as `moex benc
   POLICY @ BUDGET each policy at each budget from a cold pool
 Each point: decode tokens/s (median, min, max over `repeats` generates after a warm-up), its
 ratio to jitted, the layers recomputed per generate (an optimistic dispatch that read an
-unresident expert), the fused forwards and the misses.
+unresident expert), the layers that waited for their routing (the adaptive dispatch, after a
+miss at the layer's previous visit), the fused forwards and the misses.
 
 Where the time goes: each `--breakdown` point runs once more with `profile=True` -- the engine
 then waits for the device after every piece, so each activity's time includes its own device
@@ -168,6 +169,7 @@ def run(grid: EngineBenchConfig, progress: bool = True) -> tuple[list[dict], lis
                          "decode_tok_s_max": max(rates), "x_jitted": med / jit["decode_tok_s"],
                          "slots": eng.pool.num_slots,
                          "recomputed": statistics.median(t["decode_recomputed"] for t in runs),
+                         "waited": statistics.median(t["decode_waited"] for t in runs),
                          "fused_steps": statistics.median(t["decode_fused"] for t in runs),
                          "decode_loads": statistics.median(t["decode_loads"] for t in runs),
                          "misses": statistics.median(t["misses"] for t in runs)})
@@ -182,17 +184,17 @@ def run(grid: EngineBenchConfig, progress: bool = True) -> tuple[list[dict], lis
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| B | point | decode tok/s (min-max) | x jitted | recomputed / run "
-             "| fused steps | decode loads | slots |", "|" + "---|" * 8]
+             "| waited / run | fused steps | decode loads | slots |", "|" + "---|" * 9]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['batch']} | {r['point']} | not run: {r['skipped']} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         lines.append(f"| {r['batch']} | {r['point']} | {r['decode_tok_s']:.1f} "
                      f"({r['decode_tok_s_min']:.1f}-{r['decode_tok_s_max']:.1f}) "
                      f"| {r['x_jitted']:.2f} | {r.get('recomputed', '')} "
-                     f"| {r.get('fused_steps', '')} | {r.get('decode_loads', '')} "
-                     f"| {r.get('slots', '')} |")
+                     f"| {r.get('waited', '')} | {r.get('fused_steps', '')} "
+                     f"| {r.get('decode_loads', '')} | {r.get('slots', '')} |")
     return "\n".join(lines)
 
 

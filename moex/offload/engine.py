@@ -14,6 +14,9 @@ A forward (prefill or decode step) takes one of two paths:
              host reads every layer's routing in one transfer and checks it, layer by layer,
              against the residency the call saw; at the first layer that read an unresident
              expert the engine loads it and recomputes from that layer on, layer by layer.
+             When every expert is resident nothing can miss, and generate's decode steps
+             leave those visits (cache core, trace rows) to be entered while the next step's
+             call computes (`forward`'s defer; `flush`).
   per layer  otherwise. Embeddings first (with images: the vision tower + projector, spliced
              at the placeholders); a `predictive` policy's admission before the first MoE
              layer (the forecaster's (L_moe, E) forecast, which a routing-path predictor may
@@ -25,15 +28,19 @@ A forward (prefill or decode step) takes one of two paths:
              rounds of demand loads (misses first) and prefetches. When the layer read an
              unresident expert, each round's loads are issued and the missing experts fill
              their pairs of the layer's accumulator (`LayerPieces.experts`) and the layer's
-             output is combined again: a recompute, counted (`stats.recomputed_layers`). The
-             prefetches then overlap the next layer. With a miss rule (`moex.offload.misses`) a
-             missed expert may instead load its low-precision copy (upgraded in the background,
-             with the prefetches) or run on the host CPU device on the rows that picked it (its
-             pairs computed from the store's weights and merged into the accumulator).
+             output is combined again: a recompute, counted (`stats.recomputed_layers`). An
+             expert piece has a fixed cost, which a recompute pays twice, so by default
+             (`dispatch='adaptive'`) a layer whose previous visit of the same length missed
+             *waits*: its piece stops before the experts, and they are computed once, after
+             the loads (`stats.waited_layers`). The prefetches then overlap the next layer.
+             With a miss rule (`moex.offload.misses`) a missed expert may instead load its
+             low-precision copy (upgraded in the background, with the prefetches) or run on
+             the host CPU device on the rows that picked it (its pairs computed from the
+             store's weights and merged into the accumulator).
 
 Exactness: expert outputs are kept per token-expert pair and combined once by the same
-function (`LayerPieces._experts_fn`) on every path -- optimistic, recomputed, in rounds, fused
--- and a pair's value does not depend on which other experts were active, so all policies,
+function (`LayerPieces._experts_fn`) on every path -- optimistic, recomputed, waited, in rounds,
+fused -- and a pair's value does not depend on which other experts were active, so all policies,
 budgets and paths give bitwise the same logits (the tests hold the fused and per-layer paths
 equal). Every piece runs the model's own moex.nn modules on the model's params; the experts'
 pairs take the config's `compute` route, whose 'auto' on a pool gathers or sorts.
@@ -84,6 +91,8 @@ class EngineStats:
     recomputed_layers: int = 0               # layer visits that read an unresident expert
     recomputed_pieces: int = 0               # expert pieces run again for them
     recomputed_per_layer: dict = dataclasses.field(default_factory=dict)
+    waited_layers: int = 0                   # layer visits dispatched without their experts
+                                             # (`dispatch`), computed once after the loads
     fused: int = 0                           # forwards run as one call
     time_s: dict = dataclasses.field(default_factory=dict)   # seconds per activity (`_lap`)
     layer_s: dict = dataclasses.field(default_factory=dict)  # layer -> activity -> seconds
@@ -96,6 +105,8 @@ class _Pass:
     tokens: np.ndarray
     token_mask: np.ndarray
     from_zero: bool
+    forward: int                       # the engine's count of forwards before this one
+    request_ids: np.ndarray            # (B,) row labels in the trace
     mask: object = None
     positions: object = None           # RoPE positions (multimodal or counted)
     valid: object = None
@@ -103,10 +114,14 @@ class _Pass:
     inject: tuple = ()
     counted: object = None
     rope: object = None                # multimodal positions or None
+    deferred: bool = False             # its visits and trace rows wait in `_pending`
     forecast: np.ndarray | None = None
     routed: dict = dataclasses.field(default_factory=dict)
     pregates: dict = dataclasses.field(default_factory=dict)
     hidden: dict = dataclasses.field(default_factory=lambda: {"hidden": {}, "hidden_pre": {}})
+
+
+DISPATCH = ("adaptive", "optimistic", "wait")
 
 
 def pair_compute(compute: str) -> str:
@@ -231,7 +246,7 @@ class LayerPieces:
         return jax.jit(self._experts_fn(fmt, dtype))
 
     @functools.lru_cache(maxsize=None)
-    def layer(self, fmt=None, dtype: str | None = None, heads=None):
+    def layer(self, fmt=None, dtype: str | None = None, heads=None, optimistic: bool = True):
         """A MoE layer in one dispatch, its experts optimistic: (head params, head index, p,
         p_next, pool, table, row, x, mask, positions, valid, cache, index, from_zero) -> (x
         after the layer as the table's experts give it, acc, x after attention, h, routing,
@@ -239,7 +254,9 @@ class LayerPieces:
         probabilities or None). heads: lookahead heads, `heads(head_params, x, index)` mapping
         the post-attention state x (B, T, D) of MoE layer `index` to per-token probabilities
         (B, T, O, E) (`moex.predict.lookahead.layer_fn`), computed in the same piece so they
-        come back with the routing."""
+        come back with the routing. optimistic False: the piece stops before the experts (x
+        after the layer is x after attention, acc is zeros) -- a layer that waits for its
+        routing and loads, then computes its experts once (`experts`)."""
         experts = self._experts_fn(fmt, dtype)
         k, e = self.cfg.decoder.moe.top_k, self.cfg.decoder.moe.num_experts
 
@@ -248,8 +265,10 @@ class LayerPieces:
             x_mid, h, routing, pregate, cache = self._attend_route_pregate(
                 p, p_next, x, mask, positions, valid, cache, index, from_zero)
             acc = jnp.zeros((h.shape[0] * h.shape[1], k, pool["w_down"].shape[-1]), self.dtype)
-            x_out, acc = experts(p, pool, table, row, jnp.ones((e,), bool), acc, x_mid, h,
-                                 routing)
+            x_out = x_mid
+            if optimistic:
+                x_out, acc = experts(p, pool, table, row, jnp.ones((e,), bool), acc, x_mid, h,
+                                     routing)
             routes = _routes(routing, pregate)
             ahead = None if heads is None else heads(head_params, x_mid, head_index)
             return x_out, acc, x_mid, h, routing, routes, cache, ahead
@@ -378,7 +397,7 @@ class OffloadEngine:
                  forecaster=None, rounds: bool = True, store: ExpertStore | None = None,
                  lookahead=None, record_hidden: bool = False, misses=None, host_device=None,
                  quantized_slots: bool = False, warm: bool = False, fuse: bool = True,
-                 profile: bool = False):
+                 profile: bool = False, dispatch: str = "adaptive"):
         """params: the model's params (experts are moved to host memory), or None with `store`
         (an ExpertStore built once and shared by several engines). lookahead: trained heads
         (`moex.predict.lookahead.LookaheadHints`) for the lookahead policy and for predictive's
@@ -388,7 +407,15 @@ class OffloadEngine:
         without offloading; otherwise the pool starts empty. fuse: run a forward as one call
         where it can (`_fusable`); False keeps every forward layer by layer (to measure what
         fusing buys). profile: wait for the device after each piece, so `stats.time_s` and
-        `stats.layer_s` say where the time goes (slower; see `_lap`)."""
+        `stats.layer_s` say where the time goes (slower; see `_lap`). dispatch: how a MoE layer
+        of the per-layer path runs (one of DISPATCH) -- 'optimistic' computes its experts from
+        the pool as it stands and recomputes the missing ones after their loads; 'wait' reads
+        the routing first and computes the experts once, after the loads; 'adaptive' (the
+        default) waits at a layer whose previous visit of the same length (a decode step's
+        after a decode step's) read an unresident expert, else is optimistic (an expert piece
+        has a fixed cost, which a recompute pays twice)."""
+        if dispatch not in DISPATCH:
+            raise ValueError(f"dispatch must be one of {DISPATCH}, found {dispatch!r}")
         d = require_decoder_lm(cfg, "OffloadEngine (moex.offload.seq2seq_engine runs "
                                     "encoder-decoders)").decoder
         if d.parallel_block or d.attention != "gqa":
@@ -428,8 +455,12 @@ class OffloadEngine:
         self.pieces = pieces_for(cfg)
         fmt = (self.store.fmt, str(self.store.dtype)) if self.pool.quantized else ()
         self._experts = self.pieces.experts(*fmt)              # chosen once
-        self._layer = self.pieces.layer(*(fmt or (None, None)),
-                                        None if lookahead is None else lookahead.layer_fn)
+        heads = None if lookahead is None else lookahead.layer_fn
+        self._layer = self.pieces.layer(*(fmt or (None, None)), heads)
+        self._layer_waiting = self.pieces.layer(*(fmt or (None, None)), heads, False)
+        self.dispatch = dispatch
+        self._missed: dict = {}                  # (MoE layer, tokens per row) -> its last
+                                                 # such visit read an unresident expert
         self._step = self.pieces.step(*fmt)
         e = d.moe.num_experts
         self._rows = [jax.device_put(jnp.int32(i), self.pool.sharding)
@@ -438,6 +469,7 @@ class OffloadEngine:
         self.fuse, self.profile = fuse, profile
         self._last = time.perf_counter()          # the lap clock (`_lap`)
         self._forward = 0
+        self._pending: list = []                 # deferred forwards' visits (`forward`)
         if warm:
             self.preload()
 
@@ -519,9 +551,13 @@ class OffloadEngine:
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, tokens, token_mask, cache=None, fresh_cache: bool = False, images=None,
-                last_only: bool = False, request_ids=None):
+                last_only: bool = False, request_ids=None, defer: bool = False):
         """Logits (B, T, V) float32 (T = 1 with last_only) and the new cache, like the model's
-        forward. request_ids (B,) label the rows in the trace (default 0..B-1)."""
+        forward. request_ids (B,) label the rows in the trace (default 0..B-1). defer: a fused
+        forward on a pool that holds every expert (nothing can miss, nothing is loaded) leaves
+        its visits and trace rows to be entered while the next forward's call computes, or by
+        `flush()` (generate's decode steps defer; `stream`, `core` and the trace are complete
+        once generate returns)."""
         tokens, token_mask = np.asarray(tokens, np.int32), np.asarray(token_mask, np.int32)
         b, t = tokens.shape
         self._last = time.perf_counter()                  # laps start (see _lap)
@@ -531,10 +567,13 @@ class OffloadEngine:
         # the device's queue); they land on the pool's device, where the params are
         args = (tokens, token_mask, images)
         from_zero = cache is None or fresh_cache
-        run = _Pass(tokens, token_mask, from_zero)
+        run = _Pass(tokens, token_mask, from_zero, self._forward,
+                    np.arange(b) if request_ids is None else np.asarray(request_ids))
+        self._forward += 1
         if self._fusable(t):
-            x, start, logits, nxt = self._fused(run, args, meta, caches, last_only)
+            x, start, logits, nxt = self._fused(run, args, meta, caches, last_only, defer)
         else:
+            self.flush()
             # x with image tokens spliced in; with Qwen3-VL images also multimodal RoPE
             # positions and the DeepStack injections added after layers 0, 1, ... (moex.nn.vlm)
             x, run.positions, run.inject, run.valid, run.counted, run.mask, run.index, \
@@ -548,11 +587,15 @@ class OffloadEngine:
             self._lap("head", wait=logits)
         if cache is not None and nxt is None:
             nxt = self.pieces.advance(meta, run.valid, (), run.rope)
-        self._record(run.routed, run.pregates, tokens, token_mask, run.counted, int(not from_zero),
-                     np.arange(b) if request_ids is None else np.asarray(request_ids), run.hidden)
-        self._lap("record")
-        self._forward += 1
+        if not run.deferred:
+            self._enter(run)
         return logits, (None if cache is None else {**nxt, "layers": tuple(caches)})
+
+    def flush(self) -> None:
+        """Enter the deferred forwards' visits and trace rows (see `forward`'s defer)."""
+        pending, self._pending = self._pending, []
+        for job in pending:
+            job()
 
     # -- the two paths of a forward -------------------------------------------------------------
     def _fusable(self, t: int) -> bool:
@@ -567,7 +610,7 @@ class OffloadEngine:
                 and self.lookahead is None and not self.record_hidden
                 and (t == 1 or len(self.pool.resident()) == len(s.layers) * s.num_experts))
 
-    def _fused(self, run: "_Pass", args, meta, caches, last_only: bool):
+    def _fused(self, run: "_Pass", args, meta, caches, last_only: bool, defer: bool):
         """The forward as one call; then each MoE layer's visit in order, checked against the
         table the call read. Returns (x, the layer to go on from, logits, the cache's next
         index / valid / pos); `caches` is updated in place. At the first MoE layer that read an
@@ -575,13 +618,43 @@ class OffloadEngine:
         the layer, None, None) come back for `_layers` to run it and the rest again -- the
         call's caches hold this step's keys and values from a wrong x there, which each layer
         overwrites in place before reading them. A recomputed layer runs the same functions,
-        so the numbers are those of a run without the miss."""
+        so the numbers are those of a run without the miss. With every expert resident no
+        layer can miss: `defer` then leaves the visits for later (`forward`)."""
         resident = self.pool.resident()
         logits, caches[:], nxt, routes, probs, inputs, run.counted = self._step(
             self.params, self.pool.arrays, self.pool.device_table(), *args, meta, caches,
             run.from_zero, last_only)
         self.stats.fused += 1
+        loads = self.pool.loads
+        self.flush()                      # earlier forwards' visits, while this call computes
+        if self.pool.loads != loads:
+            raise AssertionError("a deferred forward's visits loaded experts")
+        if defer and len(resident) == len(self.store.layers) * self.store.num_experts:
+            run.deferred = True
+            self._pending.append(lambda: self._enter(run, routes, probs, resident))
+            self._lap("fused step")
+            return None, len(caches), logits, nxt
         self._lap("fused step", wait=logits)
+        missed = self._visit_fused(run, routes, probs, resident)
+        if missed is None:
+            return None, len(caches), logits, nxt
+        (_, run.positions, run.inject, run.valid, run.counted, run.mask, run.index,
+         run.rope) = self.pieces.prepare(self.params, *args, meta)
+        return inputs[missed], self.store.layers[missed], None, None
+
+    def _enter(self, run: "_Pass", routes=None, probs=None, resident=None) -> None:
+        """A forward's trace rows; for a deferred fused forward first its visits (which
+        cannot miss: every expert was resident)."""
+        if run.deferred and self._visit_fused(run, routes, probs, resident) is not None:
+            raise AssertionError("a deferred fused forward missed an expert")
+        self._record(run.routed, run.pregates, run.tokens, run.token_mask, run.counted,
+                     int(not run.from_zero), run.request_ids, run.hidden)
+        self._lap("record")
+
+    def _visit_fused(self, run: "_Pass", routes, probs, resident: frozenset) -> int | None:
+        """A fused forward's visits, in layer order, up to the first MoE layer whose routing
+        needs an expert not in `resident` (the keys the call read); returns that layer's index
+        in the MoE layers (its loads issued), or None when no layer missed."""
         routes, probs = jax.device_get((routes, probs))
         self._lap("routing wait")
         layers = self.store.layers
@@ -590,13 +663,11 @@ class OffloadEngine:
             kept = kept.astype(bool)
             needed = frozenset(np.unique(ids[kept]).tolist())
             if any((layer, e) not in resident for e in needed):
-                (_, run.positions, run.inject, run.valid, run.counted, run.mask, run.index,
-                 run.rope) = self.pieces.prepare(self.params, *args, meta)
-                return inputs[li], layer, None, None
+                return li
             plan, _ = self._visit(run, li, probs[li], ids, kept,
                                   None if li + 1 == len(layers) else pre)
             self._settle(None, None, None, None, plan, layer, needed, resident, None, None)
-        return None, len(caches), logits, nxt
+        return None
 
     def _layers(self, run: "_Pass", start: int, x, caches):
         """Layers start.. of a forward, one at a time; `caches` is updated in place. A MoE
@@ -618,15 +689,19 @@ class OffloadEngine:
             nxt = layers[li + 1] if li + 1 < len(layers) else None
             x_in = x
             if li == 0 and self.policy.uses_forecast:
-                run.forecast = self._admit(run.tokens, run.token_mask, x, run.from_zero)
+                run.forecast = self._admit(run, x)
                 self._lap("admit", i)
             p_next = None if nxt is None else p[f"layer_{nxt}"]
             heads = (None, None) if self.lookahead is None else (self.lookahead.params,
                                                                  self._rows[li])
             resident = self.pool.resident()
-            x, acc, x_mid, h, routing, routes, caches[i], ahead = self._layer(
-                *heads, pl, p_next, self.pool.arrays, self.pool.device_table(), self._rows[li],
-                x, run.mask, run.positions, run.valid, caches[i], run.index, run.from_zero)
+            wait = self.dispatch == "wait" or (self.dispatch == "adaptive" and
+                                               self._missed.get((i, run.tokens.shape[1]), False))
+            x, acc, x_mid, h, routing, routes, caches[i], ahead = \
+                (self._layer_waiting if wait else self._layer)(
+                    *heads, pl, p_next, self.pool.arrays, self.pool.device_table(),
+                    self._rows[li], x, run.mask, run.positions, run.valid, caches[i], run.index,
+                    run.from_zero)
             self._lap("layer piece", i, wait=x)
             ids, kept, pre = jax.device_get(routes)
             ahead = None if ahead is None else np.asarray(ahead)
@@ -638,7 +713,8 @@ class OffloadEngine:
                          self.lookahead.for_layer(li, ahead, run.token_mask).items()}
             plan, needed = self._visit(run, li, routing.probs, ids, kept.astype(bool),
                                        None if nxt is None else pre, ahead)
-            x, _ = self._settle(pl, x_mid, h, routing, plan, i, needed, resident, x, acc)
+            x = self._settle(pl, x_mid, h, routing, plan, i, needed, resident, x, acc, wait)
+            self._missed[i, run.tokens.shape[1]] = any((i, e) not in resident for e in needed)
             x = x + run.inject[i] if i < len(run.inject) else x
         return x
 
@@ -654,7 +730,7 @@ class OffloadEngine:
             hint = frozenset(np.unique(pregate[run.token_mask.astype(bool)]).tolist())
         experts, pairs = np.unique(ids[kept], return_counts=True)
         needed = frozenset(experts.tolist())
-        visit = Visit(layer, needed, self._forward, hint, run.forecast if li == 0 else None,
+        visit = Visit(layer, needed, run.forward, hint, run.forecast if li == 0 else None,
                       int(run.token_mask.sum()), ahead, tuple(zip(experts.tolist(),
                                                                   pairs.tolist())))
         self.stream.append(visit)
@@ -663,44 +739,54 @@ class OffloadEngine:
         return plan, needed
 
     def _settle(self, p_layer, x_mid, h, routing, plan, layer: int, needed: frozenset,
-                resident: frozenset, x, acc):
-        """Carry out a visit's plan after its layer ran optimistically on the `resident` keys:
-        frees, the host's share, every round's loads (the policy's decisions, whether or not
-        the layer needs them now) and, when the layer read an unresident expert, the recompute:
-        each round's missing experts fill their pairs of the optimistic acc and the layer's
-        output is combined again. Then the prefetches. Returns (x after the layer, recomputed)."""
+                resident: frozenset, x, acc, waited: bool = False):
+        """Carry out a visit's plan after its layer's piece ran on the `resident` keys: frees,
+        the host's share, every round's loads (the policy's decisions, whether or not the layer
+        needs them now), then the experts the piece did not compute -- for an optimistic piece
+        the unresident ones (a recompute: each round's missing experts fill their pairs of the
+        piece's acc and the layer's output is combined again), for a `waited` piece all of
+        them, round by round. Then the prefetches. Returns x after the layer (None for a fused
+        forward's visit, which only books)."""
         for key in plan.dropped:
             self._free(key)
-        missing = frozenset(e for e in needed if (layer, e) not in resident)
-        for e in needed - missing:                  # the layer's piece already waits for them
+        unresident = frozenset(e for e in needed if (layer, e) not in resident)
+        todo = needed if waited else unresident               # experts the piece lacks
+        for e in needed - todo:                     # the layer's piece already waits for them
             self._inflight.pop((layer, e), None)
         host = self._host_pairs(layer, plan.host, h, routing)      # overlaps the rounds
         row = self._rows[self.store.layers.index(layer)]
+        what = "experts" if waited else "recompute"
+        combined = not waited                        # the optimistic piece combined its output
         for r in plan.rounds:
             self._execute(r.loads)
             self._lap("loads", layer, wait=self.pool.arrays)
-            todo = r.experts & missing
-            if todo:                      # the piece's update waits for the copies it reads
+            now = r.experts & todo
+            if now:                       # the piece's update waits for the copies it reads
                 x, acc = self._experts(p_layer, self.pool.arrays, self.pool.device_table(), row,
-                                       self._mask(todo), acc, x_mid, h, routing)
-                self.stats.recomputed_pieces += 1
-                self._lap("recompute", layer, wait=x)
+                                       self._mask(now), acc, x_mid, h, routing)
+                self.stats.recomputed_pieces += not waited
+                combined = True
+                self._lap(what, layer, wait=x)
         if host is not None:
             active, pairs = host
             acc = self.pieces.merge(acc, jax.device_put(pairs, self.pool.sharding),
                                     jax.device_put(active, self.pool.sharding),
                                     routing.expert_ids)
+            combined = False
+        if not combined:                      # host pairs, or a waited layer with no experts
             x, acc = self._experts(p_layer, self.pool.arrays, self.pool.device_table(), row,
                                    self._none, acc, x_mid, h, routing)
-            self.stats.recomputed_pieces += 1
-            self._lap("recompute", layer, wait=x)
+            self.stats.recomputed_pieces += not waited
+            self._lap(what, layer, wait=x)
         self._execute(plan.prefetch)                  # overlaps this layer's compute
         self._lap("prefetch", layer, wait=self.pool.arrays)
-        if missing:
+        if waited:
+            self.stats.waited_layers += 1
+        elif unresident:
             self.stats.recomputed_layers += 1
             self.stats.recomputed_per_layer[layer] = \
                 self.stats.recomputed_per_layer.get(layer, 0) + 1
-        return x, bool(missing)
+        return x
 
     def _mask(self, experts: frozenset) -> np.ndarray:
         """(E,) bool, True for `experts` (a host array: it travels with the piece's call)."""
@@ -723,14 +809,15 @@ class OffloadEngine:
             row = self.stats.layer_s.setdefault(layer, {})
             row[what] = row.get(what, 0.0) + spent
 
-    def _admit(self, tokens, token_mask, x, prefill: bool) -> np.ndarray:
+    def _admit(self, run: "_Pass", x) -> np.ndarray:
         """A forward's admission, before its first MoE layer: the forecaster's (L_moe, E)
         forecast (a predictor may read that layer's input states x) and the policy's
         prefetches."""
-        b, t = tokens.shape
-        forecast = np.asarray(self.forecaster.for_forward(self._forward, tokens, token_mask,
-                                                          prefill=prefill, states=x))
-        first = Visit(self.store.layers[0], frozenset(), self._forward, None, forecast, b * t)
+        b, t = run.tokens.shape
+        forecast = np.asarray(self.forecaster.for_forward(run.forward, run.tokens,
+                                                          run.token_mask,
+                                                          prefill=run.from_zero, states=x))
+        first = Visit(self.store.layers[0], frozenset(), run.forward, None, forecast, b * t)
         self._execute(self.core.admit(len(self.stream), first))
         return forecast
 
@@ -803,7 +890,7 @@ class OffloadEngine:
         ones = np.ones((b, 1), np.int32)
         out, all_logits = self._decode_loop(
             start, logits, cache, lambda nxt, cache, i: self.forward(
-                nxt[:, None], ones, cache, request_ids=request_ids),
+                nxt[:, None], ones, cache, request_ids=request_ids, defer=True),
             max_new_tokens, sampling, stop)
         return result(cfg, out, stop, max_new_tokens, all_logits if return_logits else None)
 
@@ -816,20 +903,24 @@ class OffloadEngine:
         jax.block_until_ready(logits)
         prefill_s, visits = time.perf_counter() - start, len(self.stream)
         stall, loads, moved = self.stats.stall_s, self.pool.loads, self.pool.bytes_loaded
-        recomputed, fused = self.stats.recomputed_layers, self.stats.fused
+        recomputed, fused, waited = self.stats.recomputed_layers, self.stats.fused, \
+            self.stats.waited_layers
         spent = _snapshot(self.stats)
         out, all_logits = [], []
         done = np.zeros(logits.shape[0], bool)
-        for i in range(max_new_tokens):
-            last = np.asarray(logits)[:, -1]
-            all_logits.append(last)
-            nxt = np.asarray(_sample(last, sampling, i))
-            nxt = np.where(done, self.cfg.pad_token_id, nxt).astype(np.int32)
-            out.append(nxt)
-            done = done | np.isin(nxt, stop)
-            if done.all() or i + 1 == max_new_tokens:
-                break
-            logits, cache = step(nxt, cache, i + 1)
+        try:
+            for i in range(max_new_tokens):
+                last = np.asarray(logits)[:, -1]
+                all_logits.append(last)
+                nxt = np.asarray(_sample(last, sampling, i))
+                nxt = np.where(done, self.cfg.pad_token_id, nxt).astype(np.int32)
+                out.append(nxt)
+                done = done | np.isin(nxt, stop)
+                if done.all() or i + 1 == max_new_tokens:
+                    break
+                logits, cache = step(nxt, cache, i + 1)
+        finally:
+            self.flush()                          # the last deferred steps' visits
         self.timings = {"prefill_s": prefill_s, "prefill_visits": visits,
                         "decode_s": time.perf_counter() - start - prefill_s,
                         "decode_steps": len(out) - 1, "decode_stall_s": self.stats.stall_s - stall,
@@ -837,6 +928,7 @@ class OffloadEngine:
                         "decode_bytes": self.pool.bytes_loaded - moved,
                         "decode_recomputed": self.stats.recomputed_layers - recomputed,
                         "decode_fused": self.stats.fused - fused,
+                        "decode_waited": self.stats.waited_layers - waited,
                         "decode_time_s": _since(spent, self.stats)}
         return out, all_logits
 
@@ -871,6 +963,7 @@ class OffloadEngine:
                 "hidden_fraction": hidden_fraction(self.stats.stall_s, copy_s),
                 "recomputed_layers": self.stats.recomputed_layers,
                 "recomputed_pieces": self.stats.recomputed_pieces,
+                "waited_layers": self.stats.waited_layers,
                 "fused_forwards": self.stats.fused, **counts}
 
 

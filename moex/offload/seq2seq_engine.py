@@ -216,7 +216,7 @@ class Seq2SeqOffloadEngine(OffloadEngine):
         self.dtype = jnp.dtype(cfg.dtype)
         self.pieces = seq2seq_pieces_for(cfg)
         self._pairs = self.pieces.pairs
-        self._forward = 0
+        self._forward, self._pending = 0, []
 
     # -- one pass over a stack ---------------------------------------------------------------------
     def _stack(self, decoder: bool, x, tokens, token_mask, run_block):

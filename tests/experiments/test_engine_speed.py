@@ -27,6 +27,8 @@ def test_bench_engine_writes_rates_ratios_and_breakdown(tmp_path):
     assert float(fused["fused_steps"]) == 2 and float(fused["recomputed"]) == 0
     assert float(layers["fused_steps"]) == 0 and float(fused["decode_loads"]) == 0
     assert float(lru["decode_loads"]) > 0                     # half the experts: it loads
+    assert float(fused["waited"]) == float(layers["waited"]) == 0      # nothing ever missed
+    assert 0 <= float(lru["waited"]) <= 2 * 2                 # at most every decode visit
     detail = list(csv.DictReader(open(out / "breakdown.csv")))
     layers_seen = {int(r["layer"]) for r in detail}
     assert {-1, 0, 1} <= layers_seen                           # tiny-hard: MoE layers 0, 1
@@ -34,7 +36,7 @@ def test_bench_engine_writes_rates_ratios_and_breakdown(tmp_path):
     assert all(float(r["ms_per_step"]) > 0 for r in detail)
     assert json.loads((out / "results.json").read_text())["config"]["preset"] == "tiny-hard"
     report = (out / "report.md").read_text()
-    assert "x jitted" in report and "Where the time goes" in report
+    assert "x jitted" in report and "waited / run" in report and "Where the time goes" in report
     assert (out / "speed.png").stat().st_size > 0
 
 

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from moex.nn.decoder import init_cache
 from moex.offload.cache import CacheCore
+from moex.offload.engine import DISPATCH
+from moex.offload.forecast import OracleForecast
 from moex.offload.policies import make_policy
 from moex.offload.store import ExpertStore, SlotPool
 from tests.offload.test_engine import (CFG, EXPERT_BYTES, NEW_TOKENS, PARAMS, TOTAL, engine,
@@ -22,43 +25,123 @@ LAYERS = ExpertStore.from_params(CFG, PARAMS).layers
 EXPERTS = CFG.decoder.moe.num_experts
 
 
-def visits_with_misses(eng) -> int:
-    """Replays the engine's visit stream through a fresh cache core: the visits that had at
-    least one miss (in the per-layer path residency at dispatch is the core's, so these are
-    the layers that read an unresident expert)."""
+def missed_visits(eng) -> list[bool]:
+    """Replays the engine's visit stream through a fresh cache core: whether each visit had
+    a miss (in the per-layer path residency at dispatch is the core's, so these are the
+    layers that read an unresident expert)."""
     core = CacheCore(make_policy(eng.policy.name), eng.pool.num_slots, eng.store.layers,
                      EXPERTS)
-    count = 0
+    flags = []
     for t, v in enumerate(eng.stream):
         before = core.stats.misses
         if v.forecast is not None:
             core.admit(t, v)
         core.visit(t, v)
-        count += core.stats.misses > before
-    return count
+        flags.append(core.stats.misses > before)
+    return flags
 
 
+def dispatch_counts(eng, dispatch: str, prompt_len: int) -> tuple[int, int]:
+    """(recomputed, waited) visits that `dispatch` gives the engine's stream: 'optimistic'
+    recomputes every visit that missed, 'wait' waits at every visit, 'adaptive' waits where
+    the layer's previous visit of the same length (prefill or decode step) missed."""
+    last, recomputed, waited = {}, 0, 0
+    for v, miss in zip(eng.stream, missed_visits(eng)):
+        key = (v.layer, prompt_len if v.forward == 0 else 1)
+        wait = dispatch == "wait" or (dispatch == "adaptive" and last.get(key, False))
+        waited += wait
+        recomputed += miss and not wait
+        last[key] = miss
+    return recomputed, waited
+
+
+def same_visits(a, b) -> bool:
+    return [(v.layer, v.needed, v.forward, v.pregate, v.tokens, v.rows) for v in a] == \
+        [(v.layer, v.needed, v.forward, v.pregate, v.tokens, v.rows) for v in b]
+
+
+def test_deferred_visits_wait_for_the_next_forward_or_flush():
+    """forward(defer=True) on a warm pool leaves its visits and trace rows pending; the next
+    forward enters them (after dispatching its own call) and `flush` enters the last ones, in
+    order, as an undeferred run would."""
+    ids, mask = prompts(4, 2, 3)
+    runs = {}
+    for defer in (False, True):
+        eng = engine("lru", TOTAL, warm=True)
+        cache = init_cache(CFG.decoder, 2, 3 + 3, eng.dtype)
+        logits, cache = eng.forward(ids, mask, cache, fresh_cache=True, last_only=True)
+        seen = [len(eng.stream)]
+        for _ in range(2):
+            nxt = np.argmax(np.asarray(logits)[:, -1], -1).astype(np.int32)[:, None]
+            logits, cache = eng.forward(nxt, np.ones_like(nxt), cache, defer=defer)
+            seen.append(len(eng.stream))
+        eng.flush()
+        seen.append(len(eng.stream))
+        runs[defer] = eng, seen, np.asarray(logits)
+    (plain, seen_plain, logits_plain), (deferred, seen_deferred, logits_deferred) = \
+        runs[False], runs[True]
+    per = len(LAYERS)
+    assert seen_plain == [per, 2 * per, 3 * per, 3 * per]
+    assert seen_deferred == [per, per, 2 * per, 3 * per]
+    assert same_visits(deferred.stream, plain.stream)
+    np.testing.assert_array_equal(logits_deferred, logits_plain)
+    np.testing.assert_array_equal(deferred.trace().experts, plain.trace().experts)
+    assert deferred.stats.fused == plain.stats.fused == 3          # the prefill too
+
+
+@pytest.mark.parametrize("dispatch", DISPATCH)
 @pytest.mark.parametrize("policy, slots", [("on-demand", EXPERTS), ("lru", len(LAYERS)),
                                            ("lru", EXPERTS)])
-def test_forced_misses_recompute_bitwise(reference, policy, slots):
-    """A policy that never prefetches on a budget of one layer (or one slot per layer): every
-    layer runs optimistically on what the pool holds, the misses are recomputed after their
-    loads, and the logits and tokens are all-resident's bit for bit; one recompute per visit
-    that missed (on-demand keeps nothing, so that is every visit)."""
+def test_forced_misses_recompute_bitwise(reference, policy, slots, dispatch):
+    """A policy that never prefetches on a budget of one layer (or one slot per layer): an
+    optimistic layer runs on what the pool holds and its misses are recomputed after their
+    loads, a waiting layer computes its experts once after them; either way the logits and
+    tokens are all-resident's bit for bit. Optimistic: one recompute per visit that missed
+    (on-demand keeps nothing, so that is every visit); wait: every visit waits, none is
+    recomputed; adaptive: a layer waits after a miss at its previous visit of that length."""
     ids, mask = prompts(11, 2, 5)
     want_tokens, want_logits, _ = run_reference(reference, ids, mask)
-    eng = engine(policy, slots)
+    eng = engine(policy, slots, dispatch=dispatch)
     tokens, logits = eng.greedy(ids, mask, NEW_TOKENS)
     np.testing.assert_array_equal(tokens, want_tokens)
     np.testing.assert_array_equal(logits, want_logits)
-    missed = visits_with_misses(eng)
-    assert missed > 0 and eng.stats.recomputed_layers == missed
+    missed = sum(missed_visits(eng))
+    assert missed > 0
     if policy == "on-demand":
         assert missed == len(eng.stream)
-    assert eng.stats.fused == 0 and eng.stats.recomputed_pieces >= missed
+    recomputed, waited = dispatch_counts(eng, dispatch, ids.shape[1])
+    assert (eng.stats.recomputed_layers, eng.stats.waited_layers) == (recomputed, waited)
+    if dispatch == "optimistic":
+        assert recomputed == missed and waited == 0
+    elif dispatch == "wait":
+        assert recomputed == 0 and waited == len(eng.stream)
+    else:
+        assert 0 < recomputed < missed and waited > 0
+    assert eng.stats.fused == 0 and eng.stats.recomputed_pieces >= recomputed
     rep = eng.report()
-    assert rep["recomputed_layers"] == missed
-    assert sum(r["recomputed"] for r in rep["per_layer"].values()) == missed
+    assert (rep["recomputed_layers"], rep["waited_layers"]) == (recomputed, waited)
+    assert sum(r["recomputed"] for r in rep["per_layer"].values()) == recomputed
+
+
+@settings(max_examples=8, deadline=None)
+@given(dispatch=st.sampled_from(DISPATCH),
+       policy=st.sampled_from(["on-demand", "lru", "pregated", "predictive-oracle"]),
+       seed=st.integers(0, 1000), batch=st.integers(1, 3), slots=st.integers(2, TOTAL))
+def test_every_dispatch_is_bitwise_exact(reference, dispatch, policy, seed, batch, slots):
+    """Every way of dispatching a layer, under a policy and budget drawn at random, gives the
+    all-resident tokens and logits bit for bit and the same visits to the cache core."""
+    ids, mask = prompts(seed, batch, 4)
+    want_tokens, want_logits, trace = run_reference(reference, ids, mask)
+    forecaster = None
+    if policy.startswith("predictive"):
+        policy, forecaster = "predictive", OracleForecast(trace)
+    eng = engine(policy, slots, forecaster, dispatch=dispatch)
+    tokens, logits = eng.greedy(ids, mask, NEW_TOKENS)
+    np.testing.assert_array_equal(tokens, want_tokens)
+    np.testing.assert_array_equal(logits, want_logits)
+    if not eng.stats.fused:
+        recomputed, waited = dispatch_counts(eng, dispatch, ids.shape[1])
+        assert (eng.stats.recomputed_layers, eng.stats.waited_layers) == (recomputed, waited)
 
 
 def test_fused_forward_equals_layer_by_layer(reference):
@@ -79,6 +162,13 @@ def test_fused_forward_equals_layer_by_layer(reference):
         np.testing.assert_array_equal(logits, want_logits)
         np.testing.assert_array_equal(eng.trace().experts, want_trace.experts)
         np.testing.assert_array_equal(eng.trace().pregate, want_trace.pregate)
+    # the fused decode steps enter their visits while the next step computes (deferred): once
+    # generate returns, the stream, the cache core and the whole trace are the per-layer run's
+    assert same_visits(fused.stream, layers.stream)
+    assert fused.core.stats.as_dict() == layers.core.stats.as_dict()
+    for field in ("request", "position", "phase", "forward", "experts", "probs", "token"):
+        np.testing.assert_array_equal(getattr(fused.trace(), field),
+                                      getattr(layers.trace(), field))
     # a cold pool that holds everything: one-token prompts leave experts unloaded, so fused
     # decode steps meet misses and recompute from their layer
     ids, mask = prompts(5, 2, 1)
