@@ -632,7 +632,7 @@ class OffloadEngine:
         if defer and len(resident) == len(self.store.layers) * self.store.num_experts:
             run.deferred = True
             self._pending.append(lambda: self._enter(run, routes, probs, resident))
-            self._lap("fused step")
+            self._lap("fused step", wait=logits)             # waits only when profiling
             return None, len(caches), logits, nxt
         self._lap("fused step", wait=logits)
         missed = self._visit_fused(run, routes, probs, resident)
