@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                         batch * t["decode_steps"] / t["decode_s"])
                     if side == "after":
                         rates[(policy, budget, "recomputed")] = [t["decode_recomputed"]]
-                        rates[(policy, budget, "waited")] = [t.get("decode_waited", 0)]
+                        rates[(policy, budget, "waited")] = [t["decode_waited"]]
         jit = statistics.median(rates["jitted"][1:])
         for policy, budget in points:
             before = statistics.median(rates[(policy, budget, "before")][1:])

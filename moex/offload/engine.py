@@ -604,11 +604,11 @@ class OffloadEngine:
         admission, lookahead heads, recorded hidden states, a policy that keeps nothing), for a
         decode step or once every expert is resident; a miss then recomputes from its layer
         on. Otherwise layer by layer, each optimistically (`_layers`)."""
-        s = self.store
-        return (self.fuse and self.pool.num_slots >= len(s.layers) * s.num_experts
+        every = len(self.store.host)                       # experts in the store
+        return (self.fuse and self.pool.num_slots >= every
                 and not (self.policy.uses_forecast or self.policy.keeps_nothing)
                 and self.lookahead is None and not self.record_hidden
-                and (t == 1 or len(self.pool.resident()) == len(s.layers) * s.num_experts))
+                and (t == 1 or len(self.pool.resident()) == every))
 
     def _fused(self, run: "_Pass", args, meta, caches, last_only: bool, defer: bool):
         """The forward as one call; then each MoE layer's visit in order, checked against the
@@ -629,12 +629,11 @@ class OffloadEngine:
         self.flush()                      # earlier forwards' visits, while this call computes
         if self.pool.loads != loads:
             raise AssertionError("a deferred forward's visits loaded experts")
-        if defer and len(resident) == len(self.store.layers) * self.store.num_experts:
+        self._lap("fused step", wait=logits)
+        if defer and len(resident) == len(self.store.host):        # nothing can have missed
             run.deferred = True
             self._pending.append(lambda: self._enter(run, routes, probs, resident))
-            self._lap("fused step", wait=logits)             # waits only when profiling
             return None, len(caches), logits, nxt
-        self._lap("fused step", wait=logits)
         missed = self._visit_fused(run, routes, probs, resident)
         if missed is None:
             return None, len(caches), logits, nxt
@@ -713,8 +712,8 @@ class OffloadEngine:
                          self.lookahead.for_layer(li, ahead, run.token_mask).items()}
             plan, needed = self._visit(run, li, routing.probs, ids, kept.astype(bool),
                                        None if nxt is None else pre, ahead)
-            x = self._settle(pl, x_mid, h, routing, plan, i, needed, resident, x, acc, wait)
-            self._missed[i, run.tokens.shape[1]] = any((i, e) not in resident for e in needed)
+            x, self._missed[i, run.tokens.shape[1]] = self._settle(
+                pl, x_mid, h, routing, plan, i, needed, resident, x, acc, wait)
             x = x + run.inject[i] if i < len(run.inject) else x
         return x
 
@@ -745,8 +744,9 @@ class OffloadEngine:
         needs them now), then the experts the piece did not compute -- for an optimistic piece
         the unresident ones (a recompute: each round's missing experts fill their pairs of the
         piece's acc and the layer's output is combined again), for a `waited` piece all of
-        them, round by round. Then the prefetches. Returns x after the layer (None for a fused
-        forward's visit, which only books)."""
+        them, round by round. Then the prefetches. Returns (x after the layer -- None for a
+        fused forward's visit, which only books --, whether the layer read an unresident
+        expert)."""
         for key in plan.dropped:
             self._free(key)
         unresident = frozenset(e for e in needed if (layer, e) not in resident)
@@ -786,7 +786,7 @@ class OffloadEngine:
             self.stats.recomputed_layers += 1
             self.stats.recomputed_per_layer[layer] = \
                 self.stats.recomputed_per_layer.get(layer, 0) + 1
-        return x
+        return x, bool(unresident)
 
     def _mask(self, experts: frozenset) -> np.ndarray:
         """(E,) bool, True for `experts` (a host array: it travels with the piece's call)."""

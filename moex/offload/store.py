@@ -308,8 +308,8 @@ class SlotPool:
         for low in (False, True):
             mine = [i for i, c in enumerate(claimed) if c[2] == low]
             while mine:
-                chunk, mine = mine[:1 << (len(mine).bit_length() - 1)], \
-                    mine[1 << (len(mine).bit_length() - 1):]
+                width = 1 << (len(mine).bit_length() - 1)       # the largest power of two
+                chunk, mine = mine[:width], mine[width:]
                 done = self._write([claimed[i][0] for i in chunk],
                                    [claimed[i][1] for i in chunk], low, count)
                 for i in chunk:
